@@ -1,0 +1,70 @@
+//! `GET /health`: cheap, honest, no login, never fails because of the model.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocket::serde::json::{json, Json, Value};
+use rocket::{Route, State};
+
+use crate::config::{environment_name, AppConfig};
+use crate::models::ModelManager;
+use crate::storage::TempStore;
+use crate::sysmem;
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+/// Percentage of the filesystem holding `dir` that is used.
+fn disk_usage_percent(dir: &Path) -> Option<f64> {
+    let disks = sysinfo::Disks::new_with_refreshed_list();
+    let disk = disks
+        .list()
+        .iter()
+        .filter(|d| dir.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len())?;
+    let total = disk.total_space() as f64;
+    (total > 0.0).then(|| round(100.0 * (total - disk.available_space() as f64) / total, 1))
+}
+
+#[get("/health")]
+fn health(cfg: &State<AppConfig>, store: &State<Arc<TempStore>>, models: &State<Arc<ModelManager>>, rocket_cfg: &rocket::Config) -> Json<Value> {
+    let (total, available) = sysmem::container_memory();
+    let (rss, peak) = sysmem::process_rss();
+    let model = models.status();
+    let dirs = store.health();
+    let healthy = dirs.temp_dir_writable;
+    let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let rfc3339 = time::OffsetDateTime::from_unix_timestamp(timestamp as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+    Json(json!({
+        "status": if healthy { "healthy" } else { "degraded" },
+        "service": "drishya",
+        "version": env!("CARGO_PKG_VERSION"),
+        "timestamp": rfc3339,
+        "environment": environment_name(rocket_cfg.profile.as_str().as_str()),
+        "model_loaded": model.state == crate::models::LoadState::Ready,
+        "model": model,
+        "default_password": cfg.uses_default_password(),
+        "system": {
+            "memory_total_gb": round(total as f64 / GIB, 3),
+            "memory_available_gb": round(available as f64 / GIB, 3),
+            "memory_limited_by_cgroup": sysmem::cgroup_memory().is_some(),
+            "process_rss_mb": round(rss as f64 / MIB, 1),
+            "process_peak_rss_mb": round(peak as f64 / MIB, 1),
+            "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "disk_usage_percent": disk_usage_percent(store.root()),
+        },
+        "directories": dirs,
+    }))
+}
+
+pub fn routes() -> Vec<Route> {
+    routes![health]
+}

@@ -1,0 +1,50 @@
+//! Drishya: product replacement in photos, in one small Rust binary.
+//!
+//! `build(figment)` assembles the whole application from a configuration so that
+//! `main` and the tests run exactly the same Rocket instance.
+
+#[macro_use]
+extern crate rocket;
+
+pub mod api;
+pub mod auth;
+pub mod composite;
+pub mod config;
+pub mod download;
+pub mod error;
+pub mod health;
+pub mod imaging;
+pub mod models;
+pub mod params;
+pub mod segment;
+pub mod storage;
+pub mod sysmem;
+pub mod web;
+
+use std::sync::Arc;
+
+use rocket::figment::Figment;
+use rocket::{Build, Rocket};
+use rocket_dyn_templates::Template;
+
+/// The application with the configuration from Rocket.toml and the environment.
+pub fn rocket() -> Rocket<Build> {
+    build(config::figment())
+}
+
+/// The application for a given figment (tests pass their own).
+pub fn build(figment: Figment) -> Rocket<Build> {
+    rocket::custom(figment)
+        .attach(config::stage())
+        .attach(web::threads())
+        .attach(storage::stage())
+        .attach(models::stage())
+        .attach(Template::fairing())
+        .attach(web::headers())
+        .manage(Arc::new(auth::Throttle::default()))
+        .mount("/", auth::routes())
+        .mount("/", api::routes())
+        .mount("/", health::routes())
+        .mount("/static", web::static_files())
+        .register("/", api::catchers())
+}

@@ -1,0 +1,622 @@
+//! One owner of the model: lazy loading through an ordered fallback chain, size and
+//! memory guards, download of URL models, bounded admission and idle unload.
+//!
+//! Nothing is loaded at start. The first mask request starts one load (in its own task,
+//! so a client that goes away does not cancel it); concurrent requests wait for that
+//! same load. A failed load is remembered for `MODEL_RETRY_SECS` before it is retried.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use image::{GrayImage, RgbImage};
+use rocket::fairing::AdHoc;
+use rocket::tokio::sync::{Mutex as AsyncMutex, Semaphore};
+use rocket::tokio::task::spawn_blocking;
+use serde::Serialize;
+
+use crate::config::AppConfig;
+use crate::download::{self, DownloadRequest};
+use crate::segment::onnx::{self, GraphKind};
+use crate::segment::salient::SalientSegmenter;
+use crate::segment::sam::SamSegmenter;
+use crate::segment::{BoxPrompt, BoxSegmenter, ModelInfo, ModelKind, SegmentError, SegmentRequest, Segmenter};
+use crate::sysmem::{self, BudgetSource};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Why one model of the chain was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{location}: not found (expected a .onnx file, or a folder with encoder.onnx and decoder.onnx)")]
+    NotFound { location: String },
+    #[error(
+        "{location}: {size_mb} MB is over the {max_mb} MB model limit; quantize the model, pick a \
+         smaller one, or raise MAX_MODEL_MB if the host has the memory"
+    )]
+    TooLarge { location: String, size_mb: u64, max_mb: u64 },
+    #[error(
+        "{location}: needs about {need_mb} MB but only {available_mb} MB is left under {budget}; \
+         pick a smaller model or give the process more memory"
+    )]
+    NotEnoughMemory {
+        location: String,
+        need_mb: u64,
+        available_mb: u64,
+        budget: BudgetSource,
+    },
+    #[error("{location}: {detail}")]
+    WrongKind { location: String, detail: String },
+    #[error("{location}: download failed: {source}")]
+    Download {
+        location: String,
+        source: download::DownloadError,
+    },
+    #[error("{location}: could not be loaded: {detail}")]
+    Invalid { location: String, detail: String },
+}
+
+/// The model settings, taken from [`AppConfig`].
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub locations: Vec<String>,
+    pub checksums: Vec<Option<String>>,
+    pub cache_dir: PathBuf,
+    pub max_model_mb: u64,
+    pub memory_budget_mb: Option<u64>,
+    pub concurrency: usize,
+    pub queue: usize,
+    pub retry_after_failure: Duration,
+    pub idle_unload: Option<Duration>,
+    pub box_fallback: bool,
+    pub download_timeout: Duration,
+}
+
+impl ModelSettings {
+    pub fn from_config(cfg: &AppConfig) -> Self {
+        ModelSettings {
+            locations: cfg.model_locations(),
+            checksums: cfg.model_checksums(),
+            cache_dir: cfg.model_cache_dir.clone(),
+            max_model_mb: cfg.max_model_mb,
+            memory_budget_mb: cfg.memory_budget_mb,
+            concurrency: cfg.inference_concurrency,
+            queue: cfg.inference_queue,
+            retry_after_failure: Duration::from_secs(cfg.model_retry_secs),
+            idle_unload: (cfg.model_idle_unload_secs > 0).then(|| Duration::from_secs(cfg.model_idle_unload_secs)),
+            box_fallback: cfg.box_fallback,
+            download_timeout: Duration::from_secs(cfg.download_timeout_secs),
+        }
+    }
+}
+
+/// Lifecycle of the model, for `/health` and the UI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadState {
+    /// No model configured: the box is the mask.
+    None,
+    NotLoaded,
+    Loading,
+    Ready,
+    Failed,
+    Unloaded,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub location: String,
+    pub reason: String,
+}
+
+/// What `/health` shows about models.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    pub state: LoadState,
+    pub name: Option<String>,
+    pub kind: Option<ModelKind>,
+    pub file_size_mb: Option<f64>,
+    /// True when masks are the box itself.
+    pub fallback_to_box: bool,
+    pub configured: Vec<String>,
+    pub skipped: Vec<Skipped>,
+    pub error: Option<String>,
+    pub load_seconds: Option<f64>,
+    pub loads: usize,
+    pub idle_unload_secs: Option<u64>,
+}
+
+enum Slot {
+    Empty,
+    Ready(Arc<dyn Segmenter>),
+    Failed { at: Instant, reason: String },
+}
+
+/// The single owner of the segmentation model.
+pub struct ModelManager {
+    settings: ModelSettings,
+    slot: Arc<AsyncMutex<Slot>>,
+    status: Arc<Mutex<ModelStatus>>,
+    admission: Arc<Semaphore>,
+    running: Arc<Semaphore>,
+    last_used: Mutex<Instant>,
+    loads: Arc<AtomicUsize>,
+}
+
+/// A mask and the model that made it.
+pub struct MaskOutcome {
+    pub mask: GrayImage,
+    pub model: ModelInfo,
+}
+
+impl ModelManager {
+    pub fn new(settings: ModelSettings) -> Self {
+        let none = settings.locations.is_empty();
+        let status = ModelStatus {
+            state: if none { LoadState::None } else { LoadState::NotLoaded },
+            name: none.then(|| "box".to_string()),
+            kind: none.then_some(ModelKind::Box),
+            file_size_mb: None,
+            fallback_to_box: none,
+            configured: settings.locations.iter().map(|l| redact(l)).collect(),
+            skipped: Vec::new(),
+            error: None,
+            load_seconds: None,
+            loads: 0,
+            idle_unload_secs: settings.idle_unload.map(|d| d.as_secs()),
+        };
+        let slot = if none {
+            Slot::Ready(Arc::new(BoxSegmenter::default()))
+        } else {
+            Slot::Empty
+        };
+        ModelManager {
+            admission: Arc::new(Semaphore::new(settings.concurrency + settings.queue)),
+            running: Arc::new(Semaphore::new(settings.concurrency)),
+            settings,
+            slot: Arc::new(AsyncMutex::new(slot)),
+            status: Arc::new(Mutex::new(status)),
+            last_used: Mutex::new(Instant::now()),
+            loads: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub fn status(&self) -> ModelStatus {
+        let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        status.loads = self.loads.load(Ordering::Relaxed);
+        status
+    }
+
+    /// Number of model loads started so far.
+    pub fn load_count(&self) -> usize {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Segments `prompt` on `image`: admission (503 when the queue is full), the model
+    /// (loaded on first use), then one of `concurrency` inference slots.
+    pub async fn segment(&self, image: Arc<RgbImage>, image_key: String, prompt: BoxPrompt) -> Result<MaskOutcome, SegmentError> {
+        let _admitted = self.admission.clone().try_acquire_owned().map_err(|_| SegmentError::Busy {
+            retry_after: self.retry_hint(),
+        })?;
+        let segmenter = self.segmenter().await?;
+        let _running = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SegmentError::Unavailable("the service is shutting down".into()))?;
+        let model = segmenter.info().clone();
+        let mask = spawn_blocking(move || {
+            segmenter.segment(&SegmentRequest {
+                image: &image,
+                image_key: &image_key,
+                prompt,
+            })
+        })
+        .await
+        .map_err(|e| SegmentError::Inference(format!("inference task failed: {e}")))??;
+        if let Ok(mut last) = self.last_used.lock() {
+            *last = Instant::now();
+        }
+        Ok(MaskOutcome { mask, model })
+    }
+
+    /// Seconds a client should wait when the queue is full: roughly one queue's worth.
+    fn retry_hint(&self) -> u64 {
+        let per_run = if self.status().kind == Some(ModelKind::Sam) { 4 } else { 2 };
+        (per_run * (self.settings.queue as u64 + 1) / self.settings.concurrency as u64).clamp(1, 60)
+    }
+
+    /// The loaded model, loading it (once) when needed.
+    async fn segmenter(&self) -> Result<Arc<dyn Segmenter>, SegmentError> {
+        let mut slot = self.slot.clone().lock_owned().await;
+        match &*slot {
+            Slot::Ready(segmenter) => return Ok(segmenter.clone()),
+            Slot::Failed { at, reason } if at.elapsed() < self.settings.retry_after_failure => {
+                return Err(SegmentError::Unavailable(reason.clone()));
+            }
+            _ => {}
+        }
+        let settings = self.settings.clone();
+        let status = self.status.clone();
+        let loads = self.loads.clone();
+        // The load runs in its own task holding the slot: if this request goes away,
+        // the load still finishes and the waiting requests get its result.
+        let task = rocket::tokio::spawn(async move {
+            loads.fetch_add(1, Ordering::Relaxed);
+            set_state(&status, LoadState::Loading, None);
+            let started = Instant::now();
+            let chain = spawn_blocking(move || load_chain(&settings)).await;
+            let result = match chain {
+                Ok(result) => result,
+                Err(e) => ChainResult {
+                    loaded: None,
+                    skipped: vec![Skipped {
+                        location: "model loader".into(),
+                        reason: format!("loader task failed: {e}"),
+                    }],
+                    fallback_to_box: false,
+                },
+            };
+            let outcome = settle(&mut slot, result, &status, started);
+            drop(slot);
+            outcome
+        });
+        task.await
+            .map_err(|e| SegmentError::Unavailable(format!("model loader failed: {e}")))?
+    }
+
+    /// Drops the model if it has been idle for longer than `MODEL_IDLE_UNLOAD_SECS`.
+    pub async fn unload_if_idle(&self) -> bool {
+        let Some(idle) = self.settings.idle_unload else {
+            return false;
+        };
+        let quiet = self.last_used.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+        if !quiet || self.settings.locations.is_empty() {
+            return false;
+        }
+        let Ok(mut slot) = self.slot.try_lock() else {
+            return false;
+        };
+        if !matches!(&*slot, Slot::Ready(_)) {
+            return false;
+        }
+        *slot = Slot::Empty;
+        set_state(&self.status, LoadState::Unloaded, None);
+        log::info!("model unloaded after {} s idle", idle.as_secs());
+        true
+    }
+}
+
+fn set_state(status: &Mutex<ModelStatus>, state: LoadState, error: Option<String>) {
+    if let Ok(mut s) = status.lock() {
+        s.state = state;
+        s.error = error;
+    }
+}
+
+/// Puts the chain's result into the slot and the status; returns what the waiting
+/// request gets.
+fn settle(slot: &mut Slot, result: ChainResult, status: &Mutex<ModelStatus>, started: Instant) -> Result<Arc<dyn Segmenter>, SegmentError> {
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    s.skipped = result.skipped.clone();
+    match result.loaded {
+        Some(segmenter) => {
+            let info = segmenter.info();
+            s.state = LoadState::Ready;
+            s.error = None;
+            s.name = Some(info.name.clone());
+            s.kind = Some(info.kind);
+            s.file_size_mb = Some(round2(info.file_size_bytes as f64 / MIB as f64));
+            s.fallback_to_box = result.fallback_to_box;
+            s.load_seconds = Some(round2(started.elapsed().as_secs_f64()));
+            log::info!("model ready: {} ({:?}) in {:.2} s", info.name, info.kind, started.elapsed().as_secs_f64());
+            *slot = Slot::Ready(segmenter.clone());
+            Ok(segmenter)
+        }
+        None => {
+            let reason = summarise(&result.skipped);
+            s.state = LoadState::Failed;
+            s.error = Some(reason.clone());
+            log::error!("no segmentation model could be loaded: {reason}");
+            *slot = Slot::Failed {
+                at: Instant::now(),
+                reason: reason.clone(),
+            };
+            Err(SegmentError::Unavailable(reason))
+        }
+    }
+}
+
+fn summarise(skipped: &[Skipped]) -> String {
+    if skipped.is_empty() {
+        return "no model is configured".into();
+    }
+    skipped.iter().map(|s| s.reason.clone()).collect::<Vec<_>>().join("; ")
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+struct ChainResult {
+    loaded: Option<Arc<dyn Segmenter>>,
+    skipped: Vec<Skipped>,
+    fallback_to_box: bool,
+}
+
+/// Tries each configured model in order; the first that loads wins.
+fn load_chain(settings: &ModelSettings) -> ChainResult {
+    let mut skipped = Vec::new();
+    for (i, location) in settings.locations.iter().enumerate() {
+        let checksum = settings.checksums.get(i).cloned().flatten();
+        match load_one(settings, location, checksum.as_deref()) {
+            Ok(segmenter) => {
+                return ChainResult {
+                    loaded: Some(segmenter),
+                    skipped,
+                    fallback_to_box: false,
+                }
+            }
+            Err(e) => {
+                log::warn!("model skipped: {e}");
+                skipped.push(Skipped {
+                    location: redact(location),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    let fallback = settings.box_fallback.then(|| Arc::new(BoxSegmenter::default()) as Arc<dyn Segmenter>);
+    ChainResult {
+        fallback_to_box: fallback.is_some(),
+        loaded: fallback,
+        skipped,
+    }
+}
+
+/// A model on disk, before loading.
+struct Candidate {
+    location: String,
+    path: PathBuf,
+    sam: bool,
+    bytes: u64,
+    downloaded: bool,
+}
+
+fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> Result<Arc<dyn Segmenter>, LoadError> {
+    let candidate = locate(settings, location, checksum)?;
+    check_size(settings, &candidate)?;
+    check_memory(settings, &candidate)?;
+    let info = ModelInfo {
+        name: model_name(&candidate.path),
+        kind: if candidate.sam { ModelKind::Sam } else { ModelKind::Salient },
+        file_size_bytes: candidate.bytes,
+    };
+    let invalid = |e: tract_onnx::prelude::TractError| LoadError::Invalid {
+        location: candidate.location.clone(),
+        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
+    };
+    if candidate.sam {
+        verify_sam_folder(&candidate)?;
+        let segmenter = SamSegmenter::load(&candidate.path, info).map_err(invalid)?;
+        return Ok(Arc::new(segmenter));
+    }
+    let graph = onnx::read_graph(&candidate.path).map_err(invalid)?;
+    match onnx::classify(&graph) {
+        GraphKind::Salient { height, width } => {
+            let segmenter = SalientSegmenter::load(graph, (height, width), info).map_err(invalid)?;
+            Ok(Arc::new(segmenter))
+        }
+        GraphKind::SamEncoder | GraphKind::SamDecoder => Err(LoadError::WrongKind {
+            location: candidate.location.clone(),
+            detail: "is one half of a Segment Anything export: put encoder.onnx and decoder.onnx in one folder and configure the folder".into(),
+        }),
+        GraphKind::Unknown { inputs, outputs } => Err(LoadError::WrongKind {
+            location: candidate.location.clone(),
+            detail: onnx::describe_unknown(&inputs, &outputs),
+        }),
+    }
+}
+
+/// Checks both halves of a SAM folder are what their names say (by their graphs).
+fn verify_sam_folder(candidate: &Candidate) -> Result<(), LoadError> {
+    for (file, expected) in [("encoder.onnx", GraphKind::SamEncoder), ("decoder.onnx", GraphKind::SamDecoder)] {
+        let graph = onnx::read_graph(&candidate.path.join(file)).map_err(|e| LoadError::Invalid {
+            location: format!("{}/{file}", candidate.location),
+            detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
+        })?;
+        let kind = onnx::classify(&graph);
+        if kind != expected {
+            let detail = match kind {
+                GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),
+                other => format!("{file} is a {other:?}, not the expected {expected:?}"),
+            };
+            return Err(LoadError::WrongKind {
+                location: candidate.location.clone(),
+                detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn model_name(path: &Path) -> String {
+    let name = if path.is_dir() { path.file_name() } else { path.file_stem() };
+    name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+/// Finds the model on disk, downloading URL models into the cache first.
+fn locate(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> Result<Candidate, LoadError> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return fetch(settings, location, checksum);
+    }
+    let path = PathBuf::from(location);
+    let not_found = || LoadError::NotFound {
+        location: location.to_string(),
+    };
+    if path.is_dir() {
+        let parts = [path.join("encoder.onnx"), path.join("decoder.onnx")];
+        let bytes = parts
+            .iter()
+            .map(|p| std::fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len()))
+            .sum::<Option<u64>>()
+            .ok_or_else(not_found)?;
+        return Ok(Candidate {
+            location: location.to_string(),
+            path,
+            sam: true,
+            bytes,
+            downloaded: false,
+        });
+    }
+    let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file()).ok_or_else(not_found)?;
+    Ok(Candidate {
+        location: location.to_string(),
+        path,
+        sam: false,
+        bytes: meta.len(),
+        downloaded: false,
+    })
+}
+
+fn fetch(settings: &ModelSettings, url: &str, checksum: Option<&str>) -> Result<Candidate, LoadError> {
+    let dest = settings.cache_dir.join(cache_name(url));
+    let location = redact(url);
+    if !dest.is_file() {
+        log::info!("downloading model {location} into {}", settings.cache_dir.display());
+        download::download(&DownloadRequest {
+            url,
+            dest: &dest,
+            sha256: checksum,
+            max_bytes: settings.max_model_mb * MIB,
+            connect_timeout: Duration::from_secs(20),
+            read_timeout: settings.download_timeout,
+        })
+        .map_err(|source| LoadError::Download {
+            location: location.clone(),
+            source,
+        })?;
+    }
+    let bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+    Ok(Candidate {
+        location,
+        path: dest,
+        sam: false,
+        bytes,
+        downloaded: true,
+    })
+}
+
+/// A cache file name derived from the URL (never from its query), unique per URL.
+fn cache_name(url: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(url.as_bytes());
+    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let stem: String = url
+        .split(['?', '#'])
+        .next()
+        .and_then(|u| u.rsplit('/').next())
+        .unwrap_or("model")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(60)
+        .collect();
+    let stem = stem.trim_end_matches(".onnx");
+    format!("{}-{short}.onnx", if stem.is_empty() { "model" } else { stem })
+}
+
+fn check_size(settings: &ModelSettings, candidate: &Candidate) -> Result<(), LoadError> {
+    if candidate.bytes <= settings.max_model_mb * MIB {
+        return Ok(());
+    }
+    if candidate.downloaded {
+        let _ = std::fs::remove_file(&candidate.path);
+    }
+    Err(LoadError::TooLarge {
+        location: candidate.location.clone(),
+        size_mb: candidate.bytes.div_ceil(MIB),
+        max_mb: settings.max_model_mb,
+    })
+}
+
+/// Estimated MiB a model adds to the process: its weights (parsed, then optimised:
+/// about twice the file while loading) plus its live activations at peak.
+/// Activation figures were measured on U²-Net-p (320x320) and MobileSAM (1024x1024).
+pub fn estimate_need_mb(sam: bool, file_bytes: u64) -> u64 {
+    let weights = file_bytes.div_ceil(MIB);
+    let activations = if sam { 230 } else { 150 };
+    weights * 2 + activations
+}
+
+fn check_memory(settings: &ModelSettings, candidate: &Candidate) -> Result<(), LoadError> {
+    let need_mb = estimate_need_mb(candidate.sam, candidate.bytes);
+    let (available_mb, source) = sysmem::headroom_mb(settings.memory_budget_mb);
+    if need_mb <= available_mb {
+        return Ok(());
+    }
+    Err(LoadError::NotEnoughMemory {
+        location: candidate.location.clone(),
+        need_mb,
+        available_mb,
+        budget: source,
+    })
+}
+
+/// A location safe to show: URLs lose their userinfo and query (they may hold tokens).
+pub fn redact(location: &str) -> String {
+    if location.contains("://") {
+        download::redact_url(location)
+    } else {
+        location.to_string()
+    }
+}
+
+/// Manages the [`ModelManager`]; runs the idle-unload check when configured.
+pub fn stage() -> AdHoc {
+    AdHoc::on_ignite("Model manager", |rocket| async move {
+        let Some(cfg) = rocket.state::<AppConfig>() else {
+            return rocket;
+        };
+        let manager = Arc::new(ModelManager::new(ModelSettings::from_config(cfg)));
+        rocket.manage(manager).attach(AdHoc::on_liftoff("Model idle unload", |rocket| {
+            Box::pin(async move {
+                let Some(manager) = rocket.state::<Arc<ModelManager>>().cloned() else {
+                    return;
+                };
+                if let Some(idle) = manager.settings.idle_unload {
+                    let period = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                    rocket::tokio::spawn(async move {
+                        let mut tick = rocket::tokio::time::interval(period);
+                        loop {
+                            tick.tick().await;
+                            manager.unload_if_idle().await;
+                        }
+                    });
+                }
+            })
+        }))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_drops_secrets() {
+        let shown = redact("https://user:tok@host/a/m.onnx?sig=abc");
+        assert!(!shown.contains("tok") && !shown.contains("abc") && shown.contains("host/a/m.onnx"), "{shown}");
+        assert_eq!(redact("/models/u2netp.onnx"), "/models/u2netp.onnx");
+    }
+
+    #[test]
+    fn cache_names_are_safe_and_distinct() {
+        let a = cache_name("https://h/x/u2netp.onnx?token=1");
+        let b = cache_name("https://h/y/u2netp.onnx");
+        assert!(a.starts_with("u2netp-") && a.ends_with(".onnx"));
+        assert_ne!(a, b);
+        assert!(!cache_name("https://h/../../etc/passwd").contains('/'));
+    }
+}

@@ -1,0 +1,184 @@
+//! Shared tract plumbing: reading ONNX graphs, recognising their family, building
+//! input tensors and resampling float planes.
+
+use std::path::Path;
+
+use fast_image_resize::images::{Image as FrImage, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::format_err;
+
+/// A plan ready to run (single-threaded: tract's default executor).
+pub type Plan = Arc<TypedRunnableModel>;
+
+/// What a graph looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraphKind {
+    /// One image input `[1, 3, H, W]`; the first output is the saliency map.
+    Salient { height: usize, width: usize },
+    SamEncoder,
+    SamDecoder,
+    Unknown { inputs: Vec<String>, outputs: Vec<String> },
+}
+
+/// Reads an ONNX file into tract's inference model (not yet optimised).
+pub fn read_graph(path: &Path) -> TractResult<InferenceModel> {
+    tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .model_for_path(path)
+}
+
+pub fn input_names(model: &InferenceModel) -> Vec<String> {
+    model
+        .input_outlets()
+        .map(|outlets| outlets.iter().map(|o| model.node(o.node).name.clone()).collect())
+        .unwrap_or_default()
+}
+
+pub fn output_names(model: &InferenceModel) -> Vec<String> {
+    model
+        .output_outlets()
+        .map(|outlets| {
+            outlets
+                .iter()
+                .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Recognises the family from input and output names and shapes, never from the file name.
+pub fn classify(model: &InferenceModel) -> GraphKind {
+    let inputs = input_names(model);
+    let outputs = output_names(model);
+    let has = |list: &[String], names: &[&str]| names.iter().all(|n| list.iter().any(|l| l == n));
+    if has(&inputs, &["image"]) && has(&outputs, &["image_embeddings"]) {
+        return GraphKind::SamEncoder;
+    }
+    if has(&inputs, &["image_embeddings", "point_coords", "point_labels"]) && has(&outputs, &["low_res_masks", "iou_predictions"]) {
+        return GraphKind::SamDecoder;
+    }
+    if inputs.len() == 1 && !outputs.is_empty() {
+        if let Some((height, width)) = image_input_size(model) {
+            return GraphKind::Salient { height, width };
+        }
+    }
+    GraphKind::Unknown { inputs, outputs }
+}
+
+/// `(H, W)` of a `[1, 3, H, W]` input; symbolic H/W default to 320.
+fn image_input_size(model: &InferenceModel) -> Option<(usize, usize)> {
+    let fact = model.input_fact(0).ok()?;
+    let dims: Vec<Option<i64>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
+        .collect();
+    match dims.as_slice() {
+        [batch, Some(3), h, w] if matches!(batch, None | Some(1)) => {
+            let side = |d: &Option<i64>| d.filter(|v| *v > 0).map(|v| v as usize).unwrap_or(320);
+            Some((side(h), side(w)))
+        }
+        _ => None,
+    }
+}
+
+/// Describes a graph that is neither family, for the error message.
+pub fn describe_unknown(inputs: &[String], outputs: &[String]) -> String {
+    format!(
+        "inputs [{}] and outputs [{}] match neither a salient-object model (one [1,3,H,W] image input) \
+         nor a Segment Anything export (encoder 'image' -> 'image_embeddings'; decoder 'image_embeddings', \
+         'point_coords', 'point_labels' -> 'low_res_masks', 'iou_predictions')",
+        inputs.join(", "),
+        outputs.join(", ")
+    )
+}
+
+/// Resizes an RGB region to exactly `to` with bilinear filtering.
+pub fn resize_rgb(image: &RgbImage, crop: [u32; 4], to: (u32, u32)) -> TractResult<RgbImage> {
+    let [left, top, width, height] = crop;
+    let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)?;
+    let mut dst = FrImage::new(to.0, to.1, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(f64::from(left), f64::from(top), f64::from(width), f64::from(height));
+    Resizer::new().resize(&src, &mut dst, &options)?;
+    RgbImage::from_raw(to.0, to.1, dst.into_vec()).ok_or_else(|| format_err!("resize buffer"))
+}
+
+/// `[1, 3, pad_h, pad_w]` tensor of `(x - mean) / std` (x in the `scale`d range),
+/// zero beyond the image (bottom/right padding).
+pub fn normalised_tensor(image: &RgbImage, mean: [f32; 3], std: [f32; 3], scale: f32, pad: (usize, usize)) -> TractResult<Tensor> {
+    let (pad_h, pad_w) = pad;
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let mut data = vec![0f32; 3 * pad_h * pad_w];
+    for (c, plane) in data.chunks_exact_mut(pad_h * pad_w).enumerate() {
+        for y in 0..height.min(pad_h) {
+            let row = &mut plane[y * pad_w..y * pad_w + width.min(pad_w)];
+            for (x, out) in row.iter_mut().enumerate() {
+                let v = f32::from(image.get_pixel(x as u32, y as u32)[c]) * scale;
+                *out = (v - mean[c]) / std[c];
+            }
+        }
+    }
+    Ok(tract_ndarray::Array4::from_shape_vec((1, 3, pad_h, pad_w), data)?.into_tensor())
+}
+
+/// Bilinear resampling of a float plane (PyTorch `interpolate(bilinear, align_corners=False)`),
+/// evaluated on the top-left `region` of a virtual `(dst_w, dst_h)` output.
+pub fn bilinear(src: &[f32], src_size: (usize, usize), dst_size: (usize, usize), region: (usize, usize)) -> Vec<f32> {
+    let (sw, sh) = src_size;
+    let (dw, dh) = dst_size;
+    let (rw, rh) = (region.0.min(dw), region.1.min(dh));
+    if sw == 0 || sh == 0 || src.len() < sw * sh {
+        return vec![0.0; rw * rh];
+    }
+    let xs: Vec<(usize, usize, f32)> = (0..rw).map(|x| source_coord(x, sw, dw)).collect();
+    let mut out = Vec::with_capacity(rw * rh);
+    for y in 0..rh {
+        let (y0, y1, fy) = source_coord(y, sh, dh);
+        let (r0, r1) = (&src[y0 * sw..(y0 + 1) * sw], &src[y1 * sw..(y1 + 1) * sw]);
+        for &(x0, x1, fx) in &xs {
+            let top = r0[x0] + (r0[x1] - r0[x0]) * fx;
+            let bottom = r1[x0] + (r1[x1] - r1[x0]) * fx;
+            out.push(top + (bottom - top) * fy);
+        }
+    }
+    out
+}
+
+fn source_coord(d: usize, src: usize, dst: usize) -> (usize, usize, f32) {
+    let scale = src as f32 / dst as f32;
+    let s = ((d as f32 + 0.5) * scale - 0.5).max(0.0);
+    let i0 = (s.floor() as usize).min(src - 1);
+    let i1 = (i0 + 1).min(src - 1);
+    (i0, i1, s - i0 as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_matches_half_pixel_convention() {
+        // 2x upsampling of [0, 1]: PyTorch gives [0, 0.25, 0.75, 1].
+        let out = bilinear(&[0.0, 1.0], (2, 1), (4, 1), (4, 1));
+        assert_eq!(out, vec![0.0, 0.25, 0.75, 1.0]);
+        let region = bilinear(&[0.0, 1.0], (2, 1), (4, 1), (2, 1));
+        assert_eq!(region, vec![0.0, 0.25]);
+    }
+
+    #[test]
+    fn normalised_tensor_pads_with_zeros() {
+        let image = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 255]));
+        let t = normalised_tensor(&image, [0.0; 3], [1.0; 3], 1.0, (2, 3)).unwrap();
+        let view = t.to_plain_array_view::<f32>().unwrap();
+        assert_eq!(view.shape(), &[1, 3, 2, 3]);
+        assert_eq!(view[[0, 0, 0, 0]], 255.0);
+        assert_eq!(view[[0, 1, 0, 1]], 0.0);
+        assert_eq!(view[[0, 0, 0, 2]], 0.0, "right padding");
+        assert_eq!(view[[0, 2, 1, 0]], 0.0, "bottom padding");
+    }
+}

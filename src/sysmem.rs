@@ -1,0 +1,124 @@
+//! Memory figures as the process and its container see them (Linux).
+//!
+//! The cgroup limit is read for the process's own cgroup (v2 `memory.max`, v1
+//! `memory.limit_in_bytes`), so a limit set on a sub-cgroup is seen too.
+
+use std::fs;
+use std::path::PathBuf;
+
+const MIB: u64 = 1024 * 1024;
+/// v1 reports "no limit" as a huge number (page-aligned i64::MAX).
+const UNLIMITED_THRESHOLD: u64 = 1 << 60;
+
+/// Resident and peak resident memory of this process, in bytes (from /proc/self/status).
+pub fn process_rss() -> (u64, u64) {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The memory cgroup of this process: (limit, usage) in bytes, when a limit is set.
+pub fn cgroup_memory() -> Option<(u64, u64)> {
+    let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let rel = path.trim_start_matches('/');
+        if controllers == "" {
+            let dir = PathBuf::from("/sys/fs/cgroup").join(rel);
+            if let Some(found) = read_pair(&dir, "memory.max", "memory.current") {
+                return Some(found);
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let dir = PathBuf::from("/sys/fs/cgroup/memory").join(rel);
+            if let Some(found) = read_pair(&dir, "memory.limit_in_bytes", "memory.usage_in_bytes") {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+fn read_pair(dir: &std::path::Path, limit: &str, usage: &str) -> Option<(u64, u64)> {
+    let limit: u64 = fs::read_to_string(dir.join(limit)).ok()?.trim().parse().ok()?;
+    if limit >= UNLIMITED_THRESHOLD {
+        return None;
+    }
+    let usage = fs::read_to_string(dir.join(usage)).ok()?.trim().parse().unwrap_or(0);
+    Some((limit, usage))
+}
+
+/// Host memory (total, available) in bytes.
+pub fn host_memory() -> (u64, u64) {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    (sys.total_memory(), sys.available_memory())
+}
+
+/// Total and available memory as the container sees it: the cgroup limit when one is
+/// set, the host's figures otherwise.
+pub fn container_memory() -> (u64, u64) {
+    match cgroup_memory() {
+        Some((limit, usage)) => (limit, limit.saturating_sub(usage)),
+        None => host_memory(),
+    }
+}
+
+/// Where a memory budget came from (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetSource {
+    MemoryBudgetMb,
+    CgroupLimit,
+    HostAvailable,
+}
+
+impl std::fmt::Display for BudgetSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BudgetSource::MemoryBudgetMb => "MEMORY_BUDGET_MB",
+            BudgetSource::CgroupLimit => "the container's memory limit",
+            BudgetSource::HostAvailable => "the host's available memory",
+        })
+    }
+}
+
+/// MiB the process may still add, and why: budget minus current RSS.
+pub fn headroom_mb(budget_mb: Option<u64>) -> (u64, BudgetSource) {
+    let (rss, _) = process_rss();
+    if let Some(budget) = budget_mb {
+        return ((budget * MIB).saturating_sub(rss) / MIB, BudgetSource::MemoryBudgetMb);
+    }
+    if let Some((limit, usage)) = cgroup_memory() {
+        return (limit.saturating_sub(usage) / MIB, BudgetSource::CgroupLimit);
+    }
+    (host_memory().1 / MIB, BudgetSource::HostAvailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_is_reported() {
+        let (rss, peak) = process_rss();
+        assert!(rss > 0 && peak >= rss);
+    }
+
+    #[test]
+    fn budget_headroom_subtracts_rss() {
+        let (rss, _) = process_rss();
+        let (room, source) = headroom_mb(Some(10_000));
+        assert_eq!(source, BudgetSource::MemoryBudgetMb);
+        assert_eq!(room, (10_000 * MIB - rss) / MIB);
+        assert_eq!(headroom_mb(Some(1)).0, 0, "a budget below the RSS leaves nothing");
+    }
+}

@@ -1,0 +1,64 @@
+//! Web plumbing: static files, response headers, the thread pool size.
+
+use rocket::fairing::AdHoc;
+use rocket::fs::FileServer;
+use rocket::http::Header;
+
+use crate::config::AppConfig;
+
+/// `static/`, relative to the working directory (the repository, or /app in Docker).
+pub fn static_files() -> FileServer {
+    FileServer::from(std::env::var("STATIC_DIR").unwrap_or_else(|_| "static".into()))
+}
+
+/// Security headers on every answer; long caching for versioned static assets.
+pub fn headers() -> AdHoc {
+    AdHoc::on_response("Response headers", |request, response| {
+        Box::pin(async move {
+            response.set_header(Header::new("X-Content-Type-Options", "nosniff"));
+            response.set_header(Header::new("X-Frame-Options", "DENY"));
+            response.set_header(Header::new("Referrer-Policy", "same-origin"));
+            if request.uri().path().starts_with("/static/") {
+                let versioned = request.uri().query().is_some_and(|q| q.as_str().starts_with("v="));
+                let cache = if versioned { "public, max-age=31536000, immutable" } else { "no-cache" };
+                response.set_header(Header::new("Cache-Control", cache));
+            }
+        })
+    })
+}
+
+/// Sizes the global rayon pool (`RAYON_THREADS`, default 1) so that nothing in the
+/// process starts more threads than configured.
+pub fn threads() -> AdHoc {
+    AdHoc::on_ignite("Thread pool", |rocket| async move {
+        if let Some(cfg) = rocket.state::<AppConfig>() {
+            let threads = match cfg.rayon_threads {
+                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                n => n,
+            };
+            // Only the first build in a process can size the global pool (tests build many).
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        }
+        rocket
+    })
+}
+
+/// `GET /health` on 127.0.0.1:$PORT; success when it answers 200 within 3 s.
+pub fn healthcheck() -> std::process::ExitCode {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let port = std::env::var("PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(8000);
+    let check = || -> std::io::Result<bool> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200"))
+    };
+    match check() {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        _ => std::process::ExitCode::FAILURE,
+    }
+}

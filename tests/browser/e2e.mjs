@@ -1,0 +1,563 @@
+// End-to-end test of the Drishya UI in Debian's Chromium, driven by playwright-core.
+//
+//   node tests/browser/e2e.mjs <base-url> <output-dir>
+//
+// Two passes against the real server (real U²-Net-p):
+//   desktop 1280x800 @2x, mouse: wrong password, login, a server error shown verbatim,
+//     upload (file picker), draw + redraw the box, generate the mask, product image by
+//     drag-and-drop, scale by keyboard + feathering, replace, compare, download and check
+//     the PNG (size = working image, pixels outside the box = the original's), logout.
+//   phone 375x812 @3x, touch: login, upload by drag-and-drop, draw the box with touch
+//     events, generate the mask, product, replace, and no horizontal overflow anywhere.
+// Screenshots of every step go to the output dir. Exit code 1 on any failure.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { decodePng } from './png.mjs';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '..', '..');
+const BASE = (process.argv[2] || process.env.BASE_URL || '').replace(/\/$/, '');
+const OUT = path.resolve(process.argv[3] || process.env.OUT_DIR || path.join(REPO, 'test-output', 'browser'));
+const IMAGES = path.resolve(REPO, process.env.DRISHYA_IMAGES || '../shared/images');
+const PASSWORD = process.env.APP_PASSWORD || 'test-password';
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const SCENE = path.join(IMAGES, 'coffee.png');
+// coffee.png is 600x400: the cup and saucer sit roughly in x 150–450, y 40–300.
+const CUP_BOX = { x_min: 150, y_min: 40, x_max: 450, y_max: 300 };
+const MASK_TIMEOUT_MS = 180_000;
+
+const results = [];
+const pageErrors = [];
+
+function log(msg) {
+  process.stdout.write(`${msg}\n`);
+}
+
+function check(name, ok, detail = '') {
+  results.push({ name, ok: Boolean(ok), detail });
+  log(`${ok ? 'PASS' : 'FAIL'}  ${name}${detail ? ` — ${detail}` : ''}`);
+  return Boolean(ok);
+}
+
+function must(name, ok, detail) {
+  if (!check(name, ok, detail)) throw new Error(`${name}${detail ? `: ${detail}` : ''}`);
+}
+
+async function shot(page, name, opts = {}) {
+  const file = path.join(OUT, `${name}.png`);
+  await page.screenshot({ path: file, scale: 'css', ...opts });
+  log(`      screenshot ${path.relative(REPO, file)}`);
+}
+
+function watchPage(page, label) {
+  page.on('pageerror', (err) => {
+    pageErrors.push(`${label}: ${err.message}`);
+    log(`      [${label}] page error: ${err.message}`);
+  });
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') log(`      [${label}] console error: ${msg.text()}`);
+  });
+}
+
+/* ------------------------------------------------------------ page helpers */
+
+async function login(page, password) {
+  await page.goto(`${BASE}/`);
+  await page.fill('#password', password);
+  const [response] = await Promise.all([
+    page.waitForResponse((r) => r.url().endsWith('/login') && r.request().method() === 'POST'),
+    page.click('#login-submit'),
+  ]);
+  await page.waitForLoadState('domcontentloaded');
+  return response;
+}
+
+/** Drops a file (bytes from node) on an element the way a real drag-and-drop does. */
+async function dropFile(page, selector, bytes, name, type) {
+  const dataTransfer = await page.evaluateHandle(({ b64, fileName, mime }) => {
+    const bin = atob(b64);
+    const arr = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i += 1) arr[i] = bin.charCodeAt(i);
+    const dt = new DataTransfer();
+    dt.items.add(new File([arr], fileName, { type: mime }));
+    return dt;
+  }, { b64: Buffer.from(bytes).toString('base64'), fileName: name, mime: type });
+  await page.dispatchEvent(selector, 'dragenter', { dataTransfer });
+  await page.dispatchEvent(selector, 'dragover', { dataTransfer });
+  await page.dispatchEvent(selector, 'drop', { dataTransfer });
+}
+
+/** Working-image pixel -> page (CSS) coordinates through the canvas's bounding rect. */
+async function imageToScreen(page, imageSize) {
+  const rect = await page.evaluate(() => {
+    const r = document.getElementById('box-canvas').getBoundingClientRect();
+    return { left: r.left, top: r.top, width: r.width, height: r.height };
+  });
+  return (x, y) => ({
+    x: rect.left + (x / imageSize.width) * rect.width,
+    y: rect.top + (y / imageSize.height) * rect.height,
+  });
+}
+
+async function dragMouse(page, from, to) {
+  await page.mouse.move(from.x, from.y);
+  await page.mouse.down();
+  await page.mouse.move((from.x + to.x) / 2, (from.y + to.y) / 2, { steps: 5 });
+  await page.mouse.move(to.x, to.y, { steps: 5 });
+  await page.mouse.up();
+}
+
+/** A one-finger drag through CDP touch events (the page sees pointerType "touch"). */
+async function dragTouch(page, cdp, from, to) {
+  const point = (p) => [{ x: p.x, y: p.y, radiusX: 4, radiusY: 4, force: 1, id: 1 }];
+  await cdp.send('Input.dispatchTouchEvent', { type: 'touchStart', touchPoints: point(from) });
+  for (let i = 1; i <= 8; i += 1) {
+    const p = { x: from.x + ((to.x - from.x) * i) / 8, y: from.y + ((to.y - from.y) * i) / 8 };
+    await cdp.send('Input.dispatchTouchEvent', { type: 'touchMove', touchPoints: point(p) });
+  }
+  await cdp.send('Input.dispatchTouchEvent', { type: 'touchEnd', touchPoints: [] });
+}
+
+/** Records every text the busy overlay shows, so short busy states are not missed. */
+async function recordBusyTexts(page) {
+  await page.evaluate(() => {
+    window.__busyTexts = [];
+    const target = document.getElementById('busy-text');
+    const busy = document.getElementById('busy');
+    const note = () => { if (!busy.hidden) window.__busyTexts.push(target.textContent); };
+    new MutationObserver(note).observe(target, { childList: true, characterData: true, subtree: true });
+    new MutationObserver(note).observe(busy, { attributes: true, attributeFilter: ['hidden'] });
+  });
+}
+
+async function horizontalOverflow(page) {
+  return page.evaluate(() => {
+    const vw = document.documentElement.clientWidth;
+    const offenders = [];
+    for (const node of document.querySelectorAll('body *')) {
+      const r = node.getBoundingClientRect();
+      if (r.width === 0 && r.height === 0) continue;
+      const cs = getComputedStyle(node);
+      if (cs.visibility === 'hidden' || cs.display === 'none') continue;
+      if (node.closest('.visually-hidden, .skip-link')) continue;
+      if (node.closest('details:not([open])') && !node.closest('summary')) continue; // closed: not shown
+      if (r.right > vw + 0.5 || r.left < -0.5) {
+        offenders.push(`${node.tagName.toLowerCase()}${node.id ? `#${node.id}` : ''}.${[...node.classList].join('.')} [${Math.round(r.left)}, ${Math.round(r.right)}]`);
+      }
+    }
+    return { scrollWidth: document.documentElement.scrollWidth, viewport: vw, offenders: offenders.slice(0, 8) };
+  });
+}
+
+async function checkNoOverflow(page, label) {
+  const o = await horizontalOverflow(page);
+  check(`${label}: nothing overflows 375 px horizontally`, o.scrollWidth <= o.viewport && o.offenders.length === 0,
+    `scrollWidth ${o.scrollWidth}, viewport ${o.viewport}${o.offenders.length ? `, offenders: ${o.offenders.join('; ')}` : ''}`);
+}
+
+function boxClose(sent, want, tol) {
+  return ['x_min', 'y_min', 'x_max', 'y_max'].every((k) => Math.abs(sent[k] - want[k]) <= tol);
+}
+
+/** A product image with transparency, drawn in the page: a teal mug on a clear background. */
+async function makeProductPng(page) {
+  const b64 = await page.evaluate(async () => {
+    const c = document.createElement('canvas');
+    c.width = 240; c.height = 240;
+    const g = c.getContext('2d');
+    const body = g.createLinearGradient(40, 0, 180, 0);
+    body.addColorStop(0, '#0f766e'); body.addColorStop(0.5, '#2dd4bf'); body.addColorStop(1, '#115e59');
+    g.lineWidth = 18; g.strokeStyle = '#0f766e';
+    g.beginPath(); g.arc(182, 120, 34, -Math.PI / 2, Math.PI / 2); g.stroke();
+    g.fillStyle = body;
+    g.beginPath(); g.roundRect(40, 50, 144, 150, [8, 8, 36, 36]); g.fill();
+    g.fillStyle = 'rgba(255,255,255,.85)';
+    g.font = 'bold 34px sans-serif'; g.textAlign = 'center'; g.fillText('NEW', 112, 136);
+    const blob = await new Promise((r) => c.toBlob(r, 'image/png'));
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    let s = '';
+    for (const b of bytes) s += String.fromCharCode(b);
+    return btoa(s);
+  });
+  return Buffer.from(b64, 'base64');
+}
+
+/** Records the text fields the page puts into FormData (Chromium does not expose multipart bodies with files). */
+function recordFormFields() {
+  window.__formFields = {};
+  const append = FormData.prototype.append;
+  FormData.prototype.append = function record(name, value, ...rest) {
+    window.__formFields[name] = typeof value === 'string' ? value : `[file ${value && value.name}]`;
+    return append.call(this, name, value, ...rest);
+  };
+}
+
+/* ------------------------------------------------------------ desktop pass */
+
+async function desktopPass(browser) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 2, acceptDownloads: true });
+  await context.addInitScript(recordFormFields);
+  const page = await context.newPage();
+  watchPage(page, 'desktop');
+  try {
+    // Login page, wrong password.
+    await page.goto(`${BASE}/`);
+    must('login page is shown when logged out', await page.isVisible('#password'));
+    await shot(page, '01-login');
+    const bad = await login(page, 'not-the-password');
+    must('wrong password answers 401', bad.status() === 401, `status ${bad.status()}`);
+    const errText = (await page.textContent('#login-error').catch(() => '')) || '';
+    must('wrong password shows an error on the login page', errText.trim().length > 0, errText.trim());
+    await shot(page, '02-login-wrong-password');
+
+    // Log in.
+    const good = await login(page, PASSWORD);
+    must('right password redirects (303)', good.status() === 303, `status ${good.status()}`);
+    await page.waitForSelector('#scene-dropzone', { state: 'visible' });
+    check('main page after login', await page.isVisible('#logout'));
+    await page.waitForFunction(() => !/Checking/.test(document.getElementById('model-chip-text').textContent));
+    const chip = await page.textContent('#model-chip-text');
+    check('model status shown from /health', /u2netp|fallback|model/i.test(chip), chip);
+    check('"Generate mask" disabled before a photo', await page.isDisabled('#generate-mask'));
+    await shot(page, '03-main-empty');
+
+    // A server error is shown verbatim: upload a text file as the scene.
+    const [errResp] = await Promise.all([
+      page.waitForResponse((r) => r.url().endsWith('/upload_image')),
+      dropFile(page, '#stage', Buffer.from('this is not an image\n'), 'notes.txt', 'text/plain'),
+    ]);
+    let serverMessage = '';
+    try { serverMessage = (await errResp.json()).error; } catch (_) { serverMessage = ''; }
+    await page.waitForSelector('#error-banner', { state: 'visible' });
+    await page.waitForTimeout(400); // let the banner finish sliding in before the screenshot
+    const shown = (await page.textContent('#error-message')).trim();
+    check('non-image upload is refused by the server (4xx)', errResp.status() >= 400 && errResp.status() < 500, `status ${errResp.status()}`);
+    check('server error message shown verbatim', serverMessage && shown === serverMessage, `server: "${serverMessage}", page: "${shown}"`);
+    await shot(page, '04-server-error-shown');
+    await page.click('#error-dismiss');
+
+    // Upload coffee.png through the file picker.
+    const [chooser] = await Promise.all([page.waitForEvent('filechooser'), page.click('#scene-button')]);
+    const [upResp] = await Promise.all([
+      page.waitForResponse((r) => r.url().endsWith('/upload_image')),
+      chooser.setFiles(SCENE),
+    ]);
+    const up = await upResp.json();
+    must('upload_image succeeds', upResp.status() === 200 && up.success, JSON.stringify(up));
+    must('working image of coffee.png is 600x400', up.width === 600 && up.height === 400, `${up.width}x${up.height}`);
+    await page.waitForSelector('#figure', { state: 'visible' });
+    await page.waitForFunction(() => document.getElementById('stage-img').complete && document.getElementById('stage-img').naturalWidth > 0);
+    const natural = await page.evaluate(() => {
+      const i = document.getElementById('stage-img');
+      const r = i.getBoundingClientRect();
+      return { nw: i.naturalWidth, nh: i.naturalHeight, cw: r.width, ch: r.height, dpr: devicePixelRatio };
+    });
+    check('scene shown fitted to the window (display size differs from natural size)',
+      natural.nw === 600 && Math.abs(natural.cw / natural.ch - 1.5) < 0.02 && Math.abs(natural.cw - 600) > 1,
+      `natural ${natural.nw}x${natural.nh}, shown ${natural.cw.toFixed(1)}x${natural.ch.toFixed(1)} CSS px at DPR ${natural.dpr}`);
+    check('"Generate mask" disabled until a box exists', await page.isDisabled('#generate-mask'));
+    await shot(page, '05-scene-uploaded');
+
+    // Keyboard: Enter on the canvas adds a box, arrows move it, Delete clears it.
+    await page.focus('#box-canvas');
+    await page.keyboard.press('Enter');
+    const kbBox = await page.textContent('#box-readout');
+    await page.keyboard.press('ArrowRight');
+    const kbMoved = await page.textContent('#box-readout');
+    await page.keyboard.press('Delete');
+    const kbCleared = await page.textContent('#box-readout');
+    check('box can be added, moved and cleared from the keyboard',
+      /Box 300 × 200 px at \(150, 100\)/.test(kbBox) && kbMoved !== kbBox && !/Box/.test(kbCleared), `${kbBox} | ${kbMoved} | ${kbCleared}`);
+
+    // Draw a wrong box, then redraw it around the cup.
+    const imgSize = { width: up.width, height: up.height };
+    const toScreen = await imageToScreen(page, imgSize);
+    await dragMouse(page, toScreen(20, 300), toScreen(120, 380));
+    const firstReadout = await page.textContent('#box-readout');
+    check('a box can be drawn with the mouse', /Box \d+ × \d+/.test(firstReadout), firstReadout);
+    await dragMouse(page, toScreen(CUP_BOX.x_min, CUP_BOX.y_min), toScreen(CUP_BOX.x_max, CUP_BOX.y_max));
+    const readout = await page.textContent('#box-readout');
+    check('the box can be redrawn', readout !== firstReadout, readout);
+    check('"Generate mask" enabled once a box exists', await page.isEnabled('#generate-mask'));
+    await shot(page, '06-box-drawn');
+
+    // Generate the mask (first use loads the model).
+    await recordBusyTexts(page);
+    const maskReq = page.waitForRequest((r) => r.url().endsWith('/generate_mask'));
+    const maskResp = page.waitForResponse((r) => r.url().endsWith('/generate_mask'), { timeout: MASK_TIMEOUT_MS });
+    await page.click('#generate-mask');
+    const sent = (await maskReq).postDataJSON();
+    check('box sent in working-image pixels (mapped through display scale and DPR)', boxClose(sent, CUP_BOX, 3), JSON.stringify(sent));
+    await page.waitForTimeout(300);
+    if (await page.isVisible('#busy')) await shot(page, '07-generating');
+    const mr = await maskResp;
+    const mask = await mr.json();
+    must('generate_mask succeeds', mr.status() === 200 && mask.success, `${mr.status()} ${JSON.stringify(mask)}`);
+    await page.waitForSelector('#mask-info', { state: 'visible' });
+    const busyTexts = await page.evaluate(() => window.__busyTexts);
+    check('busy state said what was happening', busyTexts.some((t) => /loading model \(first use\)|segmenting/i.test(t)), JSON.stringify([...new Set(busyTexts)]));
+    check('mask from the neural model, not the box fallback', mask.fallback === false && mask.kind !== 'box', `model ${mask.model}, kind ${mask.kind}`);
+    const bb = mask.bbox || {};
+    check('mask lies within the drawn box', bb.x_min >= sent.x_min - 2 && bb.y_min >= sent.y_min - 2 && bb.x_max <= sent.x_max + 2 && bb.y_max <= sent.y_max + 2, JSON.stringify(bb));
+    const boxArea = (sent.x_max - sent.x_min) * (sent.y_max - sent.y_min);
+    check('mask covers a sensible part of the box', mask.mask_pixels > boxArea * 0.15 && mask.mask_pixels < boxArea * 0.98, `${mask.mask_pixels} of ${boxArea} px, ${mask.elapsed_ms} ms`);
+    check('mask overlay view selected', await page.getAttribute('[data-view="mask"]', 'aria-pressed') === 'true');
+    await page.waitForFunction(() => document.getElementById('stage-img').complete);
+    await shot(page, '08-mask');
+
+    // Product image by drag-and-drop (a PNG with transparency made in the page).
+    const product = await makeProductPng(page);
+    fs.writeFileSync(path.join(OUT, 'product.png'), product);
+    await dropFile(page, '#product-dropzone', product, 'teal-mug.png', 'image/png');
+    await page.waitForSelector('#product-thumb-wrap', { state: 'visible' });
+    check('product thumbnail shown', (await page.textContent('#product-title')).includes('teal-mug.png'));
+
+    // Settings: scale with the keyboard, feathering by value.
+    await page.focus('#scale');
+    for (let i = 0; i < 4; i += 1) await page.keyboard.press('ArrowRight');
+    check('scale changed with the keyboard and its value shown', (await page.textContent('#scale-value')) === '1.20×', await page.textContent('#scale-value'));
+    await page.fill('#feather', '20');
+    check('feathering changed and its value shown', (await page.textContent('#feather-value')) === '20 px', await page.textContent('#feather-value'));
+    check('"Replace product" enabled', await page.isEnabled('#replace'));
+    await shot(page, '09-product-and-settings');
+
+    // Replace.
+    const replResp = page.waitForResponse((r) => r.url().endsWith('/replace_product'), { timeout: 120_000 });
+    await page.click('#replace');
+    const rr = await replResp;
+    const fields = await page.evaluate(() => window.__formFields);
+    check('replace sends the chosen settings', fields.scale_factor === '1.20' && fields.feather_amount === '20' && fields.use_blending === 'true',
+      JSON.stringify(fields));
+    const repl = await rr.json();
+    must('replace_product succeeds', rr.status() === 200 && repl.success, `${rr.status()} ${JSON.stringify(repl)}`);
+    await page.waitForFunction(() => document.querySelector('[data-view="result"]').getAttribute('aria-pressed') === 'true');
+    await page.waitForFunction(() => document.getElementById('stage-img').complete);
+    await shot(page, '10-result');
+    await page.click('[data-view="compare"]');
+    await page.waitForFunction(() => document.getElementById('compare-after').complete && document.getElementById('compare-before').complete);
+    await shot(page, '11-compare');
+
+    // Download and check the PNG.
+    check('Download enabled', (await page.getAttribute('#download', 'aria-disabled')) === 'false');
+    const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
+    check('download is named product_replaced_image.png', download.suggestedFilename() === 'product_replaced_image.png', download.suggestedFilename());
+    const savedPath = path.join(OUT, 'downloaded-product_replaced_image.png');
+    await download.saveAs(savedPath);
+    checkDownloadedPng(fs.readFileSync(savedPath), sent);
+
+    // Keyboard: the buttons are reachable and the view buttons work with Enter.
+    await page.focus('[data-view="scene"]');
+    await page.keyboard.press('Enter');
+    check('view buttons work from the keyboard', await page.getAttribute('[data-view="scene"]', 'aria-pressed') === 'true');
+
+    // Logout.
+    await Promise.all([page.waitForURL(`${BASE}/`), page.click('#logout')]);
+    await page.waitForSelector('#password');
+    check('logout returns to the login page', await page.isVisible('#password'));
+    const after = await page.request.get(`${BASE}/get_image`);
+    check('after logout the API refuses (401)', after.status() === 401, `status ${after.status()}`);
+  } catch (err) {
+    check('desktop pass ran to the end', false, err.message.split('\n')[0]);
+    await shot(page, 'desktop-FAILURE').catch(() => {});
+  } finally {
+    await context.close();
+  }
+}
+
+function checkDownloadedPng(bytes, box) {
+  let result;
+  try {
+    result = decodePng(bytes);
+  } catch (err) {
+    check('downloaded file is a PNG', false, err.message);
+    return;
+  }
+  check('downloaded file is a PNG', true, `${bytes.length} bytes`);
+  const original = decodePng(fs.readFileSync(SCENE));
+  check('downloaded PNG is the working image size (600x400)', result.width === 600 && result.height === 400, `${result.width}x${result.height}`);
+  if (result.width !== original.width || result.height !== original.height) return;
+  const margin = 2;
+  let outside = 0;
+  let outsideDiff = 0;
+  let insideDiff = 0;
+  for (let y = 0; y < result.height; y += 1) {
+    for (let x = 0; x < result.width; x += 1) {
+      const i = (y * result.width + x) * 4;
+      const same = result.data[i] === original.data[i] && result.data[i + 1] === original.data[i + 1] && result.data[i + 2] === original.data[i + 2];
+      const inBox = x >= box.x_min - margin && x <= box.x_max + margin && y >= box.y_min - margin && y <= box.y_max + margin;
+      if (inBox) { if (!same) insideDiff += 1; } else { outside += 1; if (!same) outsideDiff += 1; }
+    }
+  }
+  const corners = [[0, 0], [599, 0], [0, 399], [599, 399], [20, 20], [580, 380]].every(([x, y]) => {
+    const i = (y * 600 + x) * 4;
+    return [0, 1, 2].every((c) => result.data[i + c] === original.data[i + c]);
+  });
+  check('corner pixels equal the original', corners);
+  check('every pixel outside the box equals the original', outsideDiff === 0, `${outsideDiff} of ${outside} differ`);
+  check('pixels inside the box were replaced', insideDiff > 1000, `${insideDiff} px changed`);
+}
+
+/* ------------------------------------------------------------ phone pass */
+
+async function phonePass(browser) {
+  const context = await browser.newContext({
+    viewport: { width: 375, height: 812 }, deviceScaleFactor: 3, isMobile: true, hasTouch: true, acceptDownloads: true,
+  });
+  const page = await context.newPage();
+  watchPage(page, 'phone');
+  const cdp = await context.newCDPSession(page);
+  try {
+    await page.goto(`${BASE}/`);
+    await shot(page, 'm01-login');
+    await checkNoOverflow(page, 'phone login');
+    const good = await login(page, PASSWORD);
+    must('phone: login', good.status() === 303, `status ${good.status()}`);
+    await page.waitForSelector('#scene-dropzone', { state: 'visible' });
+    await page.waitForFunction(() => !/Checking/.test(document.getElementById('model-chip-text').textContent));
+    await shot(page, 'm02-main-empty');
+    await checkNoOverflow(page, 'phone empty page');
+
+    // Upload by drag-and-drop onto the stage.
+    const [upResp] = await Promise.all([
+      page.waitForResponse((r) => r.url().endsWith('/upload_image')),
+      dropFile(page, '#stage', fs.readFileSync(SCENE), 'coffee.png', 'image/png'),
+    ]);
+    const up = await upResp.json();
+    must('phone: upload by drag-and-drop', upResp.status() === 200 && up.width === 600, JSON.stringify(up));
+    await page.waitForSelector('#figure', { state: 'visible' });
+    await page.waitForFunction(() => document.getElementById('stage-img').complete);
+    const shownW = await page.evaluate(() => document.getElementById('box-canvas').getBoundingClientRect().width);
+    check('phone: photo scaled down to fit the screen', shownW < 375 && shownW > 300, `${shownW.toFixed(1)} CSS px wide`);
+    await checkNoOverflow(page, 'phone with photo');
+
+    // Draw the box with a finger.
+    await page.evaluate(() => document.getElementById('box-canvas').scrollIntoView({ block: 'center' }));
+    const toScreen = await imageToScreen(page, { width: up.width, height: up.height });
+    const scrollBefore = await page.evaluate(() => window.scrollY);
+    await page.evaluate(() => {
+      window.__pointerTypes = new Set();
+      document.getElementById('box-canvas').addEventListener('pointerdown', (e) => window.__pointerTypes.add(e.pointerType));
+    });
+    await dragTouch(page, cdp, toScreen(CUP_BOX.x_min, CUP_BOX.y_min), toScreen(CUP_BOX.x_max, CUP_BOX.y_max));
+    // A finger lifts before it taps again: Chrome drops a tap that follows a drag within ~0.5 s.
+    await page.waitForTimeout(800);
+    const pointerTypes = await page.evaluate(() => [...window.__pointerTypes]);
+    const scrollAfter = await page.evaluate(() => window.scrollY);
+    check('phone: box drawn with touch pointer events', pointerTypes.includes('touch') && await page.isEnabled('#generate-mask'), `pointer types ${JSON.stringify(pointerTypes)}`);
+    check('phone: dragging on the canvas does not scroll the page', scrollAfter === scrollBefore, `scrollY ${scrollBefore} -> ${scrollAfter}`);
+    await shot(page, 'm03-box');
+
+    // Mask. The first answer is a fake "busy" 503 with Retry-After: the page must wait and retry.
+    let maskCalls = 0;
+    await page.route('**/generate_mask', async (route) => {
+      maskCalls += 1;
+      if (maskCalls === 1) {
+        await route.fulfill({ status: 503, headers: { 'Retry-After': '2' }, contentType: 'application/json', body: JSON.stringify({ error: 'Server busy: too many requests in the queue.' }) });
+      } else {
+        await route.continue();
+      }
+    });
+    await recordBusyTexts(page);
+    const maskReq = page.waitForRequest((r) => r.url().endsWith('/generate_mask') && maskCalls >= 1);
+    const maskResp = page.waitForResponse((r) => r.url().endsWith('/generate_mask'), { timeout: MASK_TIMEOUT_MS });
+    await page.tap('#generate-mask');
+    const sent = (await maskReq).postDataJSON();
+    check('phone: box mapped to working-image pixels', boxClose(sent, CUP_BOX, 4), JSON.stringify(sent));
+    await page.waitForFunction(() => window.__busyTexts.some((t) => /Server busy, retrying in/.test(t)));
+    await shot(page, 'm04-busy-retrying');
+    let mr = await maskResp;
+    if (mr.status() === 503) mr = await page.waitForResponse((r) => r.url().endsWith('/generate_mask') && r.status() !== 503, { timeout: MASK_TIMEOUT_MS });
+    must('phone: generate_mask succeeds after the busy retry', mr.status() === 200 && maskCalls === 2, `${mr.status()} after ${maskCalls} calls`);
+    const busySeen = await page.evaluate(() => [...new Set(window.__busyTexts)]);
+    check('phone: 503 + Retry-After shown as "server busy, retrying" and retried', busySeen.some((t) => /Server busy, retrying in \d+s/.test(t)), JSON.stringify(busySeen));
+    await page.unroute('**/generate_mask');
+    await page.waitForSelector('#mask-info', { state: 'visible' });
+    await page.waitForFunction(() => document.getElementById('stage-img').complete);
+    await page.evaluate(() => document.getElementById('figure').scrollIntoView({ block: 'start' }));
+    await shot(page, 'm05-mask');
+    await checkNoOverflow(page, 'phone with mask');
+
+    // Product through the picker, then replace.
+    const product = await makeProductPng(page);
+    const [chooser] = await Promise.all([page.waitForEvent('filechooser'), page.tap('#product-dropzone')]);
+    await chooser.setFiles({ name: 'teal-mug.png', mimeType: 'image/png', buffer: product });
+    await page.waitForSelector('#product-thumb-wrap', { state: 'visible' });
+    await page.fill('#scale', '0.8');
+    await page.evaluate(() => document.getElementById('step-product').scrollIntoView({ block: 'start' }));
+    await shot(page, 'm06-product-settings');
+    await checkNoOverflow(page, 'phone with product and settings');
+    const replResp = page.waitForResponse((r) => r.url().endsWith('/replace_product'), { timeout: 120_000 });
+    await page.tap('#replace');
+    const rr = await replResp;
+    must('phone: replace_product succeeds', rr.status() === 200, `${rr.status()} ${await rr.text()}`);
+    await page.waitForFunction(() => document.querySelector('[data-view="result"]').getAttribute('aria-pressed') === 'true');
+    await page.waitForFunction(() => document.getElementById('stage-img').complete);
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await shot(page, 'm07-result');
+    await page.tap('[data-view="compare"]');
+    await page.waitForFunction(() => document.getElementById('compare-after').complete);
+    await shot(page, 'm08-compare');
+    await checkNoOverflow(page, 'phone compare view');
+    await shot(page, 'm09-full-page', { fullPage: true });
+  } catch (err) {
+    check('phone pass ran to the end', false, err.message.split('\n')[0]);
+    await shot(page, 'phone-FAILURE', { fullPage: true }).catch(() => {});
+  } finally {
+    await context.close();
+  }
+}
+
+/* ------------------------------------------------------------ main */
+
+async function main() {
+  if (!BASE) {
+    log('usage: node tests/browser/e2e.mjs <base-url> <output-dir>');
+    process.exit(2);
+  }
+  if (!fs.existsSync(CHROMIUM)) {
+    log(`FAIL  Chromium not found at ${CHROMIUM} (install Debian's chromium package)`);
+    process.exit(1);
+  }
+  if (!fs.existsSync(SCENE)) {
+    log(`FAIL  test image not found: ${SCENE}`);
+    process.exit(1);
+  }
+  fs.mkdirSync(OUT, { recursive: true });
+  log(`Drishya browser test against ${BASE}, screenshots in ${path.relative(REPO, OUT) || OUT}`);
+
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+      '--disable-sync', '--no-first-run', '--disable-quic',
+    ],
+  });
+  log(`Chromium ${browser.version()}`);
+  try {
+    log('\n== desktop 1280x800 @2x, mouse ==');
+    await desktopPass(browser);
+    log('\n== phone 375x812 @3x, touch ==');
+    await phonePass(browser);
+  } finally {
+    await browser.close();
+  }
+  check('no uncaught errors in the page', pageErrors.length === 0, pageErrors.join(' | '));
+
+  const passed = results.filter((r) => r.ok).length;
+  const failed = results.length - passed;
+  log('\n== summary ==');
+  for (const r of results.filter((x) => !x.ok)) log(`FAIL  ${r.name}${r.detail ? ` — ${r.detail}` : ''}`);
+  log(failed === 0 ? `browser test: PASS (${passed} checks)` : `browser test: FAIL (${failed} of ${results.length} checks failed)`);
+  log(`browser: ${passed} passed, ${failed} failed`);
+  process.exit(failed === 0 ? 0 : 1);
+}
+
+main().catch((err) => {
+  log(`FAIL  browser test crashed: ${err.stack || err}`);
+  log(`browser: 0 passed, 1 failed`);
+  process.exit(1);
+});

@@ -1,0 +1,231 @@
+//! Helpers shared by the integration tests: the real app on a real config, logins,
+//! multipart bodies, the shared photos and models.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use rocket::figment::Figment;
+use rocket::http::{ContentType, Status};
+use rocket::local::blocking::{Client, LocalResponse};
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// `../shared`, beside the repository. Missing shared files fail the tests loudly.
+pub fn shared(rel: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel);
+    assert!(path.exists(), "test fixture {} is missing: ../shared must sit beside the repository", path.display());
+    path
+}
+
+pub fn u2netp() -> String {
+    shared("models/u2netp.onnx").display().to_string()
+}
+
+pub fn mobile_sam() -> String {
+    shared("models/mobile_sam").display().to_string()
+}
+
+/// A running app: its client and the temp dir it owns.
+pub struct App {
+    pub client: Client,
+    pub temp: tempfile::TempDir,
+}
+
+/// The real app with `settings` (config keys, lower case) on top of test defaults.
+pub fn app(settings: &[(&str, &str)]) -> App {
+    try_app(settings).expect("the app should ignite")
+}
+
+pub fn try_app(settings: &[(&str, &str)]) -> Result<App, rocket::Error> {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let mut figment = Figment::from(rocket::Config::debug_default())
+        .merge(("log_level", "critical"))
+        .merge(("app_password", PASSWORD))
+        .merge(("temp_dir", temp.path().join("artefacts")))
+        .merge(("model_cache_dir", temp.path().join("cache")))
+        .merge(("models", u2netp()))
+        .merge(("template_dir", concat!(env!("CARGO_MANIFEST_DIR"), "/templates")));
+    for (key, value) in settings {
+        figment = figment.merge((*key, *value));
+    }
+    let figment = drishya::config::with_upload_limits(figment);
+    let client = Client::tracked(drishya::build(figment))?;
+    Ok(App { client, temp })
+}
+
+/// Logs in; panics if the login is refused.
+pub fn login(client: &Client) {
+    let response = client
+        .post("/login")
+        .header(ContentType::Form)
+        .body(format!("password={}", urlencode(PASSWORD)))
+        .dispatch();
+    assert_eq!(response.status(), Status::SeeOther, "login should redirect");
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            b' ' => "+".into(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One multipart part: a text field or a file.
+pub enum Part<'a> {
+    Text(&'a str, &'a str),
+    File { name: &'a str, filename: &'a str, content_type: &'a str, bytes: &'a [u8] },
+}
+
+pub fn multipart(parts: &[Part<'_>]) -> (ContentType, Vec<u8>) {
+    const BOUNDARY: &str = "drishya-test-boundary-7d91";
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        match part {
+            Part::Text(name, value) => {
+                body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+            }
+            Part::File { name, filename, content_type, bytes } => {
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n")
+                        .as_bytes(),
+                );
+                body.extend_from_slice(bytes);
+                body.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    let ct = ContentType::new("multipart", "form-data").with_params(("boundary", BOUNDARY));
+    (ct, body)
+}
+
+pub fn upload<'c>(client: &'c Client, filename: &str, bytes: &[u8]) -> LocalResponse<'c> {
+    let (ct, body) = multipart(&[Part::File { name: "image", filename, content_type: "application/octet-stream", bytes }]);
+    client.post("/upload_image").header(ct).body(body).dispatch()
+}
+
+pub fn json_of(response: LocalResponse<'_>) -> serde_json::Value {
+    let text = response.into_string().unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Asserts `{"error": "..."}` with the status, returns the message.
+pub fn expect_error(response: LocalResponse<'_>, status: Status) -> String {
+    assert_eq!(response.status(), status);
+    let json = json_of(response);
+    json["error"].as_str().unwrap_or_else(|| panic!("no error field: {json}")).to_string()
+}
+
+pub fn generate_mask<'c>(client: &'c Client, b: [i64; 4]) -> LocalResponse<'c> {
+    let body = serde_json::json!({"x_min": b[0], "y_min": b[1], "x_max": b[2], "y_max": b[3]});
+    client.post("/generate_mask").header(ContentType::JSON).body(body.to_string()).dispatch()
+}
+
+pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
+    drishya::imaging::encode_png(image).expect("png")
+}
+
+pub fn decode(bytes: &[u8]) -> image::DynamicImage {
+    image::load_from_memory(bytes).expect("an image")
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Reads a little-endian float32 `.npy` file: (shape, values).
+pub fn npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = read(path);
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{} is not .npy", path.display());
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> = shape_text.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let data: Vec<f32> = bytes[start + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "{}", path.display());
+    (shape, data)
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn reference(name: &str) -> (Vec<usize>, Vec<f32>) {
+    npy_f32(&shared(&format!("models/reference/{name}.npy")))
+}
+
+/// A tiny valid ONNX graph of neither family: `y = relu(x)`, x: float[1, 4].
+pub fn relu_onnx() -> Vec<u8> {
+    use prost::Message;
+    use tract_onnx::pb::{
+        tensor_shape_proto::{dimension, Dimension},
+        type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    };
+    let value_info = |name: &str| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: [1, 4]
+                        .iter()
+                        .map(|&d| Dimension { value: Some(dimension::Value::DimValue(d)), ..Default::default() })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 7,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 13 }],
+        graph: Some(GraphProto {
+            name: "relu".into(),
+            node: vec![NodeProto {
+                name: "relu".into(),
+                op_type: "Relu".into(),
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            input: vec![value_info("x")],
+            output: vec![value_info("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
+
+/// Serves `body` over HTTP/1.1 on 127.0.0.1 for any number of requests; returns the URL base.
+pub fn serve_bytes(body: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
