@@ -95,8 +95,8 @@ fn a_url_model_is_downloaded_once_into_the_cache_and_used() {
 
 #[rocket::async_test]
 async fn eight_simultaneous_first_requests_cause_exactly_one_load() {
-    let app = app(&[]);
-    let client = AsyncClient::tracked(drishya::build(app.client.rocket().figment().clone())).await.unwrap();
+    let (figment, _temp) = test_figment(&[]);
+    let client = AsyncClient::tracked(drishya::build(figment)).await.unwrap();
     let login = client.post("/login").header(ContentType::Form).body(format!("password={}", PASSWORD.replace(' ', "+"))).dispatch().await;
     assert_eq!(login.status(), Status::SeeOther);
     let (ct, body) = multipart(&[Part::File { name: "image", filename: "c.png", content_type: "image/png", bytes: &coffee() }]);
@@ -113,8 +113,8 @@ async fn eight_simultaneous_first_requests_cause_exactly_one_load() {
 
 #[rocket::async_test]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let app = app(&[("inference_queue", "0"), ("inference_concurrency", "1")]);
-    let client = AsyncClient::tracked(drishya::build(app.client.rocket().figment().clone())).await.unwrap();
+    let (figment, _temp) = test_figment(&[("inference_queue", "0"), ("inference_concurrency", "1")]);
+    let client = AsyncClient::tracked(drishya::build(figment)).await.unwrap();
     client.post("/login").header(ContentType::Form).body(format!("password={}", PASSWORD.replace(' ', "+"))).dispatch().await;
     let (ct, body) = multipart(&[Part::File { name: "image", filename: "c.png", content_type: "image/png", bytes: &coffee() }]);
     assert_eq!(client.post("/upload_image").header(ct).body(body).dispatch().await.status(), Status::Ok);

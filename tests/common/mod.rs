@@ -34,10 +34,12 @@ pub struct App {
 
 /// The real app with `settings` (config keys, lower case) on top of test defaults.
 pub fn app(settings: &[(&str, &str)]) -> App {
-    try_app(settings).expect("the app should ignite")
+    try_app(settings).unwrap_or_else(|e| panic!("the app should ignite: {e}"))
 }
 
-pub fn try_app(settings: &[(&str, &str)]) -> Result<App, rocket::Error> {
+/// The test configuration: the real defaults, a temp dir, U²-Net-p, then `settings`
+/// (config keys in lower case, values parsed like environment variables).
+pub fn test_figment(settings: &[(&str, &str)]) -> (Figment, tempfile::TempDir) {
     let temp = tempfile::tempdir().expect("temp dir");
     let mut figment = Figment::from(rocket::Config::debug_default())
         .merge(("log_level", "critical"))
@@ -47,10 +49,17 @@ pub fn try_app(settings: &[(&str, &str)]) -> Result<App, rocket::Error> {
         .merge(("models", u2netp()))
         .merge(("template_dir", concat!(env!("CARGO_MANIFEST_DIR"), "/templates")));
     for (key, value) in settings {
-        figment = figment.merge((*key, *value));
+        let value: rocket::figment::value::Value = value.parse().expect("figment values always parse");
+        figment = figment.merge((*key, value));
     }
-    let figment = drishya::config::with_upload_limits(figment);
-    let client = Client::tracked(drishya::build(figment))?;
+    (drishya::config::with_upload_limits(figment), temp)
+}
+
+/// The app, or why it refused to ignite.
+pub fn try_app(settings: &[(&str, &str)]) -> Result<App, String> {
+    let (figment, temp) = test_figment(settings);
+    // `kind()` marks Rocket's error as handled (an unhandled one panics on drop).
+    let client = Client::tracked(drishya::build(figment)).map_err(|e| e.kind().to_string())?;
     Ok(App { client, temp })
 }
 
