@@ -33,17 +33,12 @@ where
     F: FnOnce() -> ApiResult<T> + Send + 'static,
     T: Send + 'static,
 {
-    spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::Internal(format!("worker task failed: {e}")))?
+    spawn_blocking(work).await.map_err(|e| ApiError::Internal(format!("worker task failed: {e}")))?
 }
 
 fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
     if errors.status() == Status::PayloadTooLarge {
-        return InputError::TooLarge {
-            limit_mb: cfg.max_upload_mb,
-        }
-        .into();
+        return InputError::TooLarge { limit_mb: cfg.max_upload_mb }.into();
     }
     let first = errors.iter().next().map(|e| e.to_string()).unwrap_or_default();
     InputError::MalformedForm(first).into()
@@ -52,14 +47,8 @@ fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
 /// The whole upload, read from Rocket's temp file (already capped by the `file` limit).
 async fn read_upload(file: &TempFile<'_>) -> ApiResult<Vec<u8>> {
     let mut bytes = Vec::with_capacity(usize::try_from(file.len()).unwrap_or(0));
-    let mut reader = file
-        .open()
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
-    reader
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
+    let mut reader = file.open().await.map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
+    reader.read_to_end(&mut bytes).await.map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
     Ok(bytes)
 }
 
@@ -105,13 +94,15 @@ fn load_scene(store: &TempStore, session: &SessionId) -> ApiResult<RgbImage> {
 }
 
 #[post("/generate_mask", data = "<body>")]
-async fn generate_mask(user: User, body: Data<'_>, store: &Store, models: &State<Arc<ModelManager>>) -> ApiResult<Json<Value>> {
+async fn generate_mask(
+    user: User,
+    body: Data<'_>,
+    store: &Store,
+    models: &State<Arc<ModelManager>>,
+) -> ApiResult<Json<Value>> {
     let started = Instant::now();
-    let body = body
-        .open(64.kibibytes())
-        .into_bytes()
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading body: {e}")))?;
+    let body =
+        body.open(64.kibibytes()).into_bytes().await.map_err(|e| ApiError::Internal(format!("reading body: {e}")))?;
     if !body.is_complete() {
         return Err(InputError::MalformedJson("the body is larger than 64 KiB".into()).into());
     }
@@ -141,7 +132,9 @@ async fn generate_mask(user: User, body: Data<'_>, store: &Store, models: &State
     })
     .await?;
     let (bbox, model) = match bbox {
-        Some((r, model)) => (Some(json!({"x_min": r.x, "y_min": r.y, "x_max": r.x + r.w, "y_max": r.y + r.h})), Some(model)),
+        Some((r, model)) => {
+            (Some(json!({"x_min": r.x, "y_min": r.y, "x_max": r.x + r.w, "y_max": r.y + r.h})), Some(model))
+        }
         None => (None, None),
     };
     Ok(Json(json!({
@@ -229,10 +222,8 @@ impl<'r> rocket::response::Responder<'r, 'static> for Png {
         let mut response = (ContentType::PNG, self.bytes).respond_to(request)?;
         response.set_header(Header::new("Cache-Control", "no-store"));
         if self.attachment {
-            response.set_header(Header::new(
-                "Content-Disposition",
-                "attachment; filename=\"product_replaced_image.png\"",
-            ));
+            response
+                .set_header(Header::new("Content-Disposition", "attachment; filename=\"product_replaced_image.png\""));
         }
         Ok(response)
     }

@@ -38,10 +38,7 @@ impl<'r> FromRequest<'r> for User {
     type Error = ();
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
-        let session = request
-            .cookies()
-            .get_private(SESSION_COOKIE)
-            .and_then(|cookie| SessionId::parse(cookie.value()));
+        let session = request.cookies().get_private(SESSION_COOKIE).and_then(|cookie| SessionId::parse(cookie.value()));
         match session {
             Some(session) => Outcome::Success(User { session }),
             None => Outcome::Error((Status::Unauthorized, ())),

@@ -39,13 +39,7 @@ const BARE_ENV: &[&str] = &[
 ];
 
 /// Variables that mark a production deployment (seed 002).
-const PRODUCTION_MARKERS: &[&str] = &[
-    "RAILWAY_ENVIRONMENT",
-    "HEROKU_APP_NAME",
-    "RENDER",
-    "FLY_APP_NAME",
-    "PRODUCTION",
-];
+const PRODUCTION_MARKERS: &[&str] = &["RAILWAY_ENVIRONMENT", "HEROKU_APP_NAME", "RENDER", "FLY_APP_NAME", "PRODUCTION"];
 
 /// Everything Drishya reads from the figment (besides Rocket's own keys).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -124,12 +118,7 @@ impl AppConfig {
     /// Checks ranges and relations; the first problem found is returned. `production`
     /// names what marks this run as production, if anything.
     pub fn validate(&self, production: Option<&str>) -> Result<(), ConfigError> {
-        let invalid = |var, why: &str| {
-            Err(ConfigError::Invalid {
-                var,
-                why: why.to_string(),
-            })
-        };
+        let invalid = |var, why: &str| Err(ConfigError::Invalid { var, why: why.to_string() });
         if !(64..=8192).contains(&self.max_image_width) {
             return invalid("MAX_IMAGE_WIDTH", "must be between 64 and 8192");
         }
@@ -171,9 +160,7 @@ impl AppConfig {
         }
         if let Some(marker) = production {
             if self.app_password.is_none() {
-                return Err(ConfigError::DefaultPasswordInProduction {
-                    marker: marker.to_string(),
-                });
+                return Err(ConfigError::DefaultPasswordInProduction { marker: marker.to_string() });
             }
         }
         Ok(())
@@ -220,11 +207,7 @@ impl AppConfig {
 }
 
 fn split_list(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
+    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 fn is_writable_dir(dir: &Path) -> bool {
@@ -283,10 +266,8 @@ pub fn with_upload_limits(figment: Figment) -> Figment {
 /// Extracts and validates [`AppConfig`]; a failure aborts the launch with one line.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Drishya configuration", |rocket| async move {
-        let extracted = rocket
-            .figment()
-            .extract::<AppConfig>()
-            .map_err(|e| ConfigError::Extract(describe_figment_error(&e)));
+        let extracted =
+            rocket.figment().extract::<AppConfig>().map_err(|e| ConfigError::Extract(describe_figment_error(&e)));
         let production = production_marker(rocket.figment().profile().as_str().as_str());
         match extracted.and_then(|cfg| cfg.validate(production.as_deref()).map(|()| cfg)) {
             Ok(cfg) => {

@@ -187,12 +187,7 @@ pub fn download(req: &DownloadRequest) -> Result<u64, DownloadError> {
     let mut part = PartFile::create(req.dest, req.read_timeout)?;
     log_start(&url, req, announced);
     let started = Instant::now();
-    let transfer = Transfer {
-        url: &url,
-        max_bytes: req.max_bytes,
-        announced,
-        read_timeout: req.read_timeout,
-    };
+    let transfer = Transfer { url: &url, max_bytes: req.max_bytes, announced, read_timeout: req.read_timeout };
     let mut reader = response.into_body().into_reader();
     let copied = copy_body(&mut reader, &mut part, &transfer)?;
     verify_checksum(expected_sha256.as_deref(), &copied.sha256, &url)?;
@@ -267,14 +262,7 @@ impl<'a> UrlParts<'a> {
             Some(_) => rest.split_at(rest.find('/').unwrap_or(rest.len())),
             None => ("", rest),
         };
-        UrlParts {
-            scheme,
-            userinfo,
-            host_port,
-            path,
-            query,
-            fragment,
-        }
+        UrlParts { scheme, userinfo, host_port, path, query, fragment }
     }
 }
 
@@ -285,8 +273,7 @@ fn plausible_host_port(s: &str) -> bool {
     if let Some(bracketed) = s.strip_prefix('[') {
         return match bracketed.split_once(']') {
             Some((ip, rest)) => {
-                ip.chars()
-                    .all(|c| c.is_ascii_hexdigit() || ".:".contains(c))
+                ip.chars().all(|c| c.is_ascii_hexdigit() || ".:".contains(c))
                     && (rest.is_empty() || rest.strip_prefix(':').is_some_and(digits))
             }
             None => false,
@@ -312,10 +299,7 @@ fn split_off(s: &str, sep: char) -> (&str, Option<&str>) {
 
 /// Accepts only `http://` and `https://` URLs with a host and no whitespace.
 fn check_url(raw: &str, url: &str) -> Result<(), DownloadError> {
-    let bad = |reason: &str| DownloadError::BadUrl {
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let bad = |reason: &str| DownloadError::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
     if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad("it contains spaces or control characters"));
     }
@@ -341,9 +325,7 @@ fn normalise_sha256(value: &str) -> Result<String, DownloadError> {
     if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(hex)
     } else {
-        Err(DownloadError::InvalidSha256 {
-            value: value.to_owned(),
-        })
+        Err(DownloadError::InvalidSha256 { value: value.to_owned() })
     }
 }
 
@@ -365,16 +347,10 @@ fn build_agent(req: &DownloadRequest) -> ureq::Agent {
 
 /// Sends the GET and returns the response if its status is 200 OK.
 fn send_request(req: &DownloadRequest, url: &str) -> Result<Response, DownloadError> {
-    let response = build_agent(req)
-        .get(req.url)
-        .call()
-        .map_err(|e| request_error(e, url, req))?;
+    let response = build_agent(req).get(req.url).call().map_err(|e| request_error(e, url, req))?;
     let status = response.status().as_u16();
     if status != 200 {
-        return Err(DownloadError::HttpStatus {
-            url: url.to_owned(),
-            status,
-        });
+        return Err(DownloadError::HttpStatus { url: url.to_owned(), status });
     }
     Ok(response)
 }
@@ -386,49 +362,29 @@ type Response = ureq::http::Response<ureq::Body>;
 fn request_error(err: ureq::Error, url: &str, req: &DownloadRequest) -> DownloadError {
     let url = url.to_owned();
     match err {
-        ureq::Error::Timeout(which) => DownloadError::Timeout {
-            reason: timeout_reason(which, req),
-            url,
-        },
-        ureq::Error::Io(e) if is_timeout(&e) => DownloadError::Timeout {
-            reason: format!("no answer within {}", secs(req.read_timeout)),
-            url,
-        },
-        ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::RequireHttpsOnly(_) => {
-            DownloadError::BadUrl {
-                url,
-                reason: "it cannot be parsed".to_owned(),
-            }
+        ureq::Error::Timeout(which) => DownloadError::Timeout { reason: timeout_reason(which, req), url },
+        ureq::Error::Io(e) if is_timeout(&e) => {
+            DownloadError::Timeout { reason: format!("no answer within {}", secs(req.read_timeout)), url }
         }
-        ureq::Error::HostNotFound => DownloadError::Connect {
-            url,
-            reason: "the host name could not be resolved".to_owned(),
-        },
-        ureq::Error::Io(e) => DownloadError::Connect {
-            url,
-            reason: e.to_string(),
-        },
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::RequireHttpsOnly(_) => {
+            DownloadError::BadUrl { url, reason: "it cannot be parsed".to_owned() }
+        }
+        ureq::Error::HostNotFound => {
+            DownloadError::Connect { url, reason: "the host name could not be resolved".to_owned() }
+        }
+        ureq::Error::Io(e) => DownloadError::Connect { url, reason: e.to_string() },
         ureq::Error::ConnectionFailed
         | ureq::Error::Tls(_)
         | ureq::Error::ConnectProxyFailed(_)
-        | ureq::Error::InvalidProxyUrl => DownloadError::Connect {
-            url,
-            reason: err.to_string(),
-        },
-        other => DownloadError::Protocol {
-            url,
-            reason: other.to_string(),
-        },
+        | ureq::Error::InvalidProxyUrl => DownloadError::Connect { url, reason: err.to_string() },
+        other => DownloadError::Protocol { url, reason: other.to_string() },
     }
 }
 
 /// Describes which time-out of the request phase expired.
 fn timeout_reason(which: ureq::Timeout, req: &DownloadRequest) -> String {
     match which {
-        ureq::Timeout::Resolve => format!(
-            "resolving the host name took longer than {}",
-            secs(req.connect_timeout)
-        ),
+        ureq::Timeout::Resolve => format!("resolving the host name took longer than {}", secs(req.connect_timeout)),
         ureq::Timeout::Connect => format!("no connection within {}", secs(req.connect_timeout)),
         _ => format!("the server sent nothing for {}", secs(req.read_timeout)),
     }
@@ -436,18 +392,11 @@ fn timeout_reason(which: ureq::Timeout, req: &DownloadRequest) -> String {
 
 /// Whether an I/O error is a socket time-out.
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
+    matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
 }
 
 /// Refuses a model whose announced length exceeds the limit, before any body byte.
-fn check_announced_size(
-    announced: Option<u64>,
-    max_bytes: u64,
-    url: &str,
-) -> Result<(), DownloadError> {
+fn check_announced_size(announced: Option<u64>, max_bytes: u64, url: &str) -> Result<(), DownloadError> {
     match announced {
         Some(size) if size > max_bytes => Err(too_large(url, size, max_bytes, true)),
         _ => Ok(()),
@@ -456,12 +405,7 @@ fn check_announced_size(
 
 /// Builds [`DownloadError::TooLarge`] from byte counts.
 fn too_large(url: &str, size: u64, max_bytes: u64, size_known: bool) -> DownloadError {
-    DownloadError::TooLarge {
-        url: url.to_owned(),
-        size_mb: size.div_ceil(MB),
-        max_mb: max_bytes / MB,
-        size_known,
-    }
+    DownloadError::TooLarge { url: url.to_owned(), size_mb: size.div_ceil(MB), max_mb: max_bytes / MB, size_known }
 }
 
 /// The message of [`DownloadError::TooLarge`].
@@ -483,9 +427,7 @@ fn too_large_text(url: &str, size_mb: u64, max_mb: u64, size_known: bool) -> Str
 /// Hint appended to the message of [`DownloadError::HttpStatus`].
 fn status_hint(status: u16) -> &'static str {
     match status {
-        401 | 403 => {
-            " (access denied): check the access token in the URL, or that the file is public"
-        }
+        401 | 403 => " (access denied): check the access token in the URL, or that the file is public",
         404 | 410 => " (not found): check the model URL",
         429 => " (rate limited): retry later",
         300..=399 => " (unfollowed redirect): use the final URL of the file",
@@ -525,11 +467,7 @@ struct Copied {
 
 /// Streams `reader` into `part` through one fixed buffer, hashing as it goes and
 /// enforcing the size limit and the announced length.
-fn copy_body(
-    reader: &mut impl Read,
-    part: &mut PartFile,
-    t: &Transfer,
-) -> Result<Copied, DownloadError> {
+fn copy_body(reader: &mut impl Read, part: &mut PartFile, t: &Transfer) -> Result<Copied, DownloadError> {
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut hasher = Sha256::new();
     let mut progress = Progress::new(part.dest_name.clone(), t.announced);
@@ -552,15 +490,10 @@ fn copy_body(
         progress.advance(got);
     }
     match t.announced {
-        Some(expected) if got != expected => Err(DownloadError::Truncated {
-            url: t.url.to_owned(),
-            got,
-            expected: Some(expected),
-        }),
-        _ => Ok(Copied {
-            bytes: got,
-            sha256: to_hex(&hasher.finalize()),
-        }),
+        Some(expected) if got != expected => {
+            Err(DownloadError::Truncated { url: t.url.to_owned(), got, expected: Some(expected) })
+        }
+        _ => Ok(Copied { bytes: got, sha256: to_hex(&hasher.finalize()) }),
     }
 }
 
@@ -569,10 +502,7 @@ fn body_error(err: io::Error, got: u64, t: &Transfer) -> DownloadError {
     let url = t.url.to_owned();
     let stalled = || DownloadError::Timeout {
         url: t.url.to_owned(),
-        reason: format!(
-            "the server sent nothing for {} after {got} bytes",
-            secs(t.read_timeout)
-        ),
+        reason: format!("the server sent nothing for {} after {got} bytes", secs(t.read_timeout)),
     };
     match ureq::Error::from(err) {
         ureq::Error::Timeout(_) => stalled(),
@@ -580,21 +510,12 @@ fn body_error(err: io::Error, got: u64, t: &Transfer) -> DownloadError {
         ureq::Error::Io(e)
             if matches!(
                 e.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
             ) =>
         {
-            DownloadError::Truncated {
-                url,
-                got,
-                expected: t.announced,
-            }
+            DownloadError::Truncated { url, got, expected: t.announced }
         }
-        other => DownloadError::Protocol {
-            url,
-            reason: format!("error after {got} bytes: {other}"),
-        },
+        other => DownloadError::Protocol { url, reason: format!("error after {got} bytes: {other}") },
     }
 }
 
@@ -618,11 +539,7 @@ fn to_hex(bytes: &[u8]) -> String {
 /// Logs the start of a transfer.
 fn log_start(url: &str, req: &DownloadRequest, announced: Option<u64>) {
     let size = announced.map_or_else(|| "size not announced".to_owned(), mb);
-    log::info!(
-        "downloading model from {url} to {} ({size}, limit {})",
-        req.dest.display(),
-        mb(req.max_bytes)
-    );
+    log::info!("downloading model from {url} to {} ({size}, limit {})", req.dest.display(), mb(req.max_bytes));
 }
 
 /// Logs a completed transfer with its rate and SHA-256 (handy for pinning it).
@@ -649,12 +566,7 @@ impl Progress {
     /// Progress of the download to the file called `name`, `total` bytes if known.
     fn new(name: String, total: Option<u64>) -> Self {
         let step = total.map_or(UNKNOWN_LENGTH_LOG_STEP, |t| (t / 10).max(1));
-        Progress {
-            name,
-            total,
-            step,
-            next: step,
-        }
+        Progress { name, total, step, next: step }
     }
 
     /// Records that `got` bytes have arrived, logging when a mark is passed.
@@ -666,12 +578,7 @@ impl Progress {
         match self.total {
             Some(total) => {
                 let pct = u128::from(got) * 100 / u128::from(total.max(1));
-                log::info!(
-                    "model download {}: {pct}% ({} of {})",
-                    self.name,
-                    mb(got),
-                    mb(total)
-                );
+                log::info!("model download {}: {pct}% ({} of {})", self.name, mb(got), mb(total));
             }
             None => log::info!("model download {}: {} so far", self.name, mb(got)),
         }
@@ -692,46 +599,29 @@ impl PartFile {
     fn create(dest: &Path, read_timeout: Duration) -> Result<Self, DownloadError> {
         let dest_name = dest
             .file_name()
-            .ok_or_else(|| {
-                io_error(
-                    "use as a file name",
-                    dest,
-                    io::ErrorKind::InvalidInput.into(),
-                )
-            })?
+            .ok_or_else(|| io_error("use as a file name", dest, io::ErrorKind::InvalidInput.into()))?
             .to_string_lossy()
             .into_owned();
         let dir = parent_dir(dest);
         fs::create_dir_all(&dir).map_err(|e| io_error("create the folder", &dir, e))?;
         remove_stale_parts(&dir, &dest_name, STALE_PART_AGE.max(read_timeout * 2));
         let (path, file) = create_unique(&dir, &dest_name)?;
-        Ok(PartFile {
-            path,
-            file: Some(file),
-            dest_name,
-        })
+        Ok(PartFile { path, file: Some(file), dest_name })
     }
 
     /// Appends `chunk` to the file.
     fn write_all(&mut self, chunk: &[u8]) -> Result<(), DownloadError> {
         let path = &self.path;
         match self.file.as_mut() {
-            Some(file) => file
-                .write_all(chunk)
-                .map_err(|e| io_error("write to", path, e)),
-            None => Err(io_error(
-                "write to",
-                path,
-                io::ErrorKind::NotConnected.into(),
-            )),
+            Some(file) => file.write_all(chunk).map_err(|e| io_error("write to", path, e)),
+            None => Err(io_error("write to", path, io::ErrorKind::NotConnected.into())),
         }
     }
 
     /// Flushes the file to disk and renames it to `dest`, replacing any old file.
     fn commit(mut self, dest: &Path) -> Result<(), DownloadError> {
         if let Some(file) = self.file.take() {
-            file.sync_all()
-                .map_err(|e| io_error("flush to disk", &self.path, e))?;
+            file.sync_all().map_err(|e| io_error("flush to disk", &self.path, e))?;
         }
         fs::rename(&self.path, dest).map_err(|e| io_error("rename the download to", dest, e))?;
         self.path = PathBuf::new();
@@ -747,10 +637,7 @@ impl Drop for PartFile {
             return;
         }
         if let Err(e) = fs::remove_file(&self.path) {
-            log::warn!(
-                "could not remove the incomplete download {}: {e}",
-                self.path.display()
-            );
+            log::warn!("could not remove the incomplete download {}: {e}", self.path.display());
         }
     }
 }
@@ -766,16 +653,11 @@ fn parent_dir(dest: &Path) -> PathBuf {
 /// Creates `<dir>/<name>.part-<pid>-<time>-<counter>` exclusively.
 fn create_unique(dir: &Path, name: &str) -> Result<(PathBuf, File), DownloadError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut last_err = io::ErrorKind::AlreadyExists.into();
     for _ in 0..16 {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(
-            "{name}{PART_MARKER}{}-{nanos:x}-{n}",
-            std::process::id()
-        ));
+        let path = dir.join(format!("{name}{PART_MARKER}{}-{nanos:x}-{n}", std::process::id()));
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(file) => return Ok((path, file)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = e,
@@ -797,19 +679,12 @@ fn remove_stale_parts(dir: &Path, name: &str, min_age: Duration) {
         if !entry.file_name().to_string_lossy().starts_with(&prefix) {
             continue;
         }
-        let age = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok());
+        let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
         if age.is_some_and(|a| a > min_age) {
             let path = entry.path();
             match fs::remove_file(&path) {
                 Ok(()) => log::info!("removed stale incomplete download {}", path.display()),
-                Err(e) => log::warn!(
-                    "could not remove stale incomplete download {}: {e}",
-                    path.display()
-                ),
+                Err(e) => log::warn!("could not remove stale incomplete download {}: {e}", path.display()),
             }
         }
     }
@@ -824,11 +699,7 @@ fn sync_dir(dir: &Path) {
 
 /// Builds [`DownloadError::Io`].
 fn io_error(action: &'static str, path: &Path, source: io::Error) -> DownloadError {
-    DownloadError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    DownloadError::Io { action, path: path.to_path_buf(), source }
 }
 
 #[cfg(test)]
@@ -841,10 +712,7 @@ mod tests {
             redact_url("https://user:pw@example.com:8443/a/m.onnx?sig=abc&x=1#frag"),
             "https://***@example.com:8443/a/m.onnx?***#***"
         );
-        assert_eq!(
-            redact_url("http://example.com/m.onnx"),
-            "http://example.com/m.onnx"
-        );
+        assert_eq!(redact_url("http://example.com/m.onnx"), "http://example.com/m.onnx");
         assert_eq!(redact_url("http://h?tok=1"), "http://h?***");
         assert_eq!(redact_url("http://u@h/p@q"), "http://***@q");
         assert_eq!(redact_url("http://[::1]:8080/m"), "http://[::1]:8080/m");
@@ -872,10 +740,7 @@ mod tests {
             "http://:80/x",
             "http://h/a b",
         ] {
-            assert!(
-                matches!(check_url(bad, bad), Err(DownloadError::BadUrl { .. })),
-                "{bad}"
-            );
+            assert!(matches!(check_url(bad, bad), Err(DownloadError::BadUrl { .. })), "{bad}");
         }
     }
 
@@ -893,17 +758,9 @@ mod tests {
         let msg = e.to_string();
         assert!(e.is_too_large());
         assert!(msg.contains("1003 MB") && msg.contains("350 MB"), "{msg}");
-        assert!(
-            msg.contains("quantize")
-                && msg.contains("smaller model")
-                && msg.contains("MAX_MODEL_MB"),
-            "{msg}"
-        );
+        assert!(msg.contains("quantize") && msg.contains("smaller model") && msg.contains("MAX_MODEL_MB"), "{msg}");
         let streamed = too_large("http://h/m", 350 * MB + 1, 350 * MB, false).to_string();
-        assert!(
-            streamed.contains("over the 350 MB limit (its size was not announced"),
-            "{streamed}"
-        );
+        assert!(streamed.contains("over the 350 MB limit (its size was not announced"), "{streamed}");
     }
 
     #[test]

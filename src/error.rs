@@ -33,10 +33,7 @@ pub enum InputError {
 
 impl InputError {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        InputError::InvalidField {
-            field,
-            reason: reason.into(),
-        }
+        InputError::InvalidField { field, reason: reason.into() }
     }
 }
 

@@ -33,7 +33,12 @@ fn disk_usage_percent(dir: &Path) -> Option<f64> {
 }
 
 #[get("/health")]
-fn health(cfg: &State<AppConfig>, store: &State<Arc<TempStore>>, models: &State<Arc<ModelManager>>, rocket_cfg: &rocket::Config) -> Json<Value> {
+fn health(
+    cfg: &State<AppConfig>,
+    store: &State<Arc<TempStore>>,
+    models: &State<Arc<ModelManager>>,
+    rocket_cfg: &rocket::Config,
+) -> Json<Value> {
     let (total, available) = sysmem::container_memory();
     let (rss, peak) = sysmem::process_rss();
     let model = models.status();

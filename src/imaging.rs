@@ -60,11 +60,7 @@ pub fn decode_scene(bytes: &[u8], max_width: u32) -> Result<Scene, ImageError> {
     let (original_width, original_height) = (image.width(), image.height());
     let rgb = flatten_over_white(image);
     let image = downscale_to_width(rgb, max_width)?;
-    Ok(Scene {
-        image,
-        original_width,
-        original_height,
-    })
+    Ok(Scene { image, original_width, original_height })
 }
 
 /// Decodes a product image, keeping its alpha; very large products are downscaled.
@@ -86,9 +82,7 @@ fn decode_oriented(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| ImageError::Unsupported)?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|_| ImageError::Unsupported)?;
     let format = match reader.format() {
         Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) => f,
         _ => return Err(ImageError::Unsupported),
@@ -138,22 +132,14 @@ fn check_dimensions(width: u32, height: u32) -> Result<(), ImageError> {
 }
 
 fn too_many_pixels(width: u32, height: u32) -> ImageError {
-    ImageError::TooManyPixels {
-        width,
-        height,
-        max_mp: MAX_PIXELS / 1_000_000,
-        max_side: MAX_SIDE,
-    }
+    ImageError::TooManyPixels { width, height, max_mp: MAX_PIXELS / 1_000_000, max_side: MAX_SIDE }
 }
 
 fn classify(error: image::ImageError, format: &'static str) -> ImageError {
     match error {
-        image::ImageError::Limits(_) => ImageError::TooManyPixels {
-            width: 0,
-            height: 0,
-            max_mp: MAX_PIXELS / 1_000_000,
-            max_side: MAX_SIDE,
-        },
+        image::ImageError::Limits(_) => {
+            ImageError::TooManyPixels { width: 0, height: 0, max_mp: MAX_PIXELS / 1_000_000, max_side: MAX_SIDE }
+        }
         image::ImageError::Unsupported(_) => ImageError::Unsupported,
         _ => ImageError::Corrupt { format },
     }
@@ -184,7 +170,8 @@ pub fn downscale_to_width(image: RgbImage, max_width: u32) -> Result<RgbImage, I
     if width <= max_width {
         return Ok(image);
     }
-    let new_height = ((u64::from(height) * u64::from(max_width) + u64::from(width) / 2) / u64::from(width)).max(1) as u32;
+    let new_height =
+        ((u64::from(height) * u64::from(max_width) + u64::from(width) / 2) / u64::from(width)).max(1) as u32;
     let raw = area_resize(width, height, image.into_raw(), (max_width, new_height), PixelType::U8x3)?;
     RgbImage::from_raw(max_width, new_height, raw).ok_or_else(|| ImageError::Processing("resize buffer size".into()))
 }
@@ -194,9 +181,7 @@ fn area_resize(width: u32, height: u32, raw: Vec<u8>, to: (u32, u32), pixel: Pix
     let src = FrImage::from_vec_u8(width, height, raw, pixel).map_err(|e| ImageError::Processing(e.to_string()))?;
     let mut dst = FrImage::new(to.0, to.1, pixel);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Box));
-    Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .map_err(|e| ImageError::Processing(e.to_string()))?;
+    Resizer::new().resize(&src, &mut dst, &options).map_err(|e| ImageError::Processing(e.to_string()))?;
     Ok(dst.into_vec())
 }
 
@@ -260,7 +245,11 @@ fn is_edge(mask: &GrayImage, x: u32, y: u32) -> bool {
     let outside = |dx: i64, dy: i64| {
         let nx = i64::from(x) + dx;
         let ny = i64::from(y) + dy;
-        nx < 0 || ny < 0 || nx >= i64::from(width) || ny >= i64::from(height) || mask.get_pixel(nx as u32, ny as u32)[0] < 128
+        nx < 0
+            || ny < 0
+            || nx >= i64::from(width)
+            || ny >= i64::from(height)
+            || mask.get_pixel(nx as u32, ny as u32)[0] < 128
     };
     outside(-1, 0) || outside(1, 0) || outside(0, -1) || outside(0, 1)
 }

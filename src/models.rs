@@ -40,19 +40,11 @@ pub enum LoadError {
         "{location}: needs about {need_mb} MB but only {available_mb} MB is left under {budget}; \
          pick a smaller model or give the process more memory"
     )]
-    NotEnoughMemory {
-        location: String,
-        need_mb: u64,
-        available_mb: u64,
-        budget: BudgetSource,
-    },
+    NotEnoughMemory { location: String, need_mb: u64, available_mb: u64, budget: BudgetSource },
     #[error("{location}: {detail}")]
     WrongKind { location: String, detail: String },
     #[error("{location}: download failed: {source}")]
-    Download {
-        location: String,
-        source: download::DownloadError,
-    },
+    Download { location: String, source: download::DownloadError },
     #[error("{location}: could not be loaded: {detail}")]
     Invalid { location: String, detail: String },
 }
@@ -166,11 +158,7 @@ impl ModelManager {
             loads: 0,
             idle_unload_secs: settings.idle_unload.map(|d| d.as_secs()),
         };
-        let slot = if none {
-            Slot::Ready(Arc::new(BoxSegmenter::default()))
-        } else {
-            Slot::Empty
-        };
+        let slot = if none { Slot::Ready(Arc::new(BoxSegmenter::default())) } else { Slot::Empty };
         ModelManager {
             admission: Arc::new(Semaphore::new(settings.concurrency + settings.queue)),
             running: Arc::new(Semaphore::new(settings.concurrency)),
@@ -195,10 +183,17 @@ impl ModelManager {
 
     /// Segments `prompt` on `image`: admission (503 when the queue is full), the model
     /// (loaded on first use), then one of `concurrency` inference slots.
-    pub async fn segment(&self, image: Arc<RgbImage>, image_key: String, prompt: BoxPrompt) -> Result<MaskOutcome, SegmentError> {
-        let _admitted = self.admission.clone().try_acquire_owned().map_err(|_| SegmentError::Busy {
-            retry_after: self.retry_hint(),
-        })?;
+    pub async fn segment(
+        &self,
+        image: Arc<RgbImage>,
+        image_key: String,
+        prompt: BoxPrompt,
+    ) -> Result<MaskOutcome, SegmentError> {
+        let _admitted = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SegmentError::Busy { retry_after: self.retry_hint() })?;
         let segmenter = self.segmenter().await?;
         let _running = self
             .running
@@ -208,11 +203,9 @@ impl ModelManager {
             .map_err(|_| SegmentError::Unavailable("the service is shutting down".into()))?;
         let model = segmenter.info().clone();
         let mask = spawn_blocking(move || {
-            segmenter.segment(&SegmentRequest {
-                image: &image,
-                image_key: &image_key,
-                prompt,
-            })
+            let mask = segmenter.segment(&SegmentRequest { image: &image, image_key: &image_key, prompt });
+            sysmem::release_free_memory();
+            mask
         })
         .await
         .map_err(|e| SegmentError::Inference(format!("inference task failed: {e}")))??;
@@ -247,7 +240,12 @@ impl ModelManager {
             loads.fetch_add(1, Ordering::Relaxed);
             set_state(&status, LoadState::Loading, None);
             let started = Instant::now();
-            let chain = spawn_blocking(move || load_chain(&settings)).await;
+            let chain = spawn_blocking(move || {
+                let chain = load_chain(&settings);
+                sysmem::release_free_memory();
+                chain
+            })
+            .await;
             let result = match chain {
                 Ok(result) => result,
                 Err(e) => ChainResult {
@@ -263,8 +261,7 @@ impl ModelManager {
             drop(slot);
             outcome
         });
-        task.await
-            .map_err(|e| SegmentError::Unavailable(format!("model loader failed: {e}")))?
+        task.await.map_err(|e| SegmentError::Unavailable(format!("model loader failed: {e}")))?
     }
 
     /// Drops the model if it has been idle for longer than `MODEL_IDLE_UNLOAD_SECS`.
@@ -298,7 +295,12 @@ fn set_state(status: &Mutex<ModelStatus>, state: LoadState, error: Option<String
 
 /// Puts the chain's result into the slot and the status; returns what the waiting
 /// request gets.
-fn settle(slot: &mut Slot, result: ChainResult, status: &Mutex<ModelStatus>, started: Instant) -> Result<Arc<dyn Segmenter>, SegmentError> {
+fn settle(
+    slot: &mut Slot,
+    result: ChainResult,
+    status: &Mutex<ModelStatus>,
+    started: Instant,
+) -> Result<Arc<dyn Segmenter>, SegmentError> {
     let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
     s.skipped = result.skipped.clone();
     match result.loaded {
@@ -320,10 +322,7 @@ fn settle(slot: &mut Slot, result: ChainResult, status: &Mutex<ModelStatus>, sta
             s.state = LoadState::Failed;
             s.error = Some(reason.clone());
             log::error!("no segmentation model could be loaded: {reason}");
-            *slot = Slot::Failed {
-                at: Instant::now(),
-                reason: reason.clone(),
-            };
+            *slot = Slot::Failed { at: Instant::now(), reason: reason.clone() };
             Err(SegmentError::Unavailable(reason))
         }
     }
@@ -352,28 +351,15 @@ fn load_chain(settings: &ModelSettings) -> ChainResult {
     for (i, location) in settings.locations.iter().enumerate() {
         let checksum = settings.checksums.get(i).cloned().flatten();
         match load_one(settings, location, checksum.as_deref()) {
-            Ok(segmenter) => {
-                return ChainResult {
-                    loaded: Some(segmenter),
-                    skipped,
-                    fallback_to_box: false,
-                }
-            }
+            Ok(segmenter) => return ChainResult { loaded: Some(segmenter), skipped, fallback_to_box: false },
             Err(e) => {
                 log::warn!("model skipped: {e}");
-                skipped.push(Skipped {
-                    location: redact(location),
-                    reason: e.to_string(),
-                });
+                skipped.push(Skipped { location: redact(location), reason: e.to_string() });
             }
         }
     }
     let fallback = settings.box_fallback.then(|| Arc::new(BoxSegmenter::default()) as Arc<dyn Segmenter>);
-    ChainResult {
-        fallback_to_box: fallback.is_some(),
-        loaded: fallback,
-        skipped,
-    }
+    ChainResult { fallback_to_box: fallback.is_some(), loaded: fallback, skipped }
 }
 
 /// A model on disk, before loading.
@@ -433,10 +419,7 @@ fn verify_sam_folder(candidate: &Candidate) -> Result<(), LoadError> {
                 GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),
                 other => format!("{file} is a {other:?}, not the expected {expected:?}"),
             };
-            return Err(LoadError::WrongKind {
-                location: candidate.location.clone(),
-                detail,
-            });
+            return Err(LoadError::WrongKind { location: candidate.location.clone(), detail });
         }
     }
     Ok(())
@@ -453,9 +436,7 @@ fn locate(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> R
         return fetch(settings, location, checksum);
     }
     let path = PathBuf::from(location);
-    let not_found = || LoadError::NotFound {
-        location: location.to_string(),
-    };
+    let not_found = || LoadError::NotFound { location: location.to_string() };
     if path.is_dir() {
         let parts = [path.join("encoder.onnx"), path.join("decoder.onnx")];
         let bytes = parts
@@ -463,22 +444,10 @@ fn locate(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> R
             .map(|p| std::fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len()))
             .sum::<Option<u64>>()
             .ok_or_else(not_found)?;
-        return Ok(Candidate {
-            location: location.to_string(),
-            path,
-            sam: true,
-            bytes,
-            downloaded: false,
-        });
+        return Ok(Candidate { location: location.to_string(), path, sam: true, bytes, downloaded: false });
     }
     let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file()).ok_or_else(not_found)?;
-    Ok(Candidate {
-        location: location.to_string(),
-        path,
-        sam: false,
-        bytes: meta.len(),
-        downloaded: false,
-    })
+    Ok(Candidate { location: location.to_string(), path, sam: false, bytes: meta.len(), downloaded: false })
 }
 
 fn fetch(settings: &ModelSettings, url: &str, checksum: Option<&str>) -> Result<Candidate, LoadError> {
@@ -494,19 +463,10 @@ fn fetch(settings: &ModelSettings, url: &str, checksum: Option<&str>) -> Result<
             connect_timeout: Duration::from_secs(20),
             read_timeout: settings.download_timeout,
         })
-        .map_err(|source| LoadError::Download {
-            location: location.clone(),
-            source,
-        })?;
+        .map_err(|source| LoadError::Download { location: location.clone(), source })?;
     }
     let bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    Ok(Candidate {
-        location,
-        path: dest,
-        sam: false,
-        bytes,
-        downloaded: true,
-    })
+    Ok(Candidate { location, path: dest, sam: false, bytes, downloaded: true })
 }
 
 /// A cache file name derived from the URL (never from its query), unique per URL.
@@ -556,12 +516,7 @@ fn check_memory(settings: &ModelSettings, candidate: &Candidate) -> Result<(), L
     if need_mb <= available_mb {
         return Ok(());
     }
-    Err(LoadError::NotEnoughMemory {
-        location: candidate.location.clone(),
-        need_mb,
-        available_mb,
-        budget: source,
-    })
+    Err(LoadError::NotEnoughMemory { location: candidate.location.clone(), need_mb, available_mb, budget: source })
 }
 
 /// A location safe to show: URLs lose their userinfo and query (they may hold tokens).

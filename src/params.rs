@@ -55,10 +55,7 @@ pub fn parse_settings(fields: &ReplaceFields<'_>) -> Result<Settings, InputError
         scale_factor,
         use_blending,
         feather_amount: feather.round() as u32,
-        grading: grading_on.then_some(Grading {
-            target,
-            strength: strength / 100.0,
-        }),
+        grading: grading_on.then_some(Grading { target, strength: strength / 100.0 }),
     })
 }
 
@@ -91,10 +88,9 @@ fn grading_target(value: Option<&str>) -> Result<GradeTarget, InputError> {
     match present(value) {
         None | Some("Match Target Area") => Ok(GradeTarget::MaskedArea),
         Some("Match Entire Image") => Ok(GradeTarget::WholeImage),
-        Some(_) => Err(InputError::invalid(
-            "grading_method",
-            "must be \"Match Target Area\" or \"Match Entire Image\"",
-        )),
+        Some(_) => {
+            Err(InputError::invalid("grading_method", "must be \"Match Target Area\" or \"Match Entire Image\""))
+        }
     }
 }
 

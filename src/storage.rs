@@ -196,11 +196,8 @@ impl TempStore {
             io::ErrorKind::NotFound => StorageError::NotFound(artefact),
             _ => StorageError::Io(e),
         })?;
-        let stamp = meta
-            .modified()
-            .ok()
-            .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .unwrap_or_default();
+        let stamp =
+            meta.modified().ok().and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok()).unwrap_or_default();
         Ok(format!("{}:{}:{}", session.as_str(), stamp.as_nanos(), meta.len()))
     }
 
@@ -224,10 +221,7 @@ impl TempStore {
             let _ = fs::remove_file(&probe);
             ok
         };
-        DirHealth {
-            temp_dir_exists: exists,
-            temp_dir_writable: writable,
-        }
+        DirHealth { temp_dir_exists: exists, temp_dir_writable: writable }
     }
 
     /// Removes sessions idle for longer than the TTL, then the least recently used
@@ -288,11 +282,7 @@ fn session_usage(dir: &Path) -> Option<SessionUsage> {
             }
         }
     }
-    Some(SessionUsage {
-        dir: dir.to_path_buf(),
-        last_used,
-        bytes,
-    })
+    Some(SessionUsage { dir: dir.to_path_buf(), last_used, bytes })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -326,15 +316,16 @@ pub fn stage() -> AdHoc {
         let ttl = Duration::from_secs(cfg.temp_ttl_secs);
         let max_bytes = cfg.temp_max_mb * 1024 * 1024;
         log::info!("temporary files under {}", root.display());
-        rocket
-            .manage(std::sync::Arc::new(TempStore::new(root, ttl, max_bytes)))
-            .attach(AdHoc::on_liftoff("Temporary file sweep", |rocket| {
+        rocket.manage(std::sync::Arc::new(TempStore::new(root, ttl, max_bytes))).attach(AdHoc::on_liftoff(
+            "Temporary file sweep",
+            |rocket| {
                 Box::pin(async move {
                     if let Some(store) = rocket.state::<std::sync::Arc<TempStore>>().cloned() {
                         rocket::tokio::spawn(sweep_forever(store));
                     }
                 })
-            }))
+            },
+        ))
     })
 }
 

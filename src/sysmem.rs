@@ -10,6 +10,26 @@ const MIB: u64 = 1024 * 1024;
 /// v1 reports "no limit" as a huge number (page-aligned i64::MAX).
 const UNLIMITED_THRESHOLD: u64 = 1 << 60;
 
+/// glibc gives each thread its own malloc arena; with tokio's blocking pool that
+/// multiplies the peak (measured: 317-431 MB vs 238 MB with one arena on U²-Net-p).
+/// Call once at start, before threads exist.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Returns freed heap memory to the OS after large work (inference, compositing).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim is thread-safe and only releases free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resident and peak resident memory of this process, in bytes (from /proc/self/status).
 pub fn process_rss() -> (u64, u64) {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -81,7 +81,7 @@ function initApp() {
   const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
   const fmtInt = (n) => Math.round(n).toLocaleString('en-US');
   const fmtBytes = (n) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MB` : `${Math.max(1, Math.round(n / 1024))} KB`);
-  const fmtMs = (ms) => (ms >= 1000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`);
+  const fmtMs = (ms) => (ms >= 1000 ? `${(ms / 1000).toFixed(1)}\u00a0s` : `${Math.round(ms)}\u00a0ms`);
 
   function revoke(url) {
     if (url && url.startsWith('blob:')) URL.revokeObjectURL(url);
@@ -167,8 +167,17 @@ function initApp() {
 
   const MODEL_STATE_LABEL = {
     ready: 'ready', loading: 'loading…', not_loaded: 'loads on first use',
-    failed: 'unavailable', none: 'no model',
+    unloaded: 'unloaded (reloads on use)', failed: 'unavailable', none: 'no model',
   };
+
+  const baseName = (location) => String(location || '').split(/[\\/]/).pop().replace(/\.onnx$/i, '');
+
+  /** The model's name, or before it is loaded the first configured file's. */
+  function modelName(model) {
+    if (model.name) return model.name;
+    const configured = Array.isArray(model.configured) ? model.configured : [];
+    return configured.length ? baseName(configured[0]) : 'model';
+  }
 
   function modelState(health) {
     const model = (health && health.model) || {};
@@ -182,7 +191,7 @@ function initApp() {
     const st = modelState(health);
     const fallback = Boolean(model.fallback_to_box);
     const unusable = st === 'failed' || st === 'none';
-    const name = model.name || 'model';
+    const name = modelName(model);
     el.modelDot.className = `dot dot-${st}`;
     el.modelText.textContent = unusable && fallback
       ? 'Box fallback'
@@ -191,12 +200,16 @@ function initApp() {
       ? 'No segmentation model: the box itself is used as the mask'
       : `Segmentation model ${name}: ${MODEL_STATE_LABEL[st] || st}`;
 
+    const configured = Array.isArray(model.configured) ? model.configured.map(baseName) : [];
     const rows = [
-      ['Model', model.name ? `${model.name}${model.kind ? ` (${model.kind})` : ''}` : 'none'],
-      ['File size', model.file_size_mb != null ? `${Number(model.file_size_mb).toFixed(1)} MB` : '—'],
+      ['Model', st === 'none' ? 'none' : `${name}${model.kind ? ` (${model.kind})` : ''}`],
       ['State', MODEL_STATE_LABEL[st] || st],
-      ['Box fallback', fallback ? 'on: without a model the box is the mask' : 'off'],
     ];
+    if (model.file_size_mb != null) rows.push(['File size', `${Number(model.file_size_mb).toFixed(1)} MB`]);
+    if (model.load_seconds != null) rows.push(['Load time', `${Number(model.load_seconds).toFixed(1)} s`]);
+    if (configured.length > 1) rows.push(['Fallback chain', configured.join(' → ')]);
+    rows.push(['Box fallback', fallback ? 'on: without a model the box is the mask' : 'off']);
+    for (const skip of model.skipped || []) rows.push(['Skipped', `${baseName(skip.location)}: ${skip.reason}`]);
     if (model.error) rows.push(['Error', model.error]);
     if (health.version) rows.push(['Server', `v${health.version}`]);
     const dl = document.createElement('dl');
@@ -622,6 +635,7 @@ function initApp() {
     const fallback = health && health.model && health.model.fallback_to_box;
     if (st === 'ready') return 'Segmenting…';
     if (st === 'failed' || st === 'none') return fallback ? 'No model available: using the box as the mask…' : 'Segmenting…';
+    if (st === 'unloaded') return 'Loading model…';
     return 'Loading model (first use)…';
   }
 
@@ -649,7 +663,7 @@ function initApp() {
     const health = await refreshHealth();
     const text = busyTextForModel(health);
     startBusy(text, { timer: true });
-    const stopWatch = text.startsWith('Loading') ? watchModelLoad() : () => {};
+    const stopWatch = text.startsWith('Loading model') ? watchModelLoad() : () => {};
     try {
       const res = await Api.generateMask(box, { onBusy: onServerBusy });
       const url = await Api.maskUrl();

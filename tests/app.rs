@@ -25,9 +25,13 @@ fn product_png() -> Vec<u8> {
     drishya::imaging::encode_png(&product).unwrap()
 }
 
-fn replace<'c>(client: &'c rocket::local::blocking::Client, extra: &[Part<'_>]) -> rocket::local::blocking::LocalResponse<'c> {
+fn replace<'c>(
+    client: &'c rocket::local::blocking::Client,
+    extra: &[Part<'_>],
+) -> rocket::local::blocking::LocalResponse<'c> {
     let product = product_png();
-    let mut parts = vec![Part::File { name: "product_image", filename: "bottle.png", content_type: "image/png", bytes: &product }];
+    let mut parts =
+        vec![Part::File { name: "product_image", filename: "bottle.png", content_type: "image/png", bytes: &product }];
     for p in extra {
         parts.push(match p {
             Part::Text(n, v) => Part::Text(n, v),
@@ -69,7 +73,11 @@ fn whole_flow_on_coffee_with_real_u2netp() {
     let overlay = client.get("/get_mask_visualization").dispatch();
     assert_eq!(overlay.status(), Status::Ok);
     let overlay = decode(&overlay.into_bytes().unwrap()).to_rgb8();
-    assert_ne!(overlay.get_pixel(CUP_CENTRE.0, CUP_CENTRE.1), working.get_pixel(CUP_CENTRE.0, CUP_CENTRE.1), "cup centre is masked");
+    assert_ne!(
+        overlay.get_pixel(CUP_CENTRE.0, CUP_CENTRE.1),
+        working.get_pixel(CUP_CENTRE.0, CUP_CENTRE.1),
+        "cup centre is masked"
+    );
     assert_eq!(overlay.get_pixel(5, 395), working.get_pixel(5, 395), "far corner is not");
 
     let replaced = replace(client, &[Part::Text("scale_factor", "1.0"), Part::Text("feather_amount", "8")]);
@@ -83,7 +91,12 @@ fn whole_flow_on_coffee_with_real_u2netp() {
     let result = decode(&download.into_bytes().unwrap()).to_rgb8();
     assert_eq!(result.dimensions(), working.dimensions());
 
-    let bx = [bbox["x_min"].as_u64().unwrap() as u32, bbox["y_min"].as_u64().unwrap() as u32, bbox["x_max"].as_u64().unwrap() as u32, bbox["y_max"].as_u64().unwrap() as u32];
+    let bx = [
+        bbox["x_min"].as_u64().unwrap() as u32,
+        bbox["y_min"].as_u64().unwrap() as u32,
+        bbox["x_max"].as_u64().unwrap() as u32,
+        bbox["y_max"].as_u64().unwrap() as u32,
+    ];
     let mut changed_inside = 0;
     for (x, y, p) in result.enumerate_pixels() {
         let inside = x >= bx[0] && x < bx[2] && y >= bx[1] && y < bx[3];
@@ -227,7 +240,8 @@ fn bad_requests_get_json_errors_that_say_what_is_wrong() {
     assert_eq!(upload(client, "coffee.png", &coffee()).status(), Status::Ok);
     let malformed = client.post("/generate_mask").header(ContentType::JSON).body("{\"x_min\": 1,").dispatch();
     assert!(expect_error(malformed, Status::BadRequest).contains("JSON"));
-    let missing = client.post("/generate_mask").header(ContentType::JSON).body(r#"{"x_min":1,"y_min":2,"x_max":3}"#).dispatch();
+    let missing =
+        client.post("/generate_mask").header(ContentType::JSON).body(r#"{"x_min":1,"y_min":2,"x_max":3}"#).dispatch();
     assert!(expect_error(missing, Status::BadRequest).contains("y_max"));
     assert!(expect_error(generate_mask(client, [700, 500, 900, 600]), Status::BadRequest).contains("box"));
     assert!(expect_error(generate_mask(client, [100, 100, 100, 200]), Status::BadRequest).contains("box"));

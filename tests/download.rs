@@ -37,7 +37,9 @@ impl Reply {
     /// 200 OK with a `Content-Length` of `announced` and `body` as the body.
     fn ok_announcing(announced: usize, body: &[u8]) -> Self {
         Reply {
-            head: Some(format!("HTTP/1.1 200 OK\r\nContent-Length: {announced}\r\nContent-Type: application/octet-stream")),
+            head: Some(format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {announced}\r\nContent-Type: application/octet-stream"
+            )),
             body: body.to_vec(),
             ..Reply::default()
         }
@@ -60,19 +62,13 @@ impl Reply {
 
     /// 200 OK, no length, the end of the body is the end of the connection.
     fn close_delimited(body: &[u8]) -> Self {
-        Reply {
-            head: Some("HTTP/1.1 200 OK\r\nConnection: close".to_owned()),
-            body: body.to_vec(),
-            ..Reply::default()
-        }
+        Reply { head: Some("HTTP/1.1 200 OK\r\nConnection: close".to_owned()), body: body.to_vec(), ..Reply::default() }
     }
 
     /// An error status with a short text body.
     fn status(line: &str) -> Self {
         Reply {
-            head: Some(format!(
-                "HTTP/1.1 {line}\r\nContent-Length: 4\r\nContent-Type: text/plain"
-            )),
+            head: Some(format!("HTTP/1.1 {line}\r\nContent-Length: 4\r\nContent-Type: text/plain")),
             body: b"nope".to_vec(),
             ..Reply::default()
         }
@@ -80,10 +76,7 @@ impl Reply {
 
     /// Accepts the request and never answers.
     fn silent() -> Self {
-        Reply {
-            stall: Duration::from_secs(5),
-            ..Reply::default()
-        }
+        Reply { stall: Duration::from_secs(5), ..Reply::default() }
     }
 
     /// The same reply, then silence for `stall` with the connection open.
@@ -114,10 +107,7 @@ impl Server {
 
     /// Waits for the server thread; returns the request head it received.
     fn request(self) -> String {
-        self.handle
-            .join()
-            .expect("server thread")
-            .expect("no request received")
+        self.handle.join().expect("server thread").expect("no request received")
     }
 }
 
@@ -189,17 +179,12 @@ fn wait_for_close(stream: &mut TcpStream, stall: Duration) {
 
 /// Deterministic, non-repeating-looking test content.
 fn content(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
+    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
 /// Lowercase hex SHA-256.
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A request with the tests' defaults: no checksum, 64 MiB limit, short time-outs.
@@ -249,16 +234,10 @@ fn complete_download_writes_exact_bytes_and_no_temp_files() {
     let written = download(&request(&url, &dest)).expect("download");
 
     assert_eq!(written, body.len() as u64);
-    assert!(
-        fs::read(&dest).expect("read dest") == body,
-        "content differs"
-    );
+    assert!(fs::read(&dest).expect("read dest") == body, "content differs");
     assert_eq!(entries(&dir.path().join("cache/sub")), vec!["model.onnx"]);
     let head = server.request();
-    assert!(
-        head.starts_with("GET /models/model.onnx HTTP/1.1\r\n"),
-        "{head}"
-    );
+    assert!(head.starts_with("GET /models/model.onnx HTTP/1.1\r\n"), "{head}");
 }
 
 #[test]
@@ -318,18 +297,14 @@ fn truncated_chunked_body_is_rejected() {
 
     let err = download(&request(&server.url("/m.onnx"), &dest)).expect_err("must fail");
 
-    assert!(
-        matches!(err, DownloadError::Truncated { expected: None, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DownloadError::Truncated { expected: None, .. }), "{err:?}");
     assert_empty(dir.path());
 }
 
 #[test]
 fn stalled_body_times_out_quickly_and_leaves_nothing() {
     let body = content(1000);
-    let server =
-        Server::start(Reply::ok_announcing(1_000_000, &body).then_stall(Duration::from_secs(5)));
+    let server = Server::start(Reply::ok_announcing(1_000_000, &body).then_stall(Duration::from_secs(5)));
     let (dir, dest) = workspace();
 
     let started = Instant::now();
@@ -337,10 +312,7 @@ fn stalled_body_times_out_quickly_and_leaves_nothing() {
     let elapsed = started.elapsed();
 
     assert!(matches!(err, DownloadError::Timeout { .. }), "{err:?}");
-    assert!(
-        elapsed >= READ_TIMEOUT.mul_f32(0.9),
-        "gave up too early: {elapsed:?}"
-    );
+    assert!(elapsed >= READ_TIMEOUT.mul_f32(0.9), "gave up too early: {elapsed:?}");
     assert!(elapsed < FAST, "took {elapsed:?}");
     assert!(err.to_string().contains("after 1000 bytes"), "{err}");
     assert_empty(dir.path());
@@ -366,10 +338,7 @@ fn not_found_is_http_status_404() {
 
     let err = download(&request(&server.url("/missing.onnx"), &dest)).expect_err("must fail");
 
-    assert!(
-        matches!(err, DownloadError::HttpStatus { status: 404, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DownloadError::HttpStatus { status: 404, .. }), "{err:?}");
     assert!(!err.is_too_large());
     assert!(err.to_string().contains("HTTP 404"), "{err}");
     assert_empty(dir.path());
@@ -382,10 +351,7 @@ fn server_error_is_http_status() {
 
     let err = download(&request(&server.url("/m.onnx"), &dest)).expect_err("must fail");
 
-    assert!(
-        matches!(err, DownloadError::HttpStatus { status: 503, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DownloadError::HttpStatus { status: 503, .. }), "{err:?}");
     assert_empty(dir.path());
 }
 
@@ -398,10 +364,7 @@ fn oversized_content_length_is_refused_before_the_body() {
     let server = Server::start(reply);
     let (dir, dest) = workspace();
     let url = server.url("/big.onnx");
-    let req = DownloadRequest {
-        max_bytes: 1 << 20,
-        ..request(&url, &dest)
-    };
+    let req = DownloadRequest { max_bytes: 1 << 20, ..request(&url, &dest) };
 
     let started = Instant::now();
     let err = download(&req).expect_err("must fail");
@@ -409,25 +372,14 @@ fn oversized_content_length_is_refused_before_the_body() {
 
     assert!(err.is_too_large(), "{err:?}");
     match &err {
-        DownloadError::TooLarge {
-            size_mb,
-            max_mb,
-            size_known,
-            ..
-        } => {
+        DownloadError::TooLarge { size_mb, max_mb, size_known, .. } => {
             assert_eq!((*size_mb, *max_mb, *size_known), (10, 1, true));
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert!(
-        elapsed < READ_TIMEOUT / 2,
-        "waited for the body: {elapsed:?}"
-    );
+    assert!(elapsed < READ_TIMEOUT / 2, "waited for the body: {elapsed:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("quantize") && msg.contains("smaller model") && msg.contains("MAX_MODEL_MB"),
-        "{msg}"
-    );
+    assert!(msg.contains("quantize") && msg.contains("smaller model") && msg.contains("MAX_MODEL_MB"), "{msg}");
     assert_empty(dir.path());
 }
 
@@ -437,23 +389,11 @@ fn oversized_chunked_body_is_refused_while_streaming() {
     let server = Server::start(Reply::chunked(&body, 10_000));
     let (dir, dest) = workspace();
     let url = server.url("/m.onnx");
-    let req = DownloadRequest {
-        max_bytes: 100_000,
-        ..request(&url, &dest)
-    };
+    let req = DownloadRequest { max_bytes: 100_000, ..request(&url, &dest) };
 
     let err = download(&req).expect_err("must fail");
 
-    assert!(
-        matches!(
-            err,
-            DownloadError::TooLarge {
-                size_known: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, DownloadError::TooLarge { size_known: false, .. }), "{err:?}");
     assert_empty(dir.path());
 }
 
@@ -463,23 +403,11 @@ fn oversized_close_delimited_body_is_refused_while_streaming() {
     let server = Server::start(Reply::close_delimited(&body));
     let (dir, dest) = workspace();
     let url = server.url("/m.onnx");
-    let req = DownloadRequest {
-        max_bytes: 100_000,
-        ..request(&url, &dest)
-    };
+    let req = DownloadRequest { max_bytes: 100_000, ..request(&url, &dest) };
 
     let err = download(&req).expect_err("must fail");
 
-    assert!(
-        matches!(
-            err,
-            DownloadError::TooLarge {
-                size_known: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, DownloadError::TooLarge { size_known: false, .. }), "{err:?}");
     assert_empty(dir.path());
 }
 
@@ -489,10 +417,7 @@ fn body_exactly_at_the_limit_is_accepted() {
     let server = Server::start(Reply::close_delimited(&body));
     let (_dir, dest) = workspace();
     let url = server.url("/m.onnx");
-    let req = DownloadRequest {
-        max_bytes: 100_000,
-        ..request(&url, &dest)
-    };
+    let req = DownloadRequest { max_bytes: 100_000, ..request(&url, &dest) };
 
     assert_eq!(download(&req).expect("download"), 100_000);
     assert_eq!(fs::read(&dest).expect("read"), body);
@@ -505,17 +430,12 @@ fn sha256_mismatch_is_rejected_and_leaves_nothing() {
     let (dir, dest) = workspace();
     let url = server.url("/m.onnx");
     let wrong = sha256_hex(b"something else");
-    let req = DownloadRequest {
-        sha256: Some(&wrong),
-        ..request(&url, &dest)
-    };
+    let req = DownloadRequest { sha256: Some(&wrong), ..request(&url, &dest) };
 
     let err = download(&req).expect_err("must fail");
 
     match &err {
-        DownloadError::Checksum {
-            expected, actual, ..
-        } => {
+        DownloadError::Checksum { expected, actual, .. } => {
             assert_eq!(expected, &wrong);
             assert_eq!(actual, &sha256_hex(&body));
         }
@@ -531,10 +451,7 @@ fn sha256_match_is_accepted() {
     let (dir, dest) = workspace();
     let url = server.url("/m.onnx");
     let hash = sha256_hex(&body);
-    let req = DownloadRequest {
-        sha256: Some(&hash),
-        ..request(&url, &dest)
-    };
+    let req = DownloadRequest { sha256: Some(&hash), ..request(&url, &dest) };
 
     assert_eq!(download(&req).expect("download"), body.len() as u64);
     assert_eq!(fs::read(&dest).expect("read"), body);
@@ -545,46 +462,27 @@ fn sha256_match_is_accepted() {
 fn malformed_sha256_is_refused_before_connecting() {
     let (dir, dest) = workspace();
     // Nothing listens: the error must come from the checksum, not the network.
-    let req = DownloadRequest {
-        sha256: Some("1234"),
-        ..request("http://127.0.0.1:9/m.onnx", &dest)
-    };
+    let req = DownloadRequest { sha256: Some("1234"), ..request("http://127.0.0.1:9/m.onnx", &dest) };
 
     let err = download(&req).expect_err("must fail");
 
-    assert!(
-        matches!(err, DownloadError::InvalidSha256 { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DownloadError::InvalidSha256 { .. }), "{err:?}");
     assert_empty(dir.path());
 }
 
 #[test]
 fn non_http_urls_are_bad_urls() {
     let (dir, dest) = workspace();
-    for url in [
-        "ftp://example.com/m.onnx",
-        "file:///models/m.onnx",
-        "/models/m.onnx",
-        "http:///m.onnx",
-        "https//x",
-    ] {
+    for url in ["ftp://example.com/m.onnx", "file:///models/m.onnx", "/models/m.onnx", "http:///m.onnx", "https//x"] {
         let err = download(&request(url, &dest)).expect_err(url);
-        assert!(
-            matches!(err, DownloadError::BadUrl { .. }),
-            "{url}: {err:?}"
-        );
+        assert!(matches!(err, DownloadError::BadUrl { .. }), "{url}: {err:?}");
     }
     assert_empty(dir.path());
 }
 
 #[test]
 fn refused_connection_is_connect_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let (dir, dest) = workspace();
     let url = format!("http://127.0.0.1:{port}/m.onnx");
 
@@ -607,25 +505,13 @@ fn stale_partial_files_are_cleaned_up() {
     }
     let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
     for p in [&stale, &other] {
-        fs::File::options()
-            .write(true)
-            .open(p)
-            .expect("open")
-            .set_modified(two_hours_ago)
-            .expect("set mtime");
+        fs::File::options().write(true).open(p).expect("open").set_modified(two_hours_ago).expect("set mtime");
     }
 
     download(&request(&server.url("/m.onnx"), &dest)).expect("download");
 
     let left = entries(dir.path());
-    assert_eq!(
-        left,
-        vec![
-            "model.onnx",
-            "model.onnx.part-2-live-0",
-            "other.onnx.part-3-dead-0"
-        ]
-    );
+    assert_eq!(left, vec!["model.onnx", "model.onnx.part-2-live-0", "other.onnx.part-3-dead-0"]);
 }
 
 #[test]
@@ -634,43 +520,22 @@ fn secrets_in_the_url_never_reach_logs_or_errors() {
     let body = content(20_000);
     let server = Server::start(Reply::ok(&body));
     let (_dir, dest) = workspace();
-    let url = server
-        .url("/m.onnx?token=s3cr3t-query")
-        .replace("http://", "http://user:hunter2-pw@");
+    let url = server.url("/m.onnx?token=s3cr3t-query").replace("http://", "http://user:hunter2-pw@");
 
     download(&request(&url, &dest)).expect("download");
 
     let lines = logs.lock().expect("logs").clone();
-    assert!(
-        lines.iter().any(|l| l.contains("/m.onnx?***")),
-        "no redacted URL logged: {lines:?}"
-    );
-    assert!(
-        lines.iter().any(|l| l.contains("complete")),
-        "no completion logged: {lines:?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("/m.onnx?***")), "no redacted URL logged: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("complete")), "no completion logged: {lines:?}");
     for line in &lines {
-        assert!(
-            !line.contains("s3cr3t") && !line.contains("hunter2"),
-            "secret logged: {line}"
-        );
+        assert!(!line.contains("s3cr3t") && !line.contains("hunter2"), "secret logged: {line}");
     }
 
     let server = Server::start(Reply::status("403 Forbidden"));
-    let url = server
-        .url("/m.onnx?token=s3cr3t-query")
-        .replace("http://", "http://user:hunter2-pw@");
-    let msg = download(&request(&url, &dest))
-        .expect_err("must fail")
-        .to_string();
-    assert!(
-        msg.contains("HTTP 403") && msg.contains("***@127.0.0.1"),
-        "{msg}"
-    );
-    assert!(
-        !msg.contains("s3cr3t") && !msg.contains("hunter2"),
-        "secret in error: {msg}"
-    );
+    let url = server.url("/m.onnx?token=s3cr3t-query").replace("http://", "http://user:hunter2-pw@");
+    let msg = download(&request(&url, &dest)).expect_err("must fail").to_string();
+    assert!(msg.contains("HTTP 403") && msg.contains("***@127.0.0.1"), "{msg}");
+    assert!(!msg.contains("s3cr3t") && !msg.contains("hunter2"), "secret in error: {msg}");
 }
 
 #[test]
@@ -684,10 +549,7 @@ fn progress_is_logged_in_tenths() {
     download(&request(&server.url("/m.onnx"), &dest)).expect("download");
 
     let lines = logs.lock().expect("logs").clone();
-    let progress: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains("progress-test.onnx: "))
-        .collect();
+    let progress: Vec<&String> = lines.iter().filter(|l| l.contains("progress-test.onnx: ")).collect();
     // The socket may deliver several tenths in one read, but never fewer marks than
     // reads allow; at 2 MB in 1 MiB buffers there are at least two.
     assert!(progress.len() >= 2, "{progress:?}");
@@ -696,10 +558,7 @@ fn progress_is_logged_in_tenths() {
 
 #[test]
 fn redaction_helper() {
-    assert_eq!(
-        redact_url("https://u:p@host/a/m.onnx?sig=x#f"),
-        "https://***@host/a/m.onnx?***#***"
-    );
+    assert_eq!(redact_url("https://u:p@host/a/m.onnx?sig=x#f"), "https://***@host/a/m.onnx?***#***");
     assert_eq!(redact_url("https://host/a/m.onnx"), "https://host/a/m.onnx");
 }
 

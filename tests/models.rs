@@ -57,7 +57,8 @@ fn the_chain_skips_missing_and_foreign_models_and_health_says_why() {
     assert_eq!(h["model_loaded"], true);
     assert_eq!(h["model"]["name"], "u2netp");
     assert_eq!(h["model"]["kind"], "salient");
-    let reasons: Vec<String> = h["model"]["skipped"].as_array().unwrap().iter().map(|s| s["reason"].as_str().unwrap().to_string()).collect();
+    let reasons: Vec<String> =
+        h["model"]["skipped"].as_array().unwrap().iter().map(|s| s["reason"].as_str().unwrap().to_string()).collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons[0].contains("not found"), "{}", reasons[0]);
     assert!(reasons[1].contains("match neither"), "{}", reasons[1]);
@@ -97,12 +98,19 @@ fn a_url_model_is_downloaded_once_into_the_cache_and_used() {
 async fn eight_simultaneous_first_requests_cause_exactly_one_load() {
     let (figment, _temp) = test_figment(&[]);
     let client = AsyncClient::tracked(drishya::build(figment)).await.unwrap();
-    let login = client.post("/login").header(ContentType::Form).body(format!("password={}", PASSWORD.replace(' ', "+"))).dispatch().await;
+    let login = client
+        .post("/login")
+        .header(ContentType::Form)
+        .body(format!("password={}", PASSWORD.replace(' ', "+")))
+        .dispatch()
+        .await;
     assert_eq!(login.status(), Status::SeeOther);
-    let (ct, body) = multipart(&[Part::File { name: "image", filename: "c.png", content_type: "image/png", bytes: &coffee() }]);
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "c.png", content_type: "image/png", bytes: &coffee() }]);
     assert_eq!(client.post("/upload_image").header(ct).body(body).dispatch().await.status(), Status::Ok);
     let body = serde_json::json!({"x_min": 165, "y_min": 10, "x_max": 415, "y_max": 300}).to_string();
-    let requests = (0..8).map(|_| client.post("/generate_mask").header(ContentType::JSON).body(body.clone()).dispatch());
+    let requests =
+        (0..8).map(|_| client.post("/generate_mask").header(ContentType::JSON).body(body.clone()).dispatch());
     let responses = futures_join_all(requests).await;
     for r in &responses {
         assert_eq!(r.status(), Status::Ok);
@@ -115,11 +123,18 @@ async fn eight_simultaneous_first_requests_cause_exactly_one_load() {
 async fn a_full_queue_answers_503_with_retry_after() {
     let (figment, _temp) = test_figment(&[("inference_queue", "0"), ("inference_concurrency", "1")]);
     let client = AsyncClient::tracked(drishya::build(figment)).await.unwrap();
-    client.post("/login").header(ContentType::Form).body(format!("password={}", PASSWORD.replace(' ', "+"))).dispatch().await;
-    let (ct, body) = multipart(&[Part::File { name: "image", filename: "c.png", content_type: "image/png", bytes: &coffee() }]);
+    client
+        .post("/login")
+        .header(ContentType::Form)
+        .body(format!("password={}", PASSWORD.replace(' ', "+")))
+        .dispatch()
+        .await;
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "c.png", content_type: "image/png", bytes: &coffee() }]);
     assert_eq!(client.post("/upload_image").header(ct).body(body).dispatch().await.status(), Status::Ok);
     let body = serde_json::json!({"x_min": 165, "y_min": 10, "x_max": 415, "y_max": 300}).to_string();
-    let requests = (0..4).map(|_| client.post("/generate_mask").header(ContentType::JSON).body(body.clone()).dispatch());
+    let requests =
+        (0..4).map(|_| client.post("/generate_mask").header(ContentType::JSON).body(body.clone()).dispatch());
     let responses = futures_join_all(requests).await;
     let ok = responses.iter().filter(|r| r.status() == Status::Ok).count();
     let busy: Vec<_> = responses.iter().filter(|r| r.status() == Status::ServiceUnavailable).collect();

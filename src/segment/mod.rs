@@ -3,8 +3,8 @@
 //! object family ([`salient`]) and the last-resort box itself ([`BoxSegmenter`]).
 
 pub mod onnx;
-pub mod sam;
 pub mod salient;
+pub mod sam;
 
 use image::{GrayImage, RgbImage};
 use rocket::http::Status;
@@ -104,13 +104,7 @@ pub struct BoxSegmenter {
 
 impl Default for BoxSegmenter {
     fn default() -> Self {
-        BoxSegmenter {
-            info: ModelInfo {
-                name: "box".into(),
-                kind: ModelKind::Box,
-                file_size_bytes: 0,
-            },
-        }
+        BoxSegmenter { info: ModelInfo { name: "box".into(), kind: ModelKind::Box, file_size_bytes: 0 } }
     }
 }
 
@@ -153,9 +147,7 @@ pub fn clip_box(coords: [f64; 4], width: u32, height: u32) -> Result<BoxPrompt, 
         y_max: clamp(y_hi, height),
     };
     if prompt.x_max <= prompt.x_min || prompt.y_max <= prompt.y_min {
-        return Err(SegmentError::BadBox(format!(
-            "after clipping to the {width}x{height} image the box has no area"
-        )));
+        return Err(SegmentError::BadBox(format!("after clipping to the {width}x{height} image the box has no area")));
     }
     Ok(prompt)
 }
@@ -184,9 +176,7 @@ mod tests {
     fn box_segmenter_fills_exactly_the_box() {
         let image = RgbImage::new(20, 10);
         let prompt = BoxPrompt { x_min: 2, y_min: 3, x_max: 7, y_max: 5 };
-        let mask = BoxSegmenter::default()
-            .segment(&SegmentRequest { image: &image, image_key: "k", prompt })
-            .unwrap();
+        let mask = BoxSegmenter::default().segment(&SegmentRequest { image: &image, image_key: "k", prompt }).unwrap();
         assert_eq!(mask_area(&mask), 10);
         assert_eq!(mask.get_pixel(2, 3)[0], 255);
         assert_eq!(mask.get_pixel(7, 3)[0], 0);

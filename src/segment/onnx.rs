@@ -17,17 +17,21 @@ pub type Plan = Arc<TypedRunnableModel>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GraphKind {
     /// One image input `[1, 3, H, W]`; the first output is the saliency map.
-    Salient { height: usize, width: usize },
+    Salient {
+        height: usize,
+        width: usize,
+    },
     SamEncoder,
     SamDecoder,
-    Unknown { inputs: Vec<String>, outputs: Vec<String> },
+    Unknown {
+        inputs: Vec<String>,
+        outputs: Vec<String>,
+    },
 }
 
 /// Reads an ONNX file into tract's inference model (not yet optimised).
 pub fn read_graph(path: &Path) -> TractResult<InferenceModel> {
-    tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .model_for_path(path)
+    tract_onnx::onnx().with_ignore_value_info(true).model_for_path(path)
 }
 
 pub fn input_names(model: &InferenceModel) -> Vec<String> {
@@ -57,7 +61,9 @@ pub fn classify(model: &InferenceModel) -> GraphKind {
     if has(&inputs, &["image"]) && has(&outputs, &["image_embeddings"]) {
         return GraphKind::SamEncoder;
     }
-    if has(&inputs, &["image_embeddings", "point_coords", "point_labels"]) && has(&outputs, &["low_res_masks", "iou_predictions"]) {
+    if has(&inputs, &["image_embeddings", "point_coords", "point_labels"])
+        && has(&outputs, &["low_res_masks", "iou_predictions"])
+    {
         return GraphKind::SamDecoder;
     }
     if inputs.len() == 1 && !outputs.is_empty() {
@@ -71,11 +77,7 @@ pub fn classify(model: &InferenceModel) -> GraphKind {
 /// `(H, W)` of a `[1, 3, H, W]` input; symbolic H/W default to 320.
 fn image_input_size(model: &InferenceModel) -> Option<(usize, usize)> {
     let fact = model.input_fact(0).ok()?;
-    let dims: Vec<Option<i64>> = fact
-        .shape
-        .dims()
-        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
-        .collect();
+    let dims: Vec<Option<i64>> = fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect();
     match dims.as_slice() {
         [batch, Some(3), h, w] if matches!(batch, None | Some(1)) => {
             let side = |d: &Option<i64>| d.filter(|v| *v > 0).map(|v| v as usize).unwrap_or(320);
@@ -101,16 +103,25 @@ pub fn resize_rgb(image: &RgbImage, crop: [u32; 4], to: (u32, u32)) -> TractResu
     let [left, top, width, height] = crop;
     let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)?;
     let mut dst = FrImage::new(to.0, to.1, PixelType::U8x3);
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-        .crop(f64::from(left), f64::from(top), f64::from(width), f64::from(height));
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(
+        f64::from(left),
+        f64::from(top),
+        f64::from(width),
+        f64::from(height),
+    );
     Resizer::new().resize(&src, &mut dst, &options)?;
     RgbImage::from_raw(to.0, to.1, dst.into_vec()).ok_or_else(|| format_err!("resize buffer"))
 }
 
 /// `[1, 3, pad_h, pad_w]` tensor of `(x - mean) / std` (x in the `scale`d range),
 /// zero beyond the image (bottom/right padding).
-pub fn normalised_tensor(image: &RgbImage, mean: [f32; 3], std: [f32; 3], scale: f32, pad: (usize, usize)) -> TractResult<Tensor> {
+pub fn normalised_tensor(
+    image: &RgbImage,
+    mean: [f32; 3],
+    std: [f32; 3],
+    scale: f32,
+    pad: (usize, usize),
+) -> TractResult<Tensor> {
     let (pad_h, pad_w) = pad;
     let (width, height) = (image.width() as usize, image.height() as usize);
     let mut data = vec![0f32; 3 * pad_h * pad_w];

@@ -29,10 +29,8 @@ impl SalientSegmenter {
     /// consumed on the way so only the plan stays in memory.
     pub fn load(graph: InferenceModel, input: (usize, usize), info: ModelInfo) -> TractResult<Self> {
         let (height, width) = input;
-        let plan = graph
-            .with_input_fact(0, f32::fact([1, 3, height, width]).into())?
-            .into_optimized()?
-            .into_runnable()?;
+        let plan =
+            graph.with_input_fact(0, f32::fact([1, 3, height, width]).into())?.into_optimized()?.into_runnable()?;
         Ok(SalientSegmenter { info, plan, input })
     }
 
@@ -68,10 +66,16 @@ impl Segmenter for SalientSegmenter {
         let (width, height) = request.image.dimensions();
         let crop = with_margin(request.prompt, width, height);
         let (in_h, in_w) = self.input;
-        let resized = onnx::resize_rgb(request.image, crop, (in_w as u32, in_h as u32)).map_err(SegmentError::inference)?;
+        let resized =
+            onnx::resize_rgb(request.image, crop, (in_w as u32, in_h as u32)).map_err(SegmentError::inference)?;
         let saliency = self.saliency(&resized).map_err(SegmentError::inference)?;
         let [left, top, crop_w, crop_h] = crop;
-        let back = onnx::bilinear(&saliency, (in_w, in_h), (crop_w as usize, crop_h as usize), (crop_w as usize, crop_h as usize));
+        let back = onnx::bilinear(
+            &saliency,
+            (in_w, in_h),
+            (crop_w as usize, crop_h as usize),
+            (crop_w as usize, crop_h as usize),
+        );
         let mut mask = GrayImage::new(width, height);
         let (dx, dy) = (request.prompt.x_min - left, request.prompt.y_min - top);
         paste_box(&mut mask, request.prompt, |x, y| {

@@ -38,10 +38,7 @@ pub struct SamSegmenter {
 
 /// The encoder plan for a fixed `[1, 3, 1024, 1024]` input.
 pub fn load_encoder(path: &Path) -> TractResult<Plan> {
-    onnx::read_graph(path)?
-        .with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?
-        .into_optimized()?
-        .into_runnable()
+    onnx::read_graph(path)?.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?.into_optimized()?.into_runnable()
 }
 
 /// The decoder plan cut at `iou_predictions` / `low_res_masks`, for one box (two points).
@@ -111,9 +108,7 @@ impl Segmenter for SamSegmenter {
 
     fn segment(&self, request: &SegmentRequest<'_>) -> Result<GrayImage, SegmentError> {
         let (width, height) = request.image.dimensions();
-        let embedding = self
-            .embedding(request.image, request.image_key)
-            .map_err(SegmentError::inference)?;
+        let embedding = self.embedding(request.image, request.image_key).map_err(SegmentError::inference)?;
         let prompt = DecoderPrompt::for_box(request.prompt, (width as usize, height as usize));
         let decoded = run_decoder(&self.decoder, embedding, &prompt).map_err(SegmentError::inference)?;
         let logits = postprocess(decoded.best(), (width as usize, height as usize));
@@ -180,11 +175,7 @@ pub struct DecoderOutput {
 impl DecoderOutput {
     /// Index of the mask with the highest predicted IoU.
     pub fn best_index(&self) -> usize {
-        self.iou
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
-            .0
+        self.iou.iter().enumerate().fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc }).0
     }
 
     /// The best mask's logits (256x256).

@@ -48,7 +48,7 @@ function must(name, ok, detail) {
 
 async function shot(page, name, opts = {}) {
   const file = path.join(OUT, `${name}.png`);
-  await page.screenshot({ path: file, scale: 'css', ...opts });
+  await page.screenshot({ path: file, scale: 'css', animations: 'disabled', ...opts });
   log(`      screenshot ${path.relative(REPO, file)}`);
 }
 

@@ -65,11 +65,8 @@ pub fn try_app(settings: &[(&str, &str)]) -> Result<App, String> {
 
 /// Logs in; panics if the login is refused.
 pub fn login(client: &Client) {
-    let response = client
-        .post("/login")
-        .header(ContentType::Form)
-        .body(format!("password={}", urlencode(PASSWORD)))
-        .dispatch();
+    let response =
+        client.post("/login").header(ContentType::Form).body(format!("password={}", urlencode(PASSWORD))).dispatch();
     assert_eq!(response.status(), Status::SeeOther, "login should redirect");
 }
 
@@ -96,7 +93,9 @@ pub fn multipart(parts: &[Part<'_>]) -> (ContentType, Vec<u8>) {
         body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
         match part {
             Part::Text(name, value) => {
-                body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+                );
             }
             Part::File { name, filename, content_type, bytes } => {
                 body.extend_from_slice(
@@ -114,7 +113,8 @@ pub fn multipart(parts: &[Part<'_>]) -> (ContentType, Vec<u8>) {
 }
 
 pub fn upload<'c>(client: &'c Client, filename: &str, bytes: &[u8]) -> LocalResponse<'c> {
-    let (ct, body) = multipart(&[Part::File { name: "image", filename, content_type: "application/octet-stream", bytes }]);
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename, content_type: "application/octet-stream", bytes }]);
     client.post("/upload_image").header(ct).body(body).dispatch()
 }
 
@@ -159,10 +159,8 @@ pub fn npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
     assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
     let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
     let shape: Vec<usize> = shape_text.split(',').filter_map(|s| s.trim().parse().ok()).collect();
-    let data: Vec<f32> = bytes[start + header_len..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data: Vec<f32> =
+        bytes[start + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     assert_eq!(data.len(), shape.iter().product::<usize>(), "{}", path.display());
     (shape, data)
 }
