@@ -52,7 +52,7 @@ pub fn cgroup_memory() -> Option<(u64, u64)> {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         let rel = path.trim_start_matches('/');
-        if controllers == "" {
+        if controllers.is_empty() {
             let dir = PathBuf::from("/sys/fs/cgroup").join(rel);
             if let Some(found) = read_pair(&dir, "memory.max", "memory.current") {
                 return Some(found);

@@ -274,7 +274,7 @@ function initApp() {
 
   const OTHER_HINTS = {
     result: 'This is the result. “Compare” shows it next to the original; “Photo” goes back to the box.',
-    compare: 'The original and the result side by side.',
+    compare: 'The original and the result, for comparison.',
   };
 
   function renderHint() {
@@ -829,7 +829,7 @@ function initApp() {
     el.boxClear.disabled = busy || !state.box;
     el.generate.disabled = busy || !hasImage || !state.box;
     el.generate.textContent = state.mask && !state.mask.stale ? 'Generate mask again' : 'Generate mask';
-    el.productDrop.disabled = busy;
+    el.productDrop.disabled = busy || !hasImage;
     el.replace.disabled = busy || !canReplace();
     el.replace.textContent = state.result ? 'Replace again' : 'Replace product';
     el.replaceHint.textContent = replaceHint();

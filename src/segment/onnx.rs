@@ -79,7 +79,7 @@ fn image_input_size(model: &InferenceModel) -> Option<(usize, usize)> {
     let fact = model.input_fact(0).ok()?;
     let dims: Vec<Option<i64>> = fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect();
     match dims.as_slice() {
-        [batch, Some(3), h, w] if matches!(batch, None | Some(1)) => {
+        [None | Some(1), Some(3), h, w] => {
             let side = |d: &Option<i64>| d.filter(|v| *v > 0).map(|v| v as usize).unwrap_or(320);
             Some((side(h), side(w)))
         }

@@ -321,6 +321,10 @@ async function desktopPass(browser) {
     check('scale changed with the keyboard and its value shown', (await page.textContent('#scale-value')) === '1.20×', await page.textContent('#scale-value'));
     await page.fill('#feather', '20');
     check('feathering changed and its value shown', (await page.textContent('#feather-value')) === '20 px', await page.textContent('#feather-value'));
+    check('grading strength disabled while colour grading is off', await page.isDisabled('#strength'));
+    await page.click('label[for="grading"]');
+    await page.click('label[for="grade-image"]');
+    check('colour grading switched on from its label; strength enabled', await page.isChecked('#grading') && await page.isEnabled('#strength'));
     check('"Replace product" enabled', await page.isEnabled('#replace'));
     await shot(page, '09-product-and-settings');
 
@@ -329,7 +333,9 @@ async function desktopPass(browser) {
     await page.click('#replace');
     const rr = await replResp;
     const fields = await page.evaluate(() => window.__formFields);
-    check('replace sends the chosen settings', fields.scale_factor === '1.20' && fields.feather_amount === '20' && fields.use_blending === 'true',
+    check('replace sends the chosen settings',
+      fields.scale_factor === '1.20' && fields.feather_amount === '20' && fields.use_blending === 'true' &&
+      fields.enable_color_grading === 'true' && fields.grading_method === 'Match Entire Image',
       JSON.stringify(fields));
     const repl = await rr.json();
     must('replace_product succeeds', rr.status() === 200 && repl.success, `${rr.status()} ${JSON.stringify(repl)}`);
