@@ -811,7 +811,7 @@ function initApp() {
     if (!state.product) return 'Choose the product image first.';
     if (state.result && state.result.stale) return 'Settings changed: press “Replace product” to update the result.';
     if (state.result) return 'Change settings and replace again at any time.';
-    return 'Ready.';
+    return 'Ready: press “Replace product”.';
   }
 
   /* ---------------------------------------------------------- controls */
