@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::AppConfig;
 use crate::storage::{SessionId, TempStore};
+use crate::web::AssetVersion;
 
 pub const SESSION_COOKIE: &str = "drishya_session";
 
@@ -108,18 +109,20 @@ enum LoginAnswer {
     Page((Status, Template)),
 }
 
-fn login_page(cfg: &AppConfig, status: Status, error: Option<String>) -> LoginAnswer {
-    LoginAnswer::Page((
-        status,
-        Template::render(
-            "login",
-            context! {
-                error,
-                version: env!("CARGO_PKG_VERSION"),
-                default_password: cfg.uses_default_password(),
-            },
-        ),
-    ))
+fn login_template(cfg: &AppConfig, assets: &AssetVersion, error: Option<String>) -> Template {
+    Template::render(
+        "login",
+        context! {
+            error,
+            version: env!("CARGO_PKG_VERSION"),
+            assets: &assets.0,
+            default_password: cfg.uses_default_password(),
+        },
+    )
+}
+
+fn login_page(cfg: &AppConfig, assets: &AssetVersion, status: Status, error: Option<String>) -> LoginAnswer {
+    LoginAnswer::Page((status, login_template(cfg, assets, error)))
 }
 
 #[post("/login", data = "<form>")]
@@ -128,17 +131,18 @@ fn login(
     jar: &CookieJar<'_>,
     cfg: &State<AppConfig>,
     throttle: &State<Arc<Throttle>>,
+    assets: &State<AssetVersion>,
     client: Option<IpAddr>,
 ) -> LoginAnswer {
     let client = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     if let Some(wait) = throttle.wait_for(client) {
         let message = format!("Too many failed attempts: try again in {} s.", wait.as_secs().max(1));
-        return login_page(cfg, Status::TooManyRequests, Some(message));
+        return login_page(cfg, assets, Status::TooManyRequests, Some(message));
     }
     let given = form.as_ref().map(|f| f.password).unwrap_or("");
     if !password_matches(given, cfg.password()) {
         throttle.record_failure(client);
-        return login_page(cfg, Status::Unauthorized, Some("Incorrect password.".into()));
+        return login_page(cfg, assets, Status::Unauthorized, Some("Incorrect password.".into()));
     }
     throttle.record_success(client);
     let session = SessionId::random();
@@ -160,26 +164,20 @@ fn logout(user: Option<User>, jar: &CookieJar<'_>, store: &State<Arc<TempStore>>
 }
 
 #[get("/")]
-fn index(user: Option<User>, cfg: &State<AppConfig>) -> Template {
-    match user {
-        Some(_) => Template::render(
-            "index",
-            context! {
-                version: env!("CARGO_PKG_VERSION"),
-                max_image_width: cfg.max_image_width,
-                max_upload_mb: cfg.max_upload_mb,
-                default_password: cfg.uses_default_password(),
-            },
-        ),
-        None => Template::render(
-            "login",
-            context! {
-                error: Option::<String>::None,
-                version: env!("CARGO_PKG_VERSION"),
-                default_password: cfg.uses_default_password(),
-            },
-        ),
+fn index(user: Option<User>, cfg: &State<AppConfig>, assets: &State<AssetVersion>) -> Template {
+    if user.is_none() {
+        return login_template(cfg, assets, None);
     }
+    Template::render(
+        "index",
+        context! {
+            version: env!("CARGO_PKG_VERSION"),
+            assets: &assets.0,
+            max_image_width: cfg.max_image_width,
+            max_upload_mb: cfg.max_upload_mb,
+            default_password: cfg.uses_default_password(),
+        },
+    )
 }
 
 pub fn routes() -> Vec<Route> {

@@ -41,6 +41,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .attach(models::stage())
         .attach(Template::fairing())
         .attach(web::headers())
+        .attach(web::assets())
         .manage(Arc::new(auth::Throttle::default()))
         .mount("/", auth::routes())
         .mount("/", api::routes())

@@ -1,14 +1,59 @@
 //! Web plumbing: static files, response headers, the thread pool size.
 
+use std::path::{Path, PathBuf};
+
 use rocket::fairing::AdHoc;
 use rocket::fs::FileServer;
 use rocket::http::Header;
+use sha2::{Digest, Sha256};
 
 use crate::config::AppConfig;
 
-/// `static/`, relative to the working directory (the repository, or /app in Docker).
+/// Where static assets live: `STATIC_DIR`, else `static/` in the working directory
+/// (the repository, or /app in Docker).
+fn static_dir() -> PathBuf {
+    std::env::var_os("STATIC_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("static"))
+}
+
 pub fn static_files() -> FileServer {
-    FileServer::from(std::env::var("STATIC_DIR").unwrap_or_else(|_| "static".into()))
+    FileServer::from(static_dir())
+}
+
+/// A fingerprint of every file under `static/`: pages link `?v=<fingerprint>`, so a
+/// changed asset gets a new URL while unchanged ones stay cached for a year.
+#[derive(Debug, Clone)]
+pub struct AssetVersion(pub String);
+
+pub fn fingerprint(dir: &Path) -> String {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files);
+    files.sort();
+    let mut hasher = Sha256::new();
+    for file in files {
+        let name = file.strip_prefix(dir).unwrap_or(&file);
+        hasher.update(name.to_string_lossy().as_bytes());
+        hasher.update(std::fs::read(&file).unwrap_or_default());
+    }
+    hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// Computes the asset fingerprint once, at ignite.
+pub fn assets() -> AdHoc {
+    AdHoc::on_ignite(
+        "Asset fingerprint",
+        |rocket| async move { rocket.manage(AssetVersion(fingerprint(&static_dir()))) },
+    )
 }
 
 /// Security headers on every answer; long caching for versioned static assets.

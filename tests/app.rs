@@ -290,3 +290,20 @@ fn invalid_configuration_stops_the_launch() {
     assert!(try_app(&[("inference_concurrency", "0")]).is_err());
     assert!(try_app(&[("models", "ftp://example/model.onnx")]).is_err());
 }
+
+#[test]
+fn pages_link_fingerprinted_assets_that_are_cached_and_served_locally() {
+    let app = app(&[]);
+    let fingerprint = drishya::web::fingerprint(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/static")));
+    let login_page = app.client.get("/").dispatch().into_string().unwrap();
+    assert!(login_page.contains(&format!("/static/app.css?v={fingerprint}")), "login page links the fingerprint");
+    assert!(!login_page.contains("http://") && !login_page.contains("https://"), "no external CDN");
+    login(&app.client);
+    let page = app.client.get("/").dispatch().into_string().unwrap();
+    assert!(page.contains(&format!("/static/app.js?v={fingerprint}")));
+    let asset = app.client.get(format!("/static/app.js?v={fingerprint}")).dispatch();
+    assert_eq!(asset.status(), Status::Ok);
+    assert!(asset.headers().get_one("Cache-Control").unwrap().contains("immutable"));
+    let unversioned = app.client.get("/static/app.js").dispatch();
+    assert_eq!(unversioned.headers().get_one("Cache-Control"), Some("no-cache"));
+}
