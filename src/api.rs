@@ -44,6 +44,19 @@ fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
     InputError::MalformedForm(first).into()
 }
 
+/// A file field: too large (413), missing (400 naming it), or the file.
+fn file_field<'a, 'r>(
+    field: &'a rocket::form::Result<'r, TempFile<'r>>,
+    name: &'static str,
+    cfg: &AppConfig,
+) -> ApiResult<&'a TempFile<'r>> {
+    match field {
+        Ok(file) => Ok(file),
+        Err(errors) if errors.status() == Status::PayloadTooLarge => Err(form_error(errors, cfg)),
+        Err(_) => Err(InputError::MissingField(name).into()),
+    }
+}
+
 /// The whole upload, read from Rocket's temp file (already capped by the `file` limit).
 async fn read_upload(file: &TempFile<'_>) -> ApiResult<Vec<u8>> {
     let mut bytes = Vec::with_capacity(usize::try_from(file.len()).unwrap_or(0));
@@ -54,7 +67,7 @@ async fn read_upload(file: &TempFile<'_>) -> ApiResult<Vec<u8>> {
 
 #[derive(FromForm)]
 struct UploadForm<'r> {
-    image: Option<TempFile<'r>>,
+    image: rocket::form::Result<'r, TempFile<'r>>,
 }
 
 #[post("/upload_image", data = "<form>")]
@@ -65,7 +78,7 @@ async fn upload_image(
     store: &Store,
 ) -> ApiResult<Json<Value>> {
     let form = form.map_err(|e| form_error(&e, cfg))?;
-    let file = form.image.as_ref().ok_or(InputError::MissingField("image"))?;
+    let file = file_field(&form.image, "image", cfg)?;
     let bytes = read_upload(file).await?;
     let max_width = cfg.max_image_width;
     let store = store.inner().clone();
@@ -155,7 +168,7 @@ fn prompt_json(p: BoxPrompt) -> Value {
 
 #[derive(FromForm)]
 struct ReplaceForm<'r> {
-    product_image: Option<TempFile<'r>>,
+    product_image: rocket::form::Result<'r, TempFile<'r>>,
     scale_factor: Option<&'r str>,
     use_blending: Option<&'r str>,
     feather_amount: Option<&'r str>,
@@ -187,7 +200,7 @@ async fn replace_product(
     let started = Instant::now();
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let settings = form.settings()?;
-    let file = form.product_image.as_ref().ok_or(InputError::MissingField("product_image"))?;
+    let file = file_field(&form.product_image, "product_image", cfg)?;
     let bytes = read_upload(file).await?;
     let store = store.inner().clone();
     let session = user.session;

@@ -34,11 +34,45 @@ pub struct User {
     pub session: SessionId,
 }
 
+/// True when a browser says this request comes from another site: an `Origin` whose
+/// host differs from `Host`, or `Sec-Fetch-Site: cross-site`. Requests without these
+/// headers (non-browser clients) pass; SameSite=Strict already keeps the cookie away.
+pub fn is_cross_origin(request: &Request<'_>) -> bool {
+    let headers = request.headers();
+    if headers.get_one("Sec-Fetch-Site") == Some("cross-site") {
+        return true;
+    }
+    let (Some(origin), Some(host)) = (headers.get_one("Origin"), headers.get_one("Host")) else {
+        return false;
+    };
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin);
+    !origin_host.trim_end_matches('/').eq_ignore_ascii_case(host)
+}
+
+/// Refuses state-changing requests that a browser marks as coming from another site.
+pub struct SameOrigin;
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for SameOrigin {
+    type Error = ();
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
+        if is_cross_origin(request) {
+            log::warn!("refused cross-origin {} {}", request.method(), request.uri().path());
+            return Outcome::Error((Status::Forbidden, ()));
+        }
+        Outcome::Success(SameOrigin)
+    }
+}
+
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for User {
     type Error = ();
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
+        if request.method() != rocket::http::Method::Get && is_cross_origin(request) {
+            return Outcome::Error((Status::Forbidden, ()));
+        }
         let session = request.cookies().get_private(SESSION_COOKIE).and_then(|cookie| SessionId::parse(cookie.value()));
         match session {
             Some(session) => Outcome::Success(User { session }),
@@ -127,6 +161,7 @@ fn login_page(cfg: &AppConfig, assets: &AssetVersion, status: Status, error: Opt
 
 #[post("/login", data = "<form>")]
 fn login(
+    _origin: SameOrigin,
     form: Option<Form<LoginForm<'_>>>,
     jar: &CookieJar<'_>,
     cfg: &State<AppConfig>,
@@ -155,7 +190,7 @@ fn login(
 }
 
 #[get("/logout")]
-fn logout(user: Option<User>, jar: &CookieJar<'_>, store: &State<Arc<TempStore>>) -> Redirect {
+fn logout(_origin: SameOrigin, user: Option<User>, jar: &CookieJar<'_>, store: &State<Arc<TempStore>>) -> Redirect {
     if let Some(user) = user {
         store.remove_session(&user.session);
     }

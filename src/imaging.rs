@@ -52,15 +52,27 @@ pub struct Scene {
     pub image: RgbImage,
     pub original_width: u32,
     pub original_height: u32,
+    /// 1, or 2/4/8 when a large JPEG was decoded at reduced scale.
+    pub decode_divisor: u32,
 }
 
 /// Decodes a scene photo into the working image.
 pub fn decode_scene(bytes: &[u8], max_width: u32) -> Result<Scene, ImageError> {
-    let image = decode_oriented(bytes)?;
-    let (original_width, original_height) = (image.width(), image.height());
+    let header = probe(bytes)?;
+    let (original_width, original_height) = header.oriented_size();
+    let reduced = match header.format {
+        ImageFormat::Jpeg if original_width >= max_width.saturating_mul(2) => {
+            decode_jpeg_reduced(bytes, &header, max_width)?
+        }
+        _ => None,
+    };
+    let (image, decode_divisor) = match reduced {
+        Some(found) => found,
+        None => (decode_oriented(bytes)?, 1),
+    };
     let rgb = flatten_over_white(image);
     let image = downscale_to_width(rgb, max_width)?;
-    Ok(Scene { image, original_width, original_height })
+    Ok(Scene { image, original_width, original_height, decode_divisor })
 }
 
 /// Decodes a product image, keeping its alpha; very large products are downscaled.
@@ -77,8 +89,99 @@ pub fn decode_product(bytes: &[u8]) -> Result<RgbaImage, ImageError> {
     RgbaImage::from_raw(width, height, raw).ok_or_else(|| ImageError::Processing("product buffer size".into()))
 }
 
-/// Sniffs the format, checks dimensions before allocating, decodes and applies EXIF orientation.
-fn decode_oriented(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
+/// What the header says, before any pixel is decoded.
+struct Header {
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+    orientation: Orientation,
+}
+
+impl Header {
+    fn swaps_axes(&self) -> bool {
+        matches!(
+            self.orientation,
+            Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+        )
+    }
+
+    /// Size as displayed (after EXIF orientation).
+    fn oriented_size(&self) -> (u32, u32) {
+        if self.swaps_axes() {
+            (self.height, self.width)
+        } else {
+            (self.width, self.height)
+        }
+    }
+}
+
+fn probe(bytes: &[u8]) -> Result<Header, ImageError> {
+    let (format, mut decoder) = open_decoder(bytes)?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(ImageError::Corrupt { format: "JPEG" });
+    }
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    Ok(Header { format, width, height, orientation })
+}
+
+/// Decodes a JPEG with DCT scaling at the smallest of 1/2, 1/4, 1/8 that keeps the
+/// displayed width at least `max_width`; `None` when no reduction applies. A 24 MP
+/// phone photo then never exists at full size in memory.
+fn decode_jpeg_reduced(
+    bytes: &[u8],
+    header: &Header,
+    max_width: u32,
+) -> Result<Option<(DynamicImage, u32)>, ImageError> {
+    let corrupt = |_| ImageError::Corrupt { format: "JPEG" };
+    let (shown_width, _) = header.oriented_size();
+    let ratio = f64::from(max_width) / f64::from(shown_width);
+    let want = |side: u32| (f64::from(side) * ratio).ceil().min(f64::from(u16::MAX)) as u16;
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    decoder.set_max_decoding_buffer_size((MAX_PIXELS * 4) as usize);
+    let (width, height) = decoder.scale(want(header.width), want(header.height)).map_err(corrupt)?;
+    let (width, height) = (u32::from(width), u32::from(height));
+    if width >= header.width {
+        return Ok(None);
+    }
+    let pixels = decoder.decode().map_err(corrupt)?;
+    let format = decoder.info().map(|info| info.pixel_format);
+    let image = match format {
+        Some(jpeg_decoder::PixelFormat::RGB24) => {
+            RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8)
+        }
+        Some(jpeg_decoder::PixelFormat::L8) => GrayImage::from_raw(width, height, pixels).map(DynamicImage::ImageLuma8),
+        Some(jpeg_decoder::PixelFormat::CMYK32) => {
+            RgbImage::from_raw(width, height, cmyk_to_rgb(&pixels)).map(DynamicImage::ImageRgb8)
+        }
+        Some(jpeg_decoder::PixelFormat::L16) | None => return Ok(None),
+    };
+    let mut image = image.ok_or(ImageError::Corrupt { format: "JPEG" })?;
+    image.apply_orientation(header.orientation);
+    Ok(Some((image, header.width / width.max(1))))
+}
+
+/// JPEG decoders fill a truncated scan with grey instead of failing: require an
+/// end-of-image marker after the last start-of-scan (entropy data never holds FF D9).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let last_end = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    matches!((last_scan, last_end), (Some(scan), Some(end)) if end > scan)
+}
+
+/// Adobe CMYK JPEGs store inverted values; jpeg-decoder hands them back as stored.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    cmyk.chunks_exact(4)
+        .flat_map(|p| {
+            let k = u32::from(p[3]);
+            [0, 1, 2].map(|c| ((u32::from(p[c]) * k + 127) / 255) as u8)
+        })
+        .collect()
+}
+
+/// Sniffs the format (never trusting names) and reads the header within limits.
+fn open_decoder(bytes: &[u8]) -> Result<(ImageFormat, impl ImageDecoder + '_), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -87,13 +190,18 @@ fn decode_oriented(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
         Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) => f,
         _ => return Err(ImageError::Unsupported),
     };
-    let format_name = format_name(format);
     reader.limits(decode_limits());
-    let mut decoder = reader.into_decoder().map_err(|e| classify(e, format_name))?;
+    let decoder = reader.into_decoder().map_err(|e| classify(e, format_name(format)))?;
+    Ok((format, decoder))
+}
+
+/// Checks dimensions before allocating, decodes and applies EXIF orientation.
+fn decode_oriented(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
+    let (format, mut decoder) = open_decoder(bytes)?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, format_name))?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, format_name(format)))?;
     image.apply_orientation(orientation);
     Ok(image)
 }

@@ -125,8 +125,9 @@ pub fn json_of(response: LocalResponse<'_>) -> serde_json::Value {
 
 /// Asserts `{"error": "..."}` with the status, returns the message.
 pub fn expect_error(response: LocalResponse<'_>, status: Status) -> String {
-    assert_eq!(response.status(), status);
+    let got = response.status();
     let json = json_of(response);
+    assert_eq!(got, status, "body: {json}");
     json["error"].as_str().unwrap_or_else(|| panic!("no error field: {json}")).to_string()
 }
 

@@ -1,0 +1,309 @@
+//! Hostile and unusual input through the real app: every answer is a JSON error with a
+//! fitting status, never a crash, and odd-but-legal images work. The inputs are made here.
+
+mod common;
+
+use common::*;
+use image::{ImageEncoder, Rgb, RgbImage};
+use rocket::http::{ContentType, Header, Status};
+use rocket::local::blocking::Client;
+
+fn logged_in() -> App {
+    let app = app(&[("models", "")]);
+    login(&app.client);
+    app
+}
+
+fn jpeg(image: &RgbImage, exif: Option<Vec<u8>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
+    if let Some(exif) = exif {
+        encoder.set_exif_metadata(exif).unwrap();
+    }
+    encoder.write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8).unwrap();
+    out
+}
+
+/// A big-endian TIFF/EXIF block with only the Orientation tag.
+fn exif_orientation(value: u16) -> Vec<u8> {
+    let mut t = b"MM\0\x2a\0\0\0\x08".to_vec();
+    t.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    t.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    t.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    t.extend_from_slice(&1u32.to_be_bytes()); // count
+    t.extend_from_slice(&value.to_be_bytes());
+    t.extend_from_slice(&[0, 0]);
+    t.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    t
+}
+
+/// Three flat blocks: red top-left, green top-right, blue bottom half.
+fn quadrants(width: u32, height: u32) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| match (x < width / 2, y < height / 2) {
+        (true, true) => Rgb([220, 30, 30]),
+        (false, true) => Rgb([30, 200, 30]),
+        _ => Rgb([30, 30, 220]),
+    })
+}
+
+fn dominant(p: &Rgb<u8>) -> char {
+    let [r, g, b] = p.0;
+    if r > g && r > b {
+        'R'
+    } else if g > b {
+        'G'
+    } else {
+        'B'
+    }
+}
+
+/// Colour letters at the four corners (inset) of the working image.
+fn corners(client: &Client) -> (u32, u32, String) {
+    let img = decode(&client.get("/get_image").dispatch().into_bytes().unwrap()).to_rgb8();
+    let (w, h) = img.dimensions();
+    let at = |x: u32, y: u32| dominant(img.get_pixel(x, y));
+    let s = [at(w / 8, h / 8), at(w - w / 8, h / 8), at(w / 8, h - h / 8), at(w - w / 8, h - h / 8)].iter().collect();
+    (w, h, s)
+}
+
+#[test]
+fn exif_orientations_1_to_8_are_applied() {
+    // Original (64x32): corners TL=R, TR=G, BL=B, BR=B. Expected displayed corners per EXIF value.
+    let expected = [
+        (1, (64, 32), "RGBB"),
+        (2, (64, 32), "GRBB"),
+        (3, (64, 32), "BBGR"),
+        (4, (64, 32), "BBRG"),
+        (5, (32, 64), "RBGB"),
+        (6, (32, 64), "BRBG"),
+        (7, (32, 64), "BGBR"),
+        (8, (32, 64), "GBRB"),
+    ];
+    let app = logged_in();
+    for (value, size, corner_colours) in expected {
+        let bytes = jpeg(&quadrants(64, 32), Some(exif_orientation(value)));
+        let up = json_of(upload(&app.client, "o.jpg", &bytes));
+        assert_eq!(
+            (up["width"].as_u64().unwrap() as u32, up["height"].as_u64().unwrap() as u32),
+            size,
+            "orientation {value}"
+        );
+        let (_, _, seen) = corners(&app.client);
+        assert_eq!(seen, corner_colours, "orientation {value}");
+    }
+}
+
+#[test]
+fn a_huge_jpeg_is_decoded_at_reduced_scale_and_oriented() {
+    // 6000x4000 (24 MP) with EXIF orientation 6: displayed 4000x6000, decoded at 1/2 (2000 wide >= 1280).
+    let bytes = jpeg(&quadrants(6000, 4000), Some(exif_orientation(6)));
+    let scene = drishya::imaging::decode_scene(&bytes, 1280).unwrap();
+    assert_eq!((scene.original_width, scene.original_height), (4000, 6000));
+    assert_eq!(scene.image.width(), 1280);
+    assert!(scene.decode_divisor >= 2, "decoded at 1/{}", scene.decode_divisor);
+    let app = logged_in();
+    let up = json_of(upload(&app.client, "big.jpg", &bytes));
+    assert_eq!((up["width"].as_u64(), up["height"].as_u64()), (Some(1280), Some(1920)));
+    assert_eq!(corners(&app.client).2, "BRBG");
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut crc_input = kind.to_vec();
+    crc_input.extend_from_slice(data);
+    out.extend_from_slice(&crc_input);
+    out.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A valid-looking PNG header claiming 100000 x 100000 RGB pixels (30 GB), a few bytes long.
+fn bomb_png() -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png_chunk(&mut out, b"IHDR", &ihdr);
+    png_chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    png_chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+#[test]
+fn a_decompression_bomb_is_refused_before_allocation() {
+    let app = logged_in();
+    let bomb = bomb_png();
+    assert!(bomb.len() < 100);
+    let before = drishya::sysmem::process_rss().1;
+    let msg = expect_error(upload(&app.client, "bomb.png", &bomb), Status::PayloadTooLarge);
+    assert!(msg.contains("too large"), "{msg}");
+    let after = drishya::sysmem::process_rss().1;
+    assert!(after - before < 200 * 1024 * 1024, "peak RSS grew by {} MB", (after - before) >> 20);
+}
+
+#[test]
+fn an_upload_over_the_limit_is_413() {
+    let app = app(&[("models", ""), ("max_upload_mb", "1")]);
+    login(&app.client);
+    let big = vec![0u8; 1024 * 1024 + 10];
+    let msg = expect_error(upload(&app.client, "big.png", &big), Status::PayloadTooLarge);
+    assert!(msg.contains("1 MB"), "{msg}");
+}
+
+#[test]
+fn truncated_and_corrupt_images_are_400() {
+    let app = logged_in();
+    let photo = decode(&read(&shared("images/coffee.png"))).to_rgb8();
+    let png = png_bytes(&photo);
+    let jpg = jpeg(&photo, None);
+    let mut webp = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+        .write_image(photo.as_raw(), photo.width(), photo.height(), image::ExtendedColorType::Rgb8)
+        .unwrap();
+    for (name, bytes) in [("png", &png), ("jpg", &jpg), ("webp", &webp)] {
+        let cut = &bytes[..bytes.len() / 3];
+        let response = upload(&app.client, name, cut);
+        assert_eq!(response.status(), Status::BadRequest, "truncated {name}");
+        let msg = json_of(response)["error"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains("truncated or corrupt"), "{name}: {msg}");
+        let mut garbled = bytes.clone();
+        let mid = garbled.len() / 2;
+        garbled.truncate(mid + 64);
+        garbled.extend(std::iter::repeat_n(0xff, 4096));
+        let response = upload(&app.client, name, &garbled);
+        assert!(
+            response.status() == Status::BadRequest || response.status() == Status::Ok,
+            "{name} garbled: {}",
+            response.status()
+        );
+        assert_eq!(upload(&app.client, name, bytes).status(), Status::Ok, "{name} whole");
+    }
+}
+
+#[test]
+fn unusual_but_legal_pngs_and_other_formats() {
+    let app = logged_in();
+    // 16-bit RGB.
+    let deep = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_pixel(40, 30, image::Rgb([65535, 0, 32768]));
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb16(deep)
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    assert_eq!(upload(&app.client, "deep.png", &bytes).status(), Status::Ok);
+    assert_eq!(corners_pixel(&app.client), Rgb([255, 0, 128]));
+    // Grayscale.
+    let grey = image::GrayImage::from_pixel(40, 30, image::Luma([77]));
+    let bytes = drishya::imaging::encode_png(&grey).unwrap();
+    assert_eq!(upload(&app.client, "grey.png", &bytes).status(), Status::Ok);
+    assert_eq!(corners_pixel(&app.client), Rgb([77, 77, 77]));
+    // Palette, with a transparent entry (over white).
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, 4, 2);
+        encoder.set_color(png::ColorType::Indexed);
+        encoder.set_palette(vec![10, 20, 30, 200, 100, 0]);
+        encoder.set_trns(vec![0, 255]);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[0, 1, 0, 1, 0, 1, 0, 1]).unwrap();
+    }
+    assert_eq!(upload(&app.client, "palette.png", &bytes).status(), Status::Ok);
+    let img = decode(&app.client.get("/get_image").dispatch().into_bytes().unwrap()).to_rgb8();
+    assert_eq!(img.get_pixel(0, 0), &Rgb([255, 255, 255]), "transparent palette entry over white");
+    assert_eq!(img.get_pixel(1, 0), &Rgb([200, 100, 0]));
+    // GIF and BMP are not among the accepted formats, whatever the name says.
+    let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
+    expect_error(upload(&app.client, "photo.jpg", &gif), Status::UnsupportedMediaType);
+    expect_error(upload(&app.client, "photo.png", b"BM\x3a\0\0\0\0\0\0\0\x36\0\0\0"), Status::UnsupportedMediaType);
+    // A real PNG named .jpg with a wrong Content-Type is still a PNG.
+    let (ct, body) = multipart(&[Part::File {
+        name: "image",
+        filename: "x.jpg",
+        content_type: "text/plain",
+        bytes: &png_bytes(&quadrants(8, 8)),
+    }]);
+    assert_eq!(app.client.post("/upload_image").header(ct).body(body).dispatch().status(), Status::Ok);
+}
+
+fn corners_pixel(client: &Client) -> Rgb<u8> {
+    *decode(&client.get("/get_image").dispatch().into_bytes().unwrap()).to_rgb8().get_pixel(0, 0)
+}
+
+#[test]
+fn malformed_requests_name_the_field() {
+    let app = logged_in();
+    assert_eq!(upload(&app.client, "c.png", &png_bytes(&quadrants(100, 80))).status(), Status::Ok);
+    let post =
+        |body: &str| app.client.post("/generate_mask").header(ContentType::JSON).body(body.to_string()).dispatch();
+    for (body, needle) in [
+        (r#"{"x_min":"NaN","y_min":0,"x_max":10,"y_max":10}"#, "x_min"),
+        (r#"{"x_min":0,"y_min":-1e400,"x_max":10,"y_max":10}"#, "JSON"),
+        (r#"{"x_min":0,"y_min":0,"x_max":null,"y_max":10}"#, "x_max"),
+        (r#"{"x_min":0,"y_min":0,"x_max":10}"#, "y_max"),
+        ("[]", "JSON"),
+        ("", "JSON"),
+    ] {
+        let msg = expect_error(post(body), Status::BadRequest);
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    let huge = format!(r#"{{"x_min":0,"y_min":0,"x_max":10,"y_max":10,"pad":"{}"}}"#, "x".repeat(100_000));
+    expect_error(post(&huge), Status::BadRequest);
+    // Form without the file.
+    let (ct, body) = multipart(&[Part::Text("other", "1")]);
+    let msg = expect_error(app.client.post("/upload_image").header(ct).body(body).dispatch(), Status::BadRequest);
+    assert!(msg.contains("image"), "{msg}");
+}
+
+#[rocket::get("/boom")]
+fn boom() -> &'static str {
+    panic!("a bug in a handler")
+}
+
+#[test]
+fn a_panicking_handler_answers_500_json_and_the_server_lives_on() {
+    let (figment, _temp) = test_figment(&[]);
+    let client = Client::tracked(drishya::build(figment).mount("/test", rocket::routes![boom])).unwrap();
+    let msg = expect_error(client.get("/test/boom").dispatch(), Status::InternalServerError);
+    assert!(!msg.contains("a bug"), "internal detail leaked: {msg}");
+    assert_eq!(client.get("/health").dispatch().status(), Status::Ok);
+}
+
+#[test]
+fn cross_site_posts_are_refused() {
+    let app = logged_in();
+    let forged = app
+        .client
+        .post("/upload_image")
+        .header(Header::new("Origin", "https://evil.example"))
+        .header(Header::new("Host", "drishya.example"))
+        .header(ContentType::JSON)
+        .body("{}")
+        .dispatch();
+    expect_error(forged, Status::Forbidden);
+    let forged_login = app
+        .client
+        .post("/login")
+        .header(Header::new("Sec-Fetch-Site", "cross-site"))
+        .header(ContentType::Form)
+        .body("password=x")
+        .dispatch();
+    assert_eq!(forged_login.status(), Status::Forbidden);
+    let same = app
+        .client
+        .post("/generate_mask")
+        .header(Header::new("Origin", "http://drishya.example"))
+        .header(Header::new("Host", "drishya.example"))
+        .header(ContentType::JSON)
+        .body(r#"{"x_min":0,"y_min":0,"x_max":1,"y_max":1}"#)
+        .dispatch();
+    assert_ne!(same.status(), Status::Forbidden);
+}
