@@ -23,7 +23,7 @@ use crate::imaging;
 use crate::models::ModelManager;
 use crate::params::{self, ReplaceFields};
 use crate::segment::{self, BoxPrompt};
-use crate::storage::{Artefact, SessionId, TempStore};
+use crate::storage::{Artefact, SessionId, StorageError, TempStore};
 
 type Store = State<Arc<TempStore>>;
 
@@ -50,11 +50,19 @@ fn file_field<'a, 'r>(
     name: &'static str,
     cfg: &AppConfig,
 ) -> ApiResult<&'a TempFile<'r>> {
-    match field {
-        Ok(file) => Ok(file),
-        Err(errors) if errors.status() == Status::PayloadTooLarge => Err(form_error(errors, cfg)),
-        Err(_) => Err(InputError::MissingField(name).into()),
+    let errors = match field {
+        Ok(file) => return Ok(file),
+        Err(errors) if errors.status() == Status::PayloadTooLarge => return Err(form_error(errors, cfg)),
+        Err(errors) => errors,
+    };
+    // Rocket writes uploads under TEMP_DIR too: a full or read-only disk shows up here.
+    for error in errors.iter() {
+        if let rocket::form::error::ErrorKind::Io(io) = &error.kind {
+            let io = std::io::Error::new(io.kind(), io.to_string());
+            return Err(StorageError::from_write(io).into());
+        }
     }
+    Err(InputError::MissingField(name).into())
 }
 
 /// The whole upload, read from Rocket's temp file (already capped by the `file` limit).

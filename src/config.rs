@@ -249,7 +249,18 @@ pub fn environment_name(profile: &str) -> String {
 pub fn figment() -> Figment {
     let base = rocket::Config::figment().merge(Toml::file(Env::var_or("ROCKET_CONFIG", "Rocket.toml")).nested());
     let merged = base.merge(Env::raw().only(BARE_ENV));
-    with_upload_limits(merged)
+    with_upload_limits(with_temp_dir(merged))
+}
+
+/// `temp_dir` is both Rocket's (uploads in flight) and ours (artefacts): one place for
+/// all temporary files. Without `TEMP_DIR` both use the /dev/shm-then-/tmp default.
+fn with_temp_dir(figment: Figment) -> Figment {
+    if figment.contains("temp_dir") {
+        return figment;
+    }
+    let default = AppConfig::default().resolved_temp_dir();
+    let _ = std::fs::create_dir_all(&default);
+    figment.merge(Serialized::default("temp_dir", default))
 }
 
 /// Sets `limits.data-form`/`limits.file` from `max_upload_mb` (plus multipart overhead).

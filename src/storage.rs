@@ -78,10 +78,12 @@ impl StorageError {
         }
     }
 
-    fn from_write(error: io::Error) -> Self {
-        match error.raw_os_error() {
-            Some(ENOSPC) | Some(EDQUOT) => StorageError::Full(error),
-            Some(EROFS) => StorageError::ReadOnly(error),
+    /// Classifies a failed write: full (507), read-only or other (500).
+    pub fn from_write(error: io::Error) -> Self {
+        use io::ErrorKind::{QuotaExceeded, ReadOnlyFilesystem, StorageFull};
+        match (error.raw_os_error(), error.kind()) {
+            (Some(ENOSPC | EDQUOT), _) | (_, StorageFull | QuotaExceeded) => StorageError::Full(error),
+            (Some(EROFS), _) | (_, ReadOnlyFilesystem) => StorageError::ReadOnly(error),
             _ => StorageError::Io(error),
         }
     }

@@ -1,0 +1,107 @@
+//! Storage faults through the real app: a full tmpfs (ENOSPC), a read-only mount, a
+//! deleted TEMP_DIR. These mount tmpfs, so they need root (CI and the dev machines run as
+//! root); without it they fail with a message saying so, they never skip.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use rocket::http::Status;
+
+/// A tmpfs mount that is unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(dir).status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "mounting a tmpfs at {} failed: these tests need root (mount -t tmpfs)",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn remount(&self, options: &str) {
+        let status = Command::new("mount").args(["-o", &format!("remount,{options}")]).arg(&self.0).status().unwrap();
+        assert!(status.success(), "remount {options}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn fill(dir: &Path) {
+    // Write until the filesystem is full.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", dir.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+fn coffee() -> Vec<u8> {
+    read(&shared("images/coffee.png"))
+}
+
+#[test]
+fn a_full_temp_dir_answers_507_health_says_so_and_the_app_recovers() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("shm");
+    let mount = Tmpfs::mount(&dir, "size=2m");
+    let app = app(&[("models", ""), ("temp_dir", dir.to_str().unwrap())]);
+    login(&app.client);
+    fill(&dir);
+    let msg = expect_error(upload(&app.client, "coffee.png", &coffee()), Status::InsufficientStorage);
+    assert!(msg.contains("storage is full"), "{msg}");
+    let health = json_of(app.client.get("/health").dispatch());
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["directories"]["temp_dir_writable"], false);
+    assert!(
+        !dir.join("sessions").read_dir().unwrap().flatten().any(|e| e
+            .path()
+            .read_dir()
+            .unwrap()
+            .flatten()
+            .any(|f| f.file_name().to_string_lossy().ends_with(".tmp"))),
+        "no partial files left"
+    );
+    std::fs::remove_file(dir.join("filler")).unwrap();
+    assert_eq!(upload(&app.client, "coffee.png", &coffee()).status(), Status::Ok);
+    assert_eq!(json_of(app.client.get("/health").dispatch())["status"], "healthy");
+    drop(app);
+    drop(mount);
+}
+
+#[test]
+fn a_read_only_temp_dir_answers_a_clear_500() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("ro");
+    let mount = Tmpfs::mount(&dir, "size=4m");
+    let app = app(&[("models", ""), ("temp_dir", dir.to_str().unwrap())]);
+    login(&app.client);
+    mount.remount("ro");
+    let msg = expect_error(upload(&app.client, "coffee.png", &coffee()), Status::InternalServerError);
+    assert!(msg.contains("read-only"), "{msg}");
+    assert_eq!(json_of(app.client.get("/health").dispatch())["directories"]["temp_dir_writable"], false);
+    mount.remount("rw");
+    assert_eq!(upload(&app.client, "coffee.png", &coffee()).status(), Status::Ok);
+    drop(app);
+    drop(mount);
+}
+
+#[test]
+fn a_deleted_temp_dir_is_recreated() {
+    let app = app(&[("models", "")]);
+    login(&app.client);
+    let root = app.temp.path().join("artefacts");
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!(upload(&app.client, "coffee.png", &coffee()).status(), Status::Ok);
+    assert!(root.is_dir());
+}
