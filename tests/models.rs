@@ -186,3 +186,35 @@ fn sam_first_then_u2netp_serves_masks_from_sam() {
     assert_eq!(h["model"]["kind"], "sam");
     assert!(h["model"]["file_size_mb"].as_f64().unwrap() > 40.0);
 }
+
+#[test]
+fn a_failed_load_is_retried_after_the_retry_interval_not_on_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("late.onnx");
+    let app = ready(&[("models", model.to_str().unwrap()), ("model_retry_secs", "1"), ("box_fallback", "false")]);
+    let manager = app.client.rocket().state::<Arc<ModelManager>>().unwrap();
+    expect_error(generate_mask(&app.client, CUP), Status::ServiceUnavailable);
+    expect_error(generate_mask(&app.client, CUP), Status::ServiceUnavailable);
+    assert_eq!(manager.load_count(), 1, "the second request reuses the failure");
+    std::fs::copy(u2netp(), &model).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(generate_mask(&app.client, CUP).status(), Status::Ok);
+    assert_eq!(manager.load_count(), 2);
+    assert_eq!(health(&app)["model"]["state"], "ready");
+}
+
+#[test]
+fn an_idle_model_is_unloaded_and_reloaded_on_the_next_request() {
+    let app = ready(&[("model_idle_unload_secs", "1")]);
+    let manager = app.client.rocket().state::<Arc<ModelManager>>().unwrap();
+    assert_eq!(generate_mask(&app.client, CUP).status(), Status::Ok);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while health(&app)["model"]["state"] != "unloaded" {
+        assert!(std::time::Instant::now() < deadline, "model was not unloaded: {}", health(&app));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(health(&app)["model_loaded"], false);
+    assert_eq!(health(&app)["model"]["idle_unload_secs"], 1);
+    assert_eq!(generate_mask(&app.client, CUP).status(), Status::Ok);
+    assert_eq!(manager.load_count(), 2);
+}
