@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 use rocket::data::{Data, ToByteUnit};
+use rocket::fairing::AdHoc;
 use rocket::form::{Errors, Form};
 use rocket::fs::TempFile;
 use rocket::http::{ContentType, Header, Status};
@@ -19,6 +20,7 @@ use crate::auth::User;
 use crate::composite::{self, Settings};
 use crate::config::AppConfig;
 use crate::error::{ApiError, ApiResult, InputError};
+use crate::gate::{Busy, Gate, Pass};
 use crate::imaging;
 use crate::models::ModelManager;
 use crate::params::{self, ReplaceFields};
@@ -26,6 +28,29 @@ use crate::segment::{self, BoxPrompt};
 use crate::storage::{Artefact, SessionId, StorageError, TempStore};
 
 type Store = State<Arc<TempStore>>;
+
+/// Seconds a client is told to wait when the image queue is full.
+const IMAGE_RETRY_SECS: u64 = 2;
+
+/// The gate for heavy image work (decode, composite, PNG encode): each admitted job
+/// may hold a few decoded images, so their number is what bounds memory.
+pub struct ImageJobs(Gate);
+
+impl ImageJobs {
+    async fn enter(&self) -> Result<Pass, Busy> {
+        self.0.enter(IMAGE_RETRY_SECS).await
+    }
+}
+
+/// Manages the image-job gate from `IMAGE_CONCURRENCY` / `IMAGE_QUEUE`.
+pub fn stage() -> AdHoc {
+    AdHoc::on_ignite("Image job gate", |rocket| async move {
+        let Some((running, queue)) = rocket.state::<AppConfig>().map(|c| (c.image_concurrency, c.image_queue)) else {
+            return rocket;
+        };
+        rocket.manage(ImageJobs(Gate::new(running, queue)))
+    })
+}
 
 /// Runs blocking work off the async workers; a panic inside becomes a 500, not a crash.
 async fn blocking<T, F>(work: F) -> ApiResult<T>
@@ -84,9 +109,12 @@ async fn upload_image(
     form: Result<Form<UploadForm<'_>>, Errors<'_>>,
     cfg: &State<AppConfig>,
     store: &Store,
+    jobs: &State<ImageJobs>,
 ) -> ApiResult<Json<Value>> {
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let file = file_field(&form.image, "image", cfg)?;
+    // The upload stays on disk until this job may run: only admitted jobs hold pixels.
+    let _pass = jobs.enter().await?;
     let bytes = read_upload(file).await?;
     let max_width = cfg.max_image_width;
     let store = store.inner().clone();
@@ -120,6 +148,7 @@ async fn generate_mask(
     body: Data<'_>,
     store: &Store,
     models: &State<Arc<ModelManager>>,
+    jobs: &State<ImageJobs>,
 ) -> ApiResult<Json<Value>> {
     let started = Instant::now();
     let body =
@@ -128,6 +157,7 @@ async fn generate_mask(
         return Err(InputError::MalformedJson("the body is larger than 64 KiB".into()).into());
     }
     let coords = params::parse_box(&body)?;
+    let pass = jobs.enter().await?;
     let (scene, key) = {
         let store = store.inner().clone();
         let session = user.session.clone();
@@ -137,9 +167,11 @@ async fn generate_mask(
         })
         .await?
     };
+    drop(pass);
     let prompt = segment::clip_box(coords, scene.width(), scene.height())?;
     let scene = Arc::new(scene);
     let outcome = models.segment(scene.clone(), key, prompt).await?;
+    let _pass = jobs.enter().await?;
     let store = store.inner().clone();
     let session = user.session;
     let (area, bbox) = blocking(move || {
@@ -204,11 +236,13 @@ async fn replace_product(
     form: Result<Form<ReplaceForm<'_>>, Errors<'_>>,
     cfg: &State<AppConfig>,
     store: &Store,
+    jobs: &State<ImageJobs>,
 ) -> ApiResult<Json<Value>> {
     let started = Instant::now();
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let settings = form.settings()?;
     let file = file_field(&form.product_image, "product_image", cfg)?;
+    let _pass = jobs.enter().await?;
     let bytes = read_upload(file).await?;
     let store = store.inner().clone();
     let session = user.session;

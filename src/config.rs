@@ -29,6 +29,8 @@ const BARE_ENV: &[&str] = &[
     "MEMORY_BUDGET_MB",
     "INFERENCE_CONCURRENCY",
     "INFERENCE_QUEUE",
+    "IMAGE_CONCURRENCY",
+    "IMAGE_QUEUE",
     "MODEL_IDLE_UNLOAD_SECS",
     "MODEL_RETRY_SECS",
     "BOX_FALLBACK",
@@ -47,8 +49,10 @@ const PRODUCTION_MARKERS: &[&str] = &["RAILWAY_ENVIRONMENT", "HEROKU_APP_NAME", 
 pub struct AppConfig {
     /// Login password; `None` means "default password" (refused in production).
     pub app_password: Option<String>,
-    /// Where artefacts live; `None`: /dev/shm/drishya when writable, else /tmp/drishya.
-    pub temp_dir: Option<PathBuf>,
+    /// Where artefacts live (env `TEMP_DIR`); `None`: /dev/shm/drishya when writable,
+    /// else /tmp/drishya. Uploads in flight stay in Rocket's `temp_dir` (the OS temp
+    /// dir, on disk): on a 512 MB host, 64 uploads in /dev/shm would be 256 MB of RAM.
+    pub artefact_dir: Option<PathBuf>,
     pub max_image_width: u32,
     pub max_upload_mb: u64,
     /// Ordered, comma-separated model locations (file, SAM folder or http(s) URL).
@@ -61,6 +65,10 @@ pub struct AppConfig {
     pub memory_budget_mb: Option<u64>,
     pub inference_concurrency: usize,
     pub inference_queue: usize,
+    /// Image jobs (decode, composite, encode) at once; each holds decoded images.
+    pub image_concurrency: usize,
+    /// Image jobs waiting; beyond that, 503 + Retry-After.
+    pub image_queue: usize,
     /// 0 = never unload.
     pub model_idle_unload_secs: u64,
     /// After a failed load, the next attempt waits at least this long.
@@ -68,7 +76,8 @@ pub struct AppConfig {
     /// When every configured model fails, answer with the box itself instead of 503.
     pub box_fallback: bool,
     pub temp_ttl_secs: u64,
-    /// Cap on the bytes kept under `temp_dir`; the oldest sessions are evicted first.
+    /// Cap on the bytes kept under the artefact dir; the least recently used sessions
+    /// are evicted first (it is RAM when the dir is on /dev/shm).
     pub temp_max_mb: u64,
     /// Size of the global rayon pool (0 = one per available CPU).
     pub rayon_threads: usize,
@@ -79,7 +88,7 @@ impl Default for AppConfig {
     fn default() -> Self {
         AppConfig {
             app_password: None,
-            temp_dir: None,
+            artefact_dir: None,
             max_image_width: 1280,
             max_upload_mb: 16,
             models: String::new(),
@@ -89,11 +98,13 @@ impl Default for AppConfig {
             memory_budget_mb: None,
             inference_concurrency: 1,
             inference_queue: 8,
+            image_concurrency: 2,
+            image_queue: 64,
             model_idle_unload_secs: 0,
             model_retry_secs: 30,
             box_fallback: false,
             temp_ttl_secs: 3600,
-            temp_max_mb: 256,
+            temp_max_mb: 128,
             rayon_threads: 1,
             download_timeout_secs: 300,
         }
@@ -130,6 +141,12 @@ impl AppConfig {
         }
         if self.inference_queue > 10_000 {
             return invalid("INFERENCE_QUEUE", "must be at most 10000");
+        }
+        if !(1..=64).contains(&self.image_concurrency) {
+            return invalid("IMAGE_CONCURRENCY", "must be between 1 and 64");
+        }
+        if self.image_queue > 10_000 {
+            return invalid("IMAGE_QUEUE", "must be at most 10000");
         }
         if self.max_model_mb == 0 {
             return invalid("MAX_MODEL_MB", "must be at least 1");
@@ -194,7 +211,7 @@ impl AppConfig {
 
     /// The directory for artefacts, with the /dev/shm-then-/tmp default.
     pub fn resolved_temp_dir(&self) -> PathBuf {
-        match &self.temp_dir {
+        match &self.artefact_dir {
             Some(dir) => dir.clone(),
             None if is_writable_dir(Path::new("/dev/shm")) => PathBuf::from("/dev/shm/drishya"),
             None => std::env::temp_dir().join("drishya"),
@@ -248,19 +265,12 @@ pub fn environment_name(profile: &str) -> String {
 /// a 16 MB upload is not cut at Rocket's 2 MiB / 1 MiB defaults.
 pub fn figment() -> Figment {
     let base = rocket::Config::figment().merge(Toml::file(Env::var_or("ROCKET_CONFIG", "Rocket.toml")).nested());
-    let merged = base.merge(Env::raw().only(BARE_ENV));
-    with_upload_limits(with_temp_dir(merged))
-}
-
-/// `temp_dir` is both Rocket's (uploads in flight) and ours (artefacts): one place for
-/// all temporary files. Without `TEMP_DIR` both use the /dev/shm-then-/tmp default.
-fn with_temp_dir(figment: Figment) -> Figment {
-    if figment.contains("temp_dir") {
-        return figment;
-    }
-    let default = AppConfig::default().resolved_temp_dir();
-    let _ = std::fs::create_dir_all(&default);
-    figment.merge(Serialized::default("temp_dir", default))
+    // TEMP_DIR is ours (artefacts), not Rocket's `temp_dir` (uploads in flight).
+    let env = Env::raw().only(BARE_ENV).map(|key| match key.as_str() {
+        "temp_dir" => "artefact_dir".into(),
+        other => other.into(),
+    });
+    with_upload_limits(base.merge(env))
 }
 
 /// Sets `limits.data-form`/`limits.file` from `max_upload_mb` (plus multipart overhead).

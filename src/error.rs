@@ -49,8 +49,8 @@ pub enum ApiError {
     Composite(#[from] CompositeError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("{0}")]
-    Missing(&'static str),
+    #[error(transparent)]
+    Busy(#[from] crate::gate::Busy),
     #[error("the server could not finish this request")]
     Internal(String),
 }
@@ -64,7 +64,7 @@ impl From<&ApiError> for Status {
             ApiError::Segment(e) => e.status(),
             ApiError::Composite(_) => Status::BadRequest,
             ApiError::Storage(e) => e.status(),
-            ApiError::Missing(_) => Status::NotFound,
+            ApiError::Busy(_) => Status::ServiceUnavailable,
             ApiError::Internal(_) => Status::InternalServerError,
         }
     }
@@ -84,6 +84,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Segment(e) => e.retry_after(),
+            ApiError::Busy(busy) => Some(busy.retry_after),
             _ => None,
         }
     }

@@ -12,6 +12,7 @@ pub mod composite;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod gate;
 pub mod health;
 pub mod imaging;
 pub mod models;
@@ -39,6 +40,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .attach(web::threads())
         .attach(storage::stage())
         .attach(models::stage())
+        .attach(api::stage())
         .attach(Template::fairing())
         .attach(web::headers())
         .attach(web::assets())

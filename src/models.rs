@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use image::{GrayImage, RgbImage};
 use rocket::fairing::AdHoc;
-use rocket::tokio::sync::{Mutex as AsyncMutex, Semaphore};
+use rocket::tokio::sync::Mutex as AsyncMutex;
 use rocket::tokio::task::spawn_blocking;
 use serde::Serialize;
 
 use crate::config::AppConfig;
 use crate::download::{self, DownloadRequest};
+use crate::gate::Gate;
 use crate::segment::onnx::{self, GraphKind};
 use crate::segment::salient::SalientSegmenter;
 use crate::segment::sam::SamSegmenter;
@@ -130,8 +131,7 @@ pub struct ModelManager {
     settings: ModelSettings,
     slot: Arc<AsyncMutex<Slot>>,
     status: Arc<Mutex<ModelStatus>>,
-    admission: Arc<Semaphore>,
-    running: Arc<Semaphore>,
+    gate: Gate,
     last_used: Mutex<Instant>,
     loads: Arc<AtomicUsize>,
 }
@@ -160,8 +160,7 @@ impl ModelManager {
         };
         let slot = if none { Slot::Ready(Arc::new(BoxSegmenter::default())) } else { Slot::Empty };
         ModelManager {
-            admission: Arc::new(Semaphore::new(settings.concurrency + settings.queue)),
-            running: Arc::new(Semaphore::new(settings.concurrency)),
+            gate: Gate::new(settings.concurrency, settings.queue),
             settings,
             slot: Arc::new(AsyncMutex::new(slot)),
             status: Arc::new(Mutex::new(status)),
@@ -189,18 +188,10 @@ impl ModelManager {
         image_key: String,
         prompt: BoxPrompt,
     ) -> Result<MaskOutcome, SegmentError> {
-        let _admitted = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SegmentError::Busy { retry_after: self.retry_hint() })?;
+        let admitted = self.gate.admit(self.retry_hint())?;
         let segmenter = self.segmenter().await?;
-        let _running = self
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| SegmentError::Unavailable("the service is shutting down".into()))?;
+        let _running =
+            admitted.run().await.ok_or_else(|| SegmentError::Unavailable("the service is shutting down".into()))?;
         let model = segmenter.info().clone();
         let mask = spawn_blocking(move || {
             let mask = segmenter.segment(&SegmentRequest { image: &image, image_key: &image_key, prompt });

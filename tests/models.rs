@@ -218,3 +218,30 @@ fn an_idle_model_is_unloaded_and_reloaded_on_the_next_request() {
     assert_eq!(generate_mask(&app.client, CUP).status(), Status::Ok);
     assert_eq!(manager.load_count(), 2);
 }
+
+#[rocket::async_test]
+async fn image_work_is_bounded_too_uploads_beyond_the_queue_get_503() {
+    let (figment, _temp) = test_figment(&[("image_queue", "0"), ("image_concurrency", "1"), ("models", "")]);
+    let client = AsyncClient::tracked(drishya::build(figment)).await.unwrap();
+    let login =
+        client.post("/login").header(ContentType::Form).body(format!("password={}", PASSWORD.replace(' ', "+")));
+    assert_eq!(login.dispatch().await.status(), Status::SeeOther);
+    // A 2400x1600 PNG keeps a job busy long enough for the others to arrive.
+    let big = image::imageops::resize(
+        &image::load_from_memory(&coffee()).unwrap().to_rgb8(),
+        2400,
+        1600,
+        image::imageops::FilterType::Nearest,
+    );
+    let bytes = png_bytes(&big);
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "big.png", content_type: "image/png", bytes: &bytes }]);
+    let requests = (0..4).map(|_| client.post("/upload_image").header(ct.clone()).body(body.clone()).dispatch());
+    let responses = futures_join_all(requests).await;
+    let busy: Vec<_> = responses.iter().filter(|r| r.status() == Status::ServiceUnavailable).collect();
+    assert!(responses.iter().any(|r| r.status() == Status::Ok));
+    assert!(!busy.is_empty(), "with one job and no queue, simultaneous uploads are turned away");
+    for r in busy {
+        assert!(r.headers().get_one("Retry-After").is_some());
+    }
+}

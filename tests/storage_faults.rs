@@ -55,7 +55,7 @@ fn a_full_temp_dir_answers_507_health_says_so_and_the_app_recovers() {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("shm");
     let mount = Tmpfs::mount(&dir, "size=2m");
-    let app = app(&[("models", ""), ("temp_dir", dir.to_str().unwrap())]);
+    let app = app(&[("models", ""), ("artefact_dir", dir.to_str().unwrap())]);
     login(&app.client);
     fill(&dir);
     let msg = expect_error(upload(&app.client, "coffee.png", &coffee()), Status::InsufficientStorage);
@@ -84,7 +84,7 @@ fn a_read_only_temp_dir_answers_a_clear_500() {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("ro");
     let mount = Tmpfs::mount(&dir, "size=4m");
-    let app = app(&[("models", ""), ("temp_dir", dir.to_str().unwrap())]);
+    let app = app(&[("models", ""), ("artefact_dir", dir.to_str().unwrap())]);
     login(&app.client);
     mount.remount("ro");
     let msg = expect_error(upload(&app.client, "coffee.png", &coffee()), Status::InternalServerError);

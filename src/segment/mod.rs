@@ -91,6 +91,12 @@ impl SegmentError {
     }
 }
 
+impl From<crate::gate::Busy> for SegmentError {
+    fn from(busy: crate::gate::Busy) -> Self {
+        SegmentError::Busy { retry_after: busy.retry_after }
+    }
+}
+
 /// A loaded model that turns a box into a mask of the working image's size (0 or 255).
 pub trait Segmenter: Send + Sync {
     fn info(&self) -> &ModelInfo;

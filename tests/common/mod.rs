@@ -44,7 +44,7 @@ pub fn test_figment(settings: &[(&str, &str)]) -> (Figment, tempfile::TempDir) {
     let mut figment = Figment::from(rocket::Config::debug_default())
         .merge(("log_level", "critical"))
         .merge(("app_password", PASSWORD))
-        .merge(("temp_dir", temp.path().join("artefacts")))
+        .merge(("artefact_dir", temp.path().join("artefacts")))
         .merge(("model_cache_dir", temp.path().join("cache")))
         .merge(("models", u2netp()))
         .merge(("template_dir", concat!(env!("CARGO_MANIFEST_DIR"), "/templates")));
