@@ -170,12 +170,13 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     matches!((last_scan, last_end), (Some(scan), Some(end)) if end > scan)
 }
 
-/// Adobe CMYK JPEGs store inverted values; jpeg-decoder hands them back as stored.
+/// CMYK as jpeg-decoder returns it to RGB, the same conversion as the image crate's
+/// decoder uses at full scale (`(255 - c) * (255 - k) / 255`; a test holds them equal).
 fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
     cmyk.chunks_exact(4)
         .flat_map(|p| {
-            let k = u32::from(p[3]);
-            [0, 1, 2].map(|c| ((u32::from(p[c]) * k + 127) / 255) as u8)
+            let k = 255 - u32::from(p[3]);
+            [0, 1, 2].map(|c| (((255 - u32::from(p[c])) * k + 127) / 255) as u8)
         })
         .collect()
 }

@@ -307,3 +307,44 @@ fn cross_site_posts_are_refused() {
         .dispatch();
     assert_ne!(same.status(), Status::Forbidden);
 }
+
+/// A flat CMYK JPEG (Adobe marker) of `width` x `height`.
+fn cmyk_jpeg(width: u16, height: u16, cmyk: [u8; 4]) -> Vec<u8> {
+    let data: Vec<u8> = std::iter::repeat_n(cmyk, usize::from(width) * usize::from(height)).flatten().collect();
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 90).encode(&data, width, height, jpeg_encoder::ColorType::Cmyk).unwrap();
+    out
+}
+
+#[test]
+fn cmyk_jpegs_are_converted_the_same_way_at_full_and_reduced_scale() {
+    let app = logged_in();
+    let cmyk = [20, 200, 220, 10];
+    assert_eq!(upload(&app.client, "small-cmyk.jpg", &cmyk_jpeg(64, 48, cmyk)).status(), Status::Ok);
+    let small = corners_pixel(&app.client);
+    // 3000 px wide: decoded at reduced scale by the DCT path, with our own CMYK conversion.
+    let scene = drishya::imaging::decode_scene(&cmyk_jpeg(3000, 200, cmyk), 1280).unwrap();
+    assert!(scene.decode_divisor >= 2);
+    let big = scene.image.get_pixel(600, 40);
+    for c in 0..3 {
+        assert!(small[c].abs_diff(big[c]) <= 6, "full-scale {small:?} vs reduced {big:?}");
+    }
+    let [r, g, b] = small.0;
+    assert!(r != g || g != b, "a colour, not grey: {small:?}");
+}
+
+#[test]
+fn an_animated_png_uses_its_first_frame() {
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, 8, 8);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_animated(2, 0).unwrap();
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[200, 10, 10].repeat(64)).unwrap();
+        writer.write_image_data(&[10, 10, 200].repeat(64)).unwrap();
+    }
+    let app = logged_in();
+    assert_eq!(upload(&app.client, "anim.png", &bytes).status(), Status::Ok);
+    assert_eq!(corners_pixel(&app.client), Rgb([200, 10, 10]));
+}
