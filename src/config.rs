@@ -266,9 +266,13 @@ pub fn environment_name(profile: &str) -> String {
 pub fn figment() -> Figment {
     let base = rocket::Config::figment().merge(Toml::file(Env::var_or("ROCKET_CONFIG", "Rocket.toml")).nested());
     // TEMP_DIR is ours (artefacts), not Rocket's `temp_dir` (uploads in flight).
-    let env = Env::raw().only(BARE_ENV).map(|key| match key.as_str() {
-        "temp_dir" => "artefact_dir".into(),
-        other => other.into(),
+    // (figment hands `map` the variable's own case: compare without it.)
+    let env = Env::raw().only(BARE_ENV).map(|key| {
+        if key.as_str().eq_ignore_ascii_case("temp_dir") {
+            "artefact_dir".into()
+        } else {
+            key.into()
+        }
     });
     with_upload_limits(base.merge(env))
 }

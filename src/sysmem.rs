@@ -14,10 +14,15 @@ const UNLIMITED_THRESHOLD: u64 = 1 << 60;
 /// multiplies the peak (measured: 317-431 MB vs 238 MB with one arena on U²-Net-p).
 /// Call once at start, before threads exist.
 pub fn tune_allocator() {
+    // A fixed mmap threshold: glibc otherwise raises it after each large free (up to
+    // 32 MB), so tract's freed activations stay in the brk heap. Measured: peaks 30-95 MB
+    // lower, inference 17-50 % slower; and 64 flows in 512 MB without an OOM kill.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads start.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
     }
 }
 
@@ -67,13 +72,21 @@ pub fn cgroup_memory() -> Option<(u64, u64)> {
     None
 }
 
+/// (limit, usage) where usage leaves out inactive page cache, which the kernel
+/// reclaims before it OOM-kills anything.
 fn read_pair(dir: &std::path::Path, limit: &str, usage: &str) -> Option<(u64, u64)> {
     let limit: u64 = fs::read_to_string(dir.join(limit)).ok()?.trim().parse().ok()?;
     if limit >= UNLIMITED_THRESHOLD {
         return None;
     }
-    let usage = fs::read_to_string(dir.join(usage)).ok()?.trim().parse().unwrap_or(0);
-    Some((limit, usage))
+    let usage: u64 = fs::read_to_string(dir.join(usage)).ok()?.trim().parse().unwrap_or(0);
+    let stat = fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+    let inactive_file = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("total_inactive_file ").or_else(|| l.strip_prefix("inactive_file ")))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some((limit, usage.saturating_sub(inactive_file)))
 }
 
 /// Host memory (total, available) in bytes.

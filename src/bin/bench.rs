@@ -12,6 +12,13 @@
 //! JPEGs at quality 90, the 1280-wide working image, its U²-Net-p mask, a product with
 //! alpha, the SAM embedding) so that `scripts/baseline.py` measures the same files.
 //!
+//! Besides the timed stages, `plan_stats` computes each tract plan's live-tensor peak
+//! from its own order and flush lists, and `profile_u2netp` / `profile_sam_encoder` /
+//! `profile_sam_decoder` run a plan node by node: time per op, the live heap
+//! (`mallinfo2`) between nodes and the RSS peak inside each node. `BENCH_MALLOC`
+//! (`mmap_threshold=N,trim_threshold=N`) tries glibc allocator settings without
+//! touching the app. Results and their reading: docs/performance.md.
+//!
 //! ```text
 //! bench [--quick] [--runs N] [--json PATH] [--workdir DIR] [--shared DIR] [--stages a,b] [--fresh]
 //! bench --stage NAME --workdir DIR [--shared DIR] [--runs N] [--no-warmup]
@@ -35,7 +42,7 @@ use drishya::sysmem;
 use image::{GrayImage, RgbImage, RgbaImage};
 use serde_json::{json, Value};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::model::order::{eval_order, eval_order_opt_ram};
+use tract_onnx::tract_core::model::order::{build_flush_list, eval_order};
 use tract_onnx::tract_core::ops::konst::Const;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -134,7 +141,9 @@ fn usage() -> String {
     for (name, what) in STAGES {
         let _ = writeln!(text, "  {name:<12} {what}");
     }
-    text.push_str("  plan_stats   tract plans: weights and live-tensor peak per model (not timed)");
+    text.push_str("  plan_stats   tract plans: live-tensor peak per model (not timed)\n");
+    text.push_str("  profile_u2netp, profile_sam_encoder, profile_sam_decoder   node-by-node time and live heap\n");
+    text.push_str("env BENCH_MALLOC=mmap_threshold=N,trim_threshold=N: glibc allocator experiments");
     text
 }
 
@@ -214,7 +223,7 @@ fn model_info(path: &Path, kind: ModelKind) -> ModelInfo {
 }
 
 /// A photo-like image of `size`: coffee.png upscaled (Catmull-Rom) with deterministic
-/// per-channel grain of +-6 levels, as a camera sensor leaves, so the JPEG has a real
+/// per-channel grain of +-10 levels, as a camera sensor leaves, so the JPEG has a real
 /// photo's size and entropy rather than an upscale's smoothness.
 fn synthetic_photo(source: &RgbImage, size: (u32, u32)) -> RgbImage {
     let mut out = image::imageops::resize(source, size.0, size.1, image::imageops::FilterType::CatmullRom);
@@ -223,7 +232,7 @@ fn synthetic_photo(source: &RgbImage, size: (u32, u32)) -> RgbImage {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let noise = (state % 13) as i16 - 6;
+        let noise = (state % 21) as i16 - 10;
         *v = (i16::from(*v) + noise).clamp(0, 255) as u8;
     }
     out
@@ -545,8 +554,9 @@ fn round_ms(seconds: f64) -> f64 {
 
 fn child(args: &Args, stage: &str) -> Res<()> {
     let inputs = Inputs::new(args);
-    if stage == "plan_stats" {
-        let value = plan_stats(&inputs)?;
+    let malloc = apply_malloc_experiment();
+    if stage == "plan_stats" || stage.starts_with("profile_") {
+        let value = if stage == "plan_stats" { plan_stats(&inputs)? } else { profile(&inputs, stage)? };
         println!("BENCH_RESULT {value}");
         return Ok(());
     }
@@ -598,6 +608,7 @@ fn child(args: &Args, stage: &str) -> Res<()> {
         "peak_load_mb": mb(peak_load),
         "peak_run_mb": reset.then(|| mb(peak_run)),
         "peak_rss_mb": mb(peak),
+        "malloc_experiment": malloc,
         "info": info,
     });
     println!("BENCH_RESULT {value}");
@@ -611,53 +622,214 @@ fn tdim_bytes(d: &TDim) -> u64 {
     d.to_i64().map(|v| v.max(0) as u64).unwrap_or(0)
 }
 
-/// Weights, the largest live set of activation tensors in the plan's order (tract's own
-/// `eval_tmp_memory_usage`), and the same for the plain topological order.
+/// Bytes a node's outputs occupy while alive. `LazyIm2col` outputs are descriptors of a
+/// packing done on the fly inside the matmul: their fact announces the fully packed
+/// size, but nothing of that size is allocated, so they count as zero here.
+fn node_bytes(model: &TypedModel, node: usize) -> u64 {
+    if model.node(node).op.name() == "LazyIm2col" {
+        return 0;
+    }
+    model.node_output_facts(node).map(|facts| facts.iter().map(|f| tdim_bytes(&f.mem_size())).sum()).unwrap_or(0)
+}
+
+/// The largest set of live tensors when the plan runs `order` (tract's execution model:
+/// a node's output is allocated while its inputs are alive; a value is freed after its
+/// last consumer ran). Returns the peak bytes and the tensors alive at the peak.
+fn live_peak(model: &TypedModel, order: &[usize]) -> Res<(u64, Vec<(u64, String)>)> {
+    let outputs = model.output_outlets().map_err(err)?.to_vec();
+    let flush = build_flush_list(model, order, &outputs, |n| !n.op_is::<Const>());
+    let mut live = vec![false; model.nodes().len()];
+    let (mut current, mut peak, mut at_peak) = (0u64, 0u64, Vec::new());
+    for (step, &node) in order.iter().enumerate() {
+        live[node] = true;
+        current += node_bytes(model, node);
+        if current > peak {
+            peak = current;
+            at_peak = live.iter().enumerate().filter(|(_, l)| **l).map(|(n, _)| n).collect();
+        }
+        for &gone in &flush[step] {
+            if std::mem::replace(&mut live[gone], false) {
+                current -= node_bytes(model, gone);
+            }
+        }
+    }
+    let mut tensors: Vec<(u64, String)> = at_peak
+        .into_iter()
+        .map(|n| (node_bytes(model, n), format!("{} ({})", model.node(n).name, model.node(n).op.name())))
+        .filter(|(b, _)| *b > 0)
+        .collect();
+    tensors.sort_by_key(|t| std::cmp::Reverse(t.0));
+    Ok((peak, tensors))
+}
+
+/// Const tensors, and the live-tensor peak in the plan's own order and in the plain
+/// topological order.
 fn describe_plan(name: &str, plan: &Plan) -> Res<Value> {
     let model = plan.model();
     let not_const = |n: &TypedNode| !n.op_is::<Const>();
-    let mut weights = 0u64;
+    let mut consts = 0u64;
     for node in model.nodes().iter().filter(|n| n.op_is::<Const>()) {
         for fact in model.node_output_facts(node.id).map_err(err)? {
-            weights += tdim_bytes(&fact.mem_size());
+            consts += tdim_bytes(&fact.mem_size());
         }
     }
-    let peak_of = |order: &[usize]| -> Res<(u64, String)> {
-        let steps = model.eval_tmp_memory_usage(order, not_const).map_err(err)?;
-        let (node, bytes) = steps
-            .iter()
-            .map(|(n, d)| (*n, tdim_bytes(d)))
-            .max_by_key(|(_, b)| *b)
-            .ok_or_else(|| "empty plan".to_string())?;
-        Ok((bytes, model.node(node).name.clone()))
-    };
-    let (plan_peak, plan_node) = peak_of(plan.order_without_consts())?;
-    let opt_order: Vec<usize> =
-        eval_order_opt_ram(model).map_err(err)?.into_iter().filter(|&n| not_const(model.node(n))).collect();
-    let simple_order: Vec<usize> =
-        eval_order(model).map_err(err)?.into_iter().filter(|&n| not_const(model.node(n))).collect();
-    let (opt_peak, _) = peak_of(&opt_order)?;
-    let (simple_peak, _) = peak_of(&simple_order)?;
+    let (plan_peak, at_peak) = live_peak(model, plan.order_without_consts())?;
+    let plain: Vec<usize> = eval_order(model).map_err(err)?.into_iter().filter(|&n| not_const(model.node(n))).collect();
+    let (plain_peak, _) = live_peak(model, &plain)?;
     let largest = model
         .nodes()
         .iter()
         .filter(|n| not_const(n))
-        .filter_map(|n| {
-            let facts = model.node_output_facts(n.id).ok()?;
-            Some((facts.iter().map(|f| tdim_bytes(&f.mem_size())).sum::<u64>(), n.name.clone()))
-        })
+        .map(|n| (node_bytes(model, n.id), format!("{} ({})", n.name, n.op.name())))
         .max();
     Ok(json!({
         "model": name,
         "nodes": model.nodes().len(),
-        "weights_mb": mb(weights),
+        "const_tensors_mb": mb(consts),
         "live_tensor_peak_mb": mb(plan_peak),
-        "live_tensor_peak_at": plan_node,
-        "live_peak_opt_ram_order_mb": mb(opt_peak),
-        "live_peak_plain_order_mb": mb(simple_peak),
+        "live_peak_plain_order_mb": mb(plain_peak),
+        "alive_at_peak": at_peak.iter().take(8).map(|(b, n)| json!({"mb": mb(*b), "tensor": n})).collect::<Vec<_>>(),
         "largest_tensor_mb": largest.as_ref().map(|(b, _)| mb(*b)),
         "largest_tensor_at": largest.map(|(_, n)| n),
     }))
+}
+
+/// Bytes malloc has handed out and not had back (heap + mmapped chunks): the live heap.
+fn heap_in_use() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        (info.uordblks + info.hblkhd) as u64
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
+}
+
+/// Experiments with glibc's allocator without touching the app: `BENCH_MALLOC` =
+/// `mmap_threshold=BYTES,trim_threshold=BYTES` (a fixed mmap threshold also stops glibc
+/// from raising it after each large free).
+fn apply_malloc_experiment() -> Option<String> {
+    let spec = std::env::var("BENCH_MALLOC").ok().filter(|s| !s.is_empty())?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for item in spec.split(',') {
+        let Some((key, value)) = item.split_once('=') else { continue };
+        let Ok(value) = value.trim().parse::<i32>() else { continue };
+        let param = match key.trim() {
+            "mmap_threshold" => libc::M_MMAP_THRESHOLD,
+            "trim_threshold" => libc::M_TRIM_THRESHOLD,
+            "arena_max" => libc::M_ARENA_MAX,
+            _ => continue,
+        };
+        // SAFETY: mallopt only changes allocator parameters; no other thread runs yet.
+        unsafe {
+            libc::mallopt(param, value);
+        }
+    }
+    Some(spec)
+}
+
+/// One plan run node by node: time per op type and per node, and the live heap
+/// (mallinfo2) and RSS after every node, after a warm-up run.
+fn profile_plan(name: &str, plan: &Plan, inputs: TVec<TValue>) -> Res<Value> {
+    plan.run(inputs.clone()).map_err(err)?;
+    sysmem::release_free_memory();
+    let heap_before = heap_in_use();
+    let rss_before = vm_field("VmRSS:");
+    let mut by_op: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let mut by_node: Vec<(f64, String)> = Vec::new();
+    let (mut heap_peak, mut heap_peak_at, mut rss_peak) = (0u64, String::new(), 0u64);
+    // VmHWM is reset before each node and read after it: the RSS peak inside each node.
+    let mut in_node: Vec<(u64, String)> = Vec::new();
+    let mut state = tract_onnx::tract_core::plan::SimpleState::new(plan).map_err(err)?;
+    let t = Instant::now();
+    state
+        .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+            let resettable = reset_peak();
+            let t = Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+            let elapsed = t.elapsed().as_secs_f64();
+            if resettable {
+                in_node.push((vm_field("VmHWM:"), format!("{} ({})", node.name, node.op.name())));
+            }
+            let entry = by_op.entry(node.op.name().to_string()).or_default();
+            entry.0 += elapsed;
+            entry.1 += 1;
+            by_node.push((elapsed, format!("{} ({})", node.name, node.op.name())));
+            let heap = heap_in_use();
+            if heap > heap_peak {
+                heap_peak = heap;
+                heap_peak_at = node.name.clone();
+            }
+            rss_peak = rss_peak.max(vm_field("VmRSS:"));
+            out
+        })
+        .map_err(err)?;
+    let total = t.elapsed().as_secs_f64();
+    let mut ops: Vec<(String, (f64, usize))> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    by_node.sort_by(|a, b| b.0.total_cmp(&a.0));
+    in_node.sort_by_key(|t| std::cmp::Reverse(t.0));
+    Ok(json!({
+        "model": name,
+        "total_ms": round_ms(total),
+        "by_op": ops.iter().take(10).map(|(op, (s, n))| json!({"op": op, "ms": round_ms(*s), "nodes": n, "share": (s / total * 1000.0).round() / 10.0})).collect::<Vec<_>>(),
+        "slowest_nodes": by_node.iter().take(8).map(|(s, n)| json!({"node": n, "ms": round_ms(*s)})).collect::<Vec<_>>(),
+        "heap_before_mb": mb(heap_before),
+        "heap_peak_mb": mb(heap_peak),
+        "heap_peak_added_mb": mb(heap_peak.saturating_sub(heap_before)),
+        "heap_peak_at": heap_peak_at,
+        "rss_before_mb": mb(rss_before),
+        "rss_peak_between_nodes_mb": mb(rss_peak),
+        "rss_peak_in_node_mb": in_node.first().map(|(b, _)| mb(*b)),
+        "rss_peak_nodes": in_node.iter().take(6).map(|(b, n)| json!({"node": n, "rss_mb": mb(*b)})).collect::<Vec<_>>(),
+    }))
+}
+
+fn profile(inputs: &Inputs, which: &str) -> Res<Value> {
+    let value = match which {
+        "profile_u2netp" => {
+            // BENCH_U2NETP_SIDE: run the same graph at another input size (experiment).
+            let side: usize = std::env::var("BENCH_U2NETP_SIDE").ok().and_then(|v| v.parse().ok()).unwrap_or(320);
+            let graph = onnx::read_graph(&inputs.u2netp()).map_err(err)?;
+            let plan = graph
+                .with_input_fact(0, f32::fact([1, 3, side, side]).into())
+                .and_then(|g| g.into_optimized())
+                .and_then(|g| g.into_runnable())
+                .map_err(err)?;
+            let coffee = image::open(inputs.shared("images/coffee.png")).map_err(err)?.to_rgb8();
+            let b = cup_box(coffee.dimensions());
+            let crop = [b.x_min, b.y_min, b.x_max - b.x_min, b.y_max - b.y_min];
+            let small = onnx::resize_rgb(&coffee, crop, (side as u32, side as u32)).map_err(err)?;
+            let mean = [0.485, 0.456, 0.406];
+            let std = [0.229, 0.224, 0.225];
+            let input = onnx::normalised_tensor(&small, mean, std, 1.0 / 255.0, (side, side)).map_err(err)?;
+            profile_plan("u2netp", &plan, tvec!(input.into()))?
+        }
+        "profile_sam_encoder" => {
+            let plan = sam::load_encoder(&inputs.sam_folder().join("encoder.onnx")).map_err(err)?;
+            let input = sam::preprocess(&inputs.rgb("scene_1280.png")?).map_err(err)?;
+            profile_plan("sam_encoder", &plan, tvec!(input.into()))?
+        }
+        "profile_sam_decoder" => {
+            let plan = sam::load_decoder(&inputs.sam_folder().join("decoder.onnx")).map_err(err)?;
+            let scene = inputs.rgb("scene_1280.png")?;
+            let size = (scene.width() as usize, scene.height() as usize);
+            let prompt = DecoderPrompt::for_box(cup_box(scene.dimensions()), size);
+            let coords = tract_ndarray::Array3::from_shape_vec((1, 2, 2), prompt.coords.to_vec()).map_err(err)?;
+            let labels = tract_ndarray::Array2::from_shape_vec((1, 2), prompt.labels.to_vec()).map_err(err)?;
+            let feed: TVec<TValue> = tvec!(
+                TValue::from_const(load_embedding(inputs)?),
+                coords.into_tensor().into(),
+                labels.into_tensor().into(),
+                Tensor::zero::<f32>(&[1, 1, 256, 256]).map_err(err)?.into(),
+                tensor1(&[0f32]).into()
+            );
+            profile_plan("sam_decoder", &plan, feed)?
+        }
+        other => return Err(format!("unknown profile {other}")),
+    };
+    Ok(json!({"stage": which, "profile": value, "peak_rss_mb": mb(vm_field("VmHWM:"))}))
 }
 
 fn plan_stats(inputs: &Inputs) -> Res<Value> {
@@ -744,6 +916,11 @@ fn parent(args: &Args) -> Res<()> {
         results.push(run_child(args, stage, runs)?);
     }
     let plans = run_child(args, "plan_stats", 0)?;
+    let mut profiles = Vec::new();
+    for which in ["profile_u2netp", "profile_sam_encoder", "profile_sam_decoder"] {
+        eprintln!("bench: {which} (tract node-by-node profile, one run after a warm-up)");
+        profiles.push(run_child(args, which, 0)?);
+    }
 
     let mut table = String::new();
     let _ = writeln!(
@@ -770,19 +947,46 @@ fn parent(args: &Args) -> Res<()> {
             let _ = writeln!(table, "{:<12}   parts (median): {}", "", text.join(", "));
         }
     }
-    let _ = writeln!(table, "\ntract plans (weights, live-tensor peak in the plan's order):");
+    let _ = writeln!(table, "\ntract plans (live-tensor peak in the plan's order; the largest tensors alive then):");
     for p in plans["plans"].as_array().into_iter().flatten() {
         let _ = writeln!(
             table,
-            "  {:<12} {} nodes, weights {} MB, live peak {} MB at {} (plain order {} MB), largest tensor {} MB ({})",
+            "  {:<12} {} nodes, consts {} MB, live peak {} MB (plain order {} MB), largest tensor {} MB ({})",
             p["model"].as_str().unwrap_or("?"),
             p["nodes"],
-            fmt_opt(&p["weights_mb"]),
+            fmt_opt(&p["const_tensors_mb"]),
             fmt_opt(&p["live_tensor_peak_mb"]),
-            p["live_tensor_peak_at"].as_str().unwrap_or("?"),
             fmt_opt(&p["live_peak_plain_order_mb"]),
             fmt_opt(&p["largest_tensor_mb"]),
             p["largest_tensor_at"].as_str().unwrap_or("?"),
+        );
+        for t in p["alive_at_peak"].as_array().into_iter().flatten() {
+            let _ = writeln!(table, "      {:>7} MB  {}", fmt_opt(&t["mb"]), t["tensor"].as_str().unwrap_or("?"));
+        }
+    }
+    let _ = writeln!(table, "\ntract profile (one run node by node; live heap = malloc'd bytes, mallinfo2):");
+    for p in &profiles {
+        let p = &p["profile"];
+        let top: Vec<String> = p["by_op"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(5)
+            .map(|o| format!("{} {}%", o["op"].as_str().unwrap_or("?"), fmt_opt(&o["share"])))
+            .collect();
+        let _ = writeln!(
+            table,
+            "  {:<12} {} ms; live heap peak {} MB (+{} MB over the loaded plan) at {}; RSS {} MB between nodes, \
+             {} MB inside {}; {}",
+            p["model"].as_str().unwrap_or("?"),
+            fmt_opt(&p["total_ms"]),
+            fmt_opt(&p["heap_peak_mb"]),
+            fmt_opt(&p["heap_peak_added_mb"]),
+            p["heap_peak_at"].as_str().unwrap_or("?"),
+            fmt_opt(&p["rss_peak_between_nodes_mb"]),
+            fmt_opt(&p["rss_peak_in_node_mb"]),
+            p["rss_peak_nodes"][0]["node"].as_str().unwrap_or("?"),
+            top.join(", ")
         );
     }
     println!("{table}");
@@ -798,6 +1002,8 @@ fn parent(args: &Args) -> Res<()> {
         "workdir": args.workdir,
         "stages": results,
         "plans": plans["plans"],
+        "profiles": profiles.iter().map(|p| p["profile"].clone()).collect::<Vec<_>>(),
+        "malloc_experiment": std::env::var("BENCH_MALLOC").ok(),
     });
     if let Some(path) = &args.json {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

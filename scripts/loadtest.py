@@ -1,0 +1,622 @@
+#!/usr/bin/env python3
+"""512 MB load test (issue 6): Drishya's release binary in a memory cgroup, N concurrent
+complete user flows over 127.0.0.1.
+
+For each model and each N, a fresh server is started inside a new cgroup v1 memory
+group (/sys/fs/cgroup/memory/drishya-load-<pid>-<n>) limited to 512 MB (RAM and, where
+the kernel has it, RAM+swap); a small shell wrapper writes its own pid into the group's
+cgroup.procs and then execs the server, so no allocation of the server escapes the
+limit. N threads then each run complete flows: login, upload the 12 MP JPEG, generate a
+mask for the product's box, replace the product, download the result. A 503 with
+Retry-After is honoured (the flow waits that long and retries), with a bound on the
+total number of requests and a time limit per scenario.
+
+Reported per scenario: flows completed, HTTP status counts, p50/p95 latency per route
+(successful answers), the cgroup's peak usage (memory.max_usage_in_bytes: RSS + page
+cache), the sampled peak of its RSS alone, the server's own VmHWM, memory.failcnt and
+OOM kills (memory.oom_control oom_kill), the time from process start to the first
+/health 200, the idle RSS after start, and the time to the first mask answered.
+
+Standard library only. Needs root and a writable cgroup v1 memory hierarchy (or v2).
+
+usage: loadtest.py [--quick] [--bin PATH] [--models u2netp,sam] [--n 1,4,16,64]
+                   [--flows-per-client K] [--time-limit S] [--max-requests R]
+                   [--limit-mb 512] [--shm] [--strict] [--json PATH] [--workdir DIR] [--shared DIR]
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CG_V1 = "/sys/fs/cgroup/memory"
+CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # the product's box as a fraction of the image (as bench.rs)
+ROUTES = ["login", "upload_image", "generate_mask", "replace_product", "download_result"]
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------
+# cgroup
+
+
+class Cgroup:
+    """A v1 memory cgroup (or a v2 group with memory.max) with a limit, removed at the end."""
+
+    def __init__(self, name, limit_bytes):
+        self.v2 = not os.path.isdir(CG_V1)
+        base = "/sys/fs/cgroup" if self.v2 else CG_V1
+        self.path = os.path.join(base, name)
+        os.mkdir(self.path)
+        if self.v2:
+            self._write("memory.max", str(limit_bytes))
+            if os.path.exists(self._p("memory.swap.max")):
+                self._write("memory.swap.max", "0")
+        else:
+            self._write("memory.limit_in_bytes", str(limit_bytes))
+            if os.path.exists(self._p("memory.memsw.limit_in_bytes")):
+                self._write("memory.memsw.limit_in_bytes", str(limit_bytes))
+        self.limit = limit_bytes
+
+    def _p(self, f):
+        return os.path.join(self.path, f)
+
+    def _write(self, f, v):
+        with open(self._p(f), "w") as fh:
+            fh.write(v)
+
+    def read(self, f):
+        try:
+            with open(self._p(f)) as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def read_int(self, f):
+        text = self.read(f).strip()
+        return int(text) if text.isdigit() else None
+
+    def stat(self):
+        out = {}
+        for line in self.read("memory.stat").splitlines():
+            k, _, v = line.partition(" ")
+            if v.strip().isdigit():
+                out[k] = int(v)
+        return out
+
+    def usage(self):
+        return self.read_int("memory.current" if self.v2 else "memory.usage_in_bytes") or 0
+
+    def rss(self):
+        s = self.stat()
+        if self.v2:
+            return s.get("anon", 0) + s.get("shmem", 0)
+        return s.get("total_rss", s.get("rss", 0)) + s.get("total_shmem", s.get("shmem", 0))
+
+    def summary(self):
+        if self.v2:
+            events = dict(l.split() for l in self.read("memory.events").splitlines() if l.strip())
+            return {
+                "max_usage_bytes": self.read_int("memory.peak"),
+                "failcnt": int(events.get("max", 0)),
+                "oom_kills": int(events.get("oom_kill", 0)),
+            }
+        oom = dict(l.split() for l in self.read("memory.oom_control").splitlines() if l.strip())
+        return {
+            "max_usage_bytes": self.read_int("memory.max_usage_in_bytes"),
+            "failcnt": self.read_int("memory.failcnt"),
+            "oom_kills": int(oom.get("oom_kill", 0)),
+            "memsw_max_usage_bytes": self.read_int("memory.memsw.max_usage_in_bytes"),
+            "memsw_failcnt": self.read_int("memory.memsw.failcnt"),
+            "under_oom": int(oom.get("under_oom", 0)),
+        }
+
+    def remove(self):
+        for _ in range(50):
+            try:
+                os.rmdir(self.path)
+                return True
+            except OSError:
+                time.sleep(0.1)
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP helpers (one connection per request: the server's keep-alive is 5 s and flows sleep)
+
+
+class Client:
+    def __init__(self, port, timeout):
+        self.port = port
+        self.timeout = timeout
+        self.cookie = None
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        try:
+            h = dict(headers or {})
+            if self.cookie:
+                h["Cookie"] = self.cookie
+            conn.request(method, path, body=body, headers=h)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, resp.getheaders(), data
+        finally:
+            conn.close()
+
+
+def multipart(fields, files):
+    boundary = "----drishya" + uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    for name, (filename, ctype, data) in files.items():
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n"
+        ).encode()
+        parts.append(head + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------------------------------
+# One scenario
+
+
+class Budget(Exception):
+    pass
+
+
+class Scenario:
+    def __init__(self, args, model_name, model_path, n, jpeg, product):
+        self.args = args
+        self.model_name = model_name
+        self.model_path = model_path
+        self.n = n
+        self.jpeg = jpeg
+        self.product = product
+        self.lock = threading.Lock()
+        self.statuses = {}
+        self.latencies = {r: [] for r in ROUTES}
+        self.flow_times = []
+        self.flows_done = 0
+        self.flows_failed = 0
+        self.failures = []
+        self.requests = 0
+        self.retries_503 = 0
+        self.first_mask_at = None
+        self.deadline = None
+        self.max_requests = args.max_requests or (20 + n * args.flows_per_client * 40)
+        self.stop = threading.Event()
+
+    # -- requests with accounting ---------------------------------------------------------
+
+    def call(self, client, route, method, path, body=None, headers=None):
+        """One request, retried after 503 + Retry-After; returns (status, headers, body)."""
+        while True:
+            with self.lock:
+                if self.requests >= self.max_requests:
+                    raise Budget("request budget spent")
+                self.requests += 1
+            if time.monotonic() > self.deadline:
+                raise Budget("time limit")
+            t = time.monotonic()
+            try:
+                status, hdrs, data = client.request(method, path, body, headers)
+            except (OSError, http.client.HTTPException) as e:
+                with self.lock:
+                    key = f"error:{type(e).__name__}"
+                    self.statuses[key] = self.statuses.get(key, 0) + 1
+                raise
+            elapsed = time.monotonic() - t
+            with self.lock:
+                self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+                if status < 400:
+                    self.latencies[route].append(elapsed)
+                if route == "generate_mask" and status == 200 and self.first_mask_at is None:
+                    self.first_mask_at = time.monotonic()
+            if status == 503:
+                retry = dict((k.lower(), v) for k, v in hdrs).get("retry-after", "1")
+                wait = float(retry) if retry.replace(".", "", 1).isdigit() else 1.0
+                with self.lock:
+                    self.retries_503 += 1
+                wait += random.uniform(0, 0.5)
+                if time.monotonic() + wait > self.deadline:
+                    raise Budget("time limit while waiting for Retry-After")
+                time.sleep(wait)
+                continue
+            return status, hdrs, data
+
+    def flow(self, index):
+        client = Client(self.port, timeout=self.args.request_timeout)
+        t0 = time.monotonic()
+        status, hdrs, _ = self.call(
+            client,
+            "login",
+            "POST",
+            "/login",
+            f"password={self.password}".encode(),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        cookie = next((v for k, v in hdrs if k.lower() == "set-cookie" and v.startswith("drishya_session=")), None)
+        if status != 303 or not cookie:
+            raise RuntimeError(f"login answered {status}")
+        client.cookie = cookie.split(";", 1)[0]
+        body, ctype = self.upload_body
+        status, _, data = self.call(client, "upload_image", "POST", "/upload_image", body, {"Content-Type": ctype})
+        if status != 200:
+            raise RuntimeError(f"upload answered {status}: {data[:200]!r}")
+        info = json.loads(data)
+        w, h = info["width"], info["height"]
+        box = {k: round(f * d) for k, f, d in zip(("x_min", "y_min", "x_max", "y_max"), CUP_BOX, (w, h, w, h))}
+        status, _, data = self.call(
+            client, "generate_mask", "POST", "/generate_mask", json.dumps(box).encode(), {"Content-Type": "application/json"}
+        )
+        if status != 200:
+            raise RuntimeError(f"generate_mask answered {status}: {data[:200]!r}")
+        body, ctype = self.replace_body
+        status, _, data = self.call(client, "replace_product", "POST", "/replace_product", body, {"Content-Type": ctype})
+        if status != 200:
+            raise RuntimeError(f"replace_product answered {status}: {data[:200]!r}")
+        status, _, data = self.call(client, "download_result", "GET", "/download_result")
+        if status != 200 or not data.startswith(b"\x89PNG"):
+            raise RuntimeError(f"download_result answered {status}")
+        with self.lock:
+            self.flows_done += 1
+            self.flow_times.append(time.monotonic() - t0)
+
+    def worker(self, index):
+        for k in range(self.args.flows_per_client):
+            if self.stop.is_set():
+                return
+            try:
+                self.flow(index * self.args.flows_per_client + k)
+            except Budget as e:
+                with self.lock:
+                    self.flows_failed += 1
+                    self.failures.append(str(e))
+                return
+            except Exception as e:  # a failed flow is counted, the client goes on
+                with self.lock:
+                    self.flows_failed += 1
+                    if len(self.failures) < 20:
+                        self.failures.append(f"{type(e).__name__}: {e}")
+                if self.proc.poll() is not None:
+                    return
+
+    # -- memory monitor -------------------------------------------------------------------
+
+    def monitor(self):
+        while not self.stop.is_set():
+            usage, rss = self.cg.usage(), self.cg.rss()
+            vm = proc_status(self.proc.pid)
+            if usage > self.peak_usage_sampled:
+                # What the cgroup's memory is made of at its (sampled) peak.
+                stat = self.cg.stat()
+                keys = ("total_rss", "total_cache", "total_shmem", "total_mapped_file", "total_dirty",
+                        "total_writeback", "total_inactive_file", "total_active_file", "anon", "file", "shmem")
+                self.stat_at_peak = {k: round(stat[k] / MIB, 1) for k in keys if k in stat}
+                self.stat_at_peak["server_rss_mb"] = round(vm.get("VmRSS", 0) / MIB, 1)
+            self.peak_usage_sampled = max(self.peak_usage_sampled, usage)
+            self.peak_cg_rss = max(self.peak_cg_rss, rss)
+            if vm.get("VmHWM"):
+                self.server_hwm = max(self.server_hwm, vm["VmHWM"])
+            time.sleep(0.05)
+
+    # -- the whole scenario ---------------------------------------------------------------
+
+    def run(self):
+        args = self.args
+        self.password = base64.urlsafe_b64encode(os.urandom(12)).decode().rstrip("=")
+        secret = base64.b64encode(os.urandom(32)).decode()
+        self.port = free_port()
+        self.upload_body = multipart({}, {"image": ("scene_12mp.jpg", "image/jpeg", self.jpeg)})
+        self.replace_body = multipart(
+            {
+                "scale_factor": "1.0",
+                "use_blending": "true",
+                "feather_amount": "10",
+                "enable_color_grading": "true",
+                "color_grade_strength": "50",
+                "grading_method": "Match Target Area",
+            },
+            {"product_image": ("product.png", "image/png", self.product)},
+        )
+        # TEMP_DIR (uploads in flight and artefacts): a fresh directory on disk, or with
+        # --shm on tmpfs like the app's default /dev/shm (tmpfs pages count against the
+        # cgroup and cannot be reclaimed without swap).
+        temp_dir = tempfile.mkdtemp(prefix="drishya-load-", dir="/dev/shm" if args.shm else None)
+        cg_name = f"drishya-load-{os.getpid()}-{self.model_name}-{self.n}"
+        self.cg = Cgroup(cg_name, args.limit_mb * MIB)
+        env = dict(os.environ)
+        env.update(
+            {
+                "APP_PASSWORD": self.password,
+                "ROCKET_SECRET_KEY": secret,
+                "PORT": str(self.port),
+                "ROCKET_ADDRESS": "127.0.0.1",
+                "TEMP_DIR": temp_dir,
+                "MODELS": self.model_path,
+                "ROCKET_LOG_LEVEL": "critical",
+            }
+        )
+        for k in ("SECRET_KEY", "ROCKET_PORT"):
+            env.pop(k, None)
+        for k in ("INFERENCE_QUEUE", "INFERENCE_CONCURRENCY"):
+            if getattr(args, k.lower()) is not None:
+                env[k] = str(getattr(args, k.lower()))
+        log_path = os.path.join(tempfile.gettempdir(), os.path.basename(temp_dir) + ".log")
+        log = open(log_path, "wb")
+        # The wrapper joins the cgroup first, then execs the server (same pid).
+        wrapper = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
+        self.peak_usage_sampled = self.peak_cg_rss = self.server_hwm = 0
+        self.stat_at_peak = {}
+        self.proc = subprocess.Popen(
+            ["sh", "-c", wrapper, "sh", self.cg.path, args.bin], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+        result = {"model": self.model_name, "n": self.n, "port": self.port}
+        mon = threading.Thread(target=self.monitor, daemon=True)
+        try:
+            health_ms = wait_health(self.port, self.proc, timeout=30)
+            result["start_to_health_ms"] = health_ms
+            vm = proc_status(self.proc.pid)
+            result["rss_at_first_health_mb"] = round(vm.get("VmRSS", 0) / MIB, 1)
+            time.sleep(1.0)
+            vm = proc_status(self.proc.pid)
+            result["idle_rss_mb"] = round(vm.get("VmRSS", 0) / MIB, 1)
+            result["idle_rss_anon_mb"] = round(vm.get("RssAnon", 0) / MIB, 1)
+            result["idle_rss_file_mb"] = round(vm.get("RssFile", 0) / MIB, 1)
+            result["idle_cgroup_usage_mb"] = round(self.cg.usage() / MIB, 1)
+            mon.start()
+            self.deadline = time.monotonic() + args.time_limit
+            t_flows = time.monotonic()
+            threads = [threading.Thread(target=self.worker, args=(i,), daemon=True) for i in range(self.n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(max(0.1, self.deadline - time.monotonic() + args.request_timeout + 5))
+            result["wall_s"] = round(time.monotonic() - t_flows, 1)
+            if self.first_mask_at is not None:
+                # Cold start to the first mask: process start -> /health, plus flows start ->
+                # first mask answered (the 1 s idle-RSS pause in between is left out).
+                first = (self.first_mask_at - t_flows) * 1000
+                result["flows_start_to_first_mask_ms"] = round(first, 1)
+                result["start_to_first_mask_ms"] = round(health_ms + first, 1)
+            health = None
+            if self.proc.poll() is None:
+                try:
+                    status, _, data = Client(self.port, 10).request("GET", "/health")
+                    health = json.loads(data) if status == 200 else None
+                except (OSError, http.client.HTTPException, ValueError):
+                    health = None
+            vm = proc_status(self.proc.pid)
+            if vm.get("VmHWM"):
+                self.server_hwm = max(self.server_hwm, vm["VmHWM"])
+            result["rss_at_end_mb"] = round(vm.get("VmRSS", 0) / MIB, 1)
+            result["rss_file_at_end_mb"] = round(vm.get("RssFile", 0) / MIB, 1)
+            result["model_status"] = (health or {}).get("model") if isinstance(health, dict) else None
+        finally:
+            self.stop.set()
+            alive = self.proc.poll() is None
+            result["server_alive_at_end"] = alive
+            result["server_exit"] = self.proc.returncode
+            stop_server(self.proc)
+            log.close()
+            summary = self.cg.summary()
+            result["cgroup_removed"] = self.cg.remove()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        with open(log_path, "rb") as f:
+            tail = f.read()[-3000:].decode("utf-8", "replace")
+        os.unlink(log_path)
+        lat = {}
+        for route in ROUTES:
+            v = self.latencies[route]
+            lat[route] = {
+                "count": len(v),
+                "p50_ms": round(percentile(v, 50) * 1000, 1) if v else None,
+                "p95_ms": round(percentile(v, 95) * 1000, 1) if v else None,
+            }
+        result.update(
+            {
+                "flows_planned": self.n * args.flows_per_client,
+                "flows_completed": self.flows_done,
+                "flows_failed": self.flows_failed,
+                "requests": self.requests,
+                "retries_after_503": self.retries_503,
+                "status_counts": dict(sorted(self.statuses.items())),
+                "http_5xx_other_than_503": sum(
+                    c for s, c in self.statuses.items() if s.isdigit() and int(s) >= 500 and s != "503"
+                ),
+                "latency": lat,
+                "flow_p50_s": round(percentile(self.flow_times, 50), 2) if self.flow_times else None,
+                "flow_p95_s": round(percentile(self.flow_times, 95), 2) if self.flow_times else None,
+                "cgroup_limit_mb": args.limit_mb,
+                "cgroup_max_usage_mb": round((summary["max_usage_bytes"] or 0) / MIB, 1),
+                "cgroup_peak_rss_sampled_mb": round(self.peak_cg_rss / MIB, 1),
+                "server_vmhwm_mb": round(self.server_hwm / MIB, 1),
+                "cgroup_stat_at_sampled_peak_mb": self.stat_at_peak,
+                "failcnt": summary["failcnt"],
+                "memsw_failcnt": summary.get("memsw_failcnt"),
+                "oom_kills": summary["oom_kills"],
+                "failures": self.failures[:10],
+            }
+        )
+        if not result["server_alive_at_end"] or result["oom_kills"]:
+            result["server_log_tail"] = tail
+        return result
+
+
+def proc_status(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(port, proc, timeout):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering /health")
+        try:
+            status, _, _ = Client(port, 1).request("GET", "/health")
+            if status == 200:
+                return round((time.monotonic() - t0) * 1000, 1)
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.002)
+    raise RuntimeError("no /health 200 within the timeout")
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+    return str(v)
+
+
+def print_table(results):
+    print(
+        f"{'model':<7} {'N':>3} {'flows':>7} {'reqs':>5} {'statuses':<34} {'cg peak':>7} {'cg rss':>6} "
+        f"{'srv HWM':>7} {'fail':>4} {'oom':>3} {'health':>6} {'idle':>5} {'1st mask':>8} {'wall':>5}"
+    )
+    for r in results:
+        statuses = " ".join(f"{k}x{v}" for k, v in r.get("status_counts", {}).items())
+        print(
+            f"{r['model']:<7} {r['n']:>3} {str(r.get('flows_completed')) + '/' + str(r.get('flows_planned')):>7} "
+            f"{fmt(r.get('requests')):>5} {statuses:<34} {fmt(r.get('cgroup_max_usage_mb')):>7} "
+            f"{fmt(r.get('cgroup_peak_rss_sampled_mb')):>6} {fmt(r.get('server_vmhwm_mb')):>7} "
+            f"{fmt(r.get('failcnt')):>4} {fmt(r.get('oom_kills')):>3} {fmt(r.get('start_to_health_ms')):>6} "
+            f"{fmt(r.get('idle_rss_mb')):>5} {fmt(r.get('start_to_first_mask_ms')):>8} {fmt(r.get('wall_s')):>5}"
+        )
+    print("\nlatency p50 / p95 ms (successful answers):")
+    print(f"{'model':<7} {'N':>3} " + " ".join(f"{r:>21}" for r in ROUTES) + f" {'flow p50/p95 s':>15}")
+    for r in results:
+        cells = []
+        for route in ROUTES:
+            l = r.get("latency", {}).get(route, {})
+            cells.append(f"{fmt(l.get('p50_ms')) + ' / ' + fmt(l.get('p95_ms')):>21}")
+        flow = f"{fmt(r.get('flow_p50_s'))} / {fmt(r.get('flow_p95_s'))}"
+        print(f"{r['model']:<7} {r['n']:>3} " + " ".join(cells) + f" {flow:>15}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N = 1, 4 on U2-Net-p only (CI)")
+    p.add_argument("--bin", default=os.path.join(REPO, "target", "release", "drishya"))
+    p.add_argument("--models", default=None, help="comma list of u2netp, sam")
+    p.add_argument("--n", default=None, help="comma list of concurrent clients")
+    p.add_argument("--flows-per-client", type=int, default=1)
+    p.add_argument("--time-limit", type=float, default=600.0, help="seconds per scenario")
+    p.add_argument("--max-requests", type=int, default=None, help="per scenario (default 20 + 40 per flow)")
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--limit-mb", type=int, default=512)
+    p.add_argument("--inference-queue", type=int, default=None)
+    p.add_argument("--inference-concurrency", type=int, default=None)
+    p.add_argument("--shm", action="store_true", help="TEMP_DIR on /dev/shm (the app's default) instead of /tmp")
+    p.add_argument("--strict", action="store_true", help="exit 1 on an OOM kill, a 5xx other than 503 or an unfinished flow")
+    p.add_argument("--json")
+    p.add_argument("--workdir", default=os.path.join(REPO, "target", "bench", "work"))
+    p.add_argument("--shared", default=os.environ.get("DRISHYA_SHARED", os.path.join(REPO, "..", "shared")))
+    args = p.parse_args()
+    models_all = {
+        "u2netp": os.path.abspath(os.path.join(args.shared, "models", "u2netp.onnx")),
+        "sam": os.path.abspath(os.path.join(args.shared, "models", "mobile_sam")),
+    }
+    models = (args.models or ("u2netp" if args.quick else "u2netp,sam")).split(",")
+    ns = [int(x) for x in (args.n or ("1,4" if args.quick else "1,4,16,64")).split(",")]
+    if os.geteuid() != 0:
+        raise SystemExit("loadtest: needs root to create a memory cgroup")
+    if not os.access(args.bin, os.X_OK):
+        raise SystemExit(f"loadtest: {args.bin} not found: build it with cargo build --release")
+    with open(os.path.join(args.workdir, "scene_12mp.jpg"), "rb") as f:
+        jpeg = f.read()
+    with open(os.path.join(args.workdir, "product.png"), "rb") as f:
+        product = f.read()
+    print(f"loadtest: 12 MP JPEG {len(jpeg) / MIB:.1f} MB, limit {args.limit_mb} MB, models {models}, N {ns}", file=sys.stderr)
+    results = []
+    for model in models:
+        for n in ns:
+            print(f"loadtest: {model} N={n} ...", file=sys.stderr)
+            r = Scenario(args, model, models_all[model], n, jpeg, product).run()
+            results.append(r)
+            print(
+                f"loadtest: {model} N={n}: {r['flows_completed']}/{r['flows_planned']} flows, "
+                f"statuses {r['status_counts']}, cgroup peak {r['cgroup_max_usage_mb']} MB, "
+                f"oom kills {r['oom_kills']}, {r.get('wall_s')} s",
+                file=sys.stderr,
+            )
+    print_table(results)
+    report = {
+        "tool": "drishya loadtest",
+        "quick": args.quick,
+        "limit_mb": args.limit_mb,
+        "jpeg_bytes": len(jpeg),
+        "flows_per_client": args.flows_per_client,
+        "time_limit_s": args.time_limit,
+        "temp_dir_on": "/dev/shm" if args.shm else tempfile.gettempdir(),
+        "scenarios": results,
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"loadtest: wrote {args.json}", file=sys.stderr)
+    bad = [r for r in results if r["oom_kills"] or r["http_5xx_other_than_503"] or r["flows_completed"] < r["flows_planned"]]
+    if bad and args.strict:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
