@@ -242,8 +242,7 @@ fn corners_pixel(client: &Client) -> Rgb<u8> {
 fn malformed_requests_name_the_field() {
     let app = logged_in();
     assert_eq!(upload(&app.client, "c.png", &png_bytes(&quadrants(100, 80))).status(), Status::Ok);
-    let post =
-        |body: &str| app.client.post("/generate_mask").header(ContentType::JSON).body(body.to_string()).dispatch();
+    let post = |body: &str| app.client.post("/generate_mask").header(ContentType::JSON).body(body).dispatch();
     for (body, needle) in [
         (r#"{"x_min":"NaN","y_min":0,"x_max":10,"y_max":10}"#, "x_min"),
         (r#"{"x_min":0,"y_min":-1e400,"x_max":10,"y_max":10}"#, "JSON"),
