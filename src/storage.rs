@@ -19,6 +19,9 @@ const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
 const EDQUOT: i32 = 122;
 
+/// Sessions used this recently are never evicted for the byte cap.
+const ACTIVE_GRACE: Duration = Duration::from_secs(600);
+
 /// The files a session can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Artefact {
@@ -248,6 +251,11 @@ impl TempStore {
             if total <= self.max_bytes {
                 break;
             }
+            // A session used in the last few minutes is someone's work in progress: the
+            // cap may be exceeded for a while rather than lose it.
+            if now.duration_since(s.last_used).unwrap_or_default() < ACTIVE_GRACE {
+                continue;
+            }
             let _ = fs::remove_dir_all(&s.dir);
             total = total.saturating_sub(s.bytes);
             report.evicted += 1;
@@ -384,11 +392,16 @@ mod tests {
             }
         };
         age(&old, 7200);
-        age(&mid, 60);
+        age(&mid, 900);
         let report = store.sweep();
         assert_eq!(report, SweepReport { expired: 1, evicted: 1 });
         assert!(!store.session_dir(&old).exists());
         assert!(!store.session_dir(&mid).exists(), "least recently used goes first");
         assert!(store.session_dir(&new).exists());
+        // Sessions in use (within the grace period) are kept even over the cap.
+        let busy = SessionId::random();
+        store.write(&busy, Artefact::Image, &[0; 100]).unwrap();
+        assert_eq!(store.sweep(), SweepReport::default());
+        assert!(store.session_dir(&busy).exists() && store.session_dir(&new).exists());
     }
 }
