@@ -24,6 +24,7 @@ use crate::segment::salient::SalientSegmenter;
 use crate::segment::sam::SamSegmenter;
 use crate::segment::{BoxPrompt, BoxSegmenter, ModelInfo, ModelKind, SegmentError, SegmentRequest, Segmenter};
 use crate::sysmem::{self, BudgetSource};
+use tract_onnx::prelude::InferenceModel;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -376,8 +377,8 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
         detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
     };
     if candidate.sam {
-        verify_sam_folder(&candidate)?;
-        let segmenter = SamSegmenter::load(&candidate.path, info).map_err(invalid)?;
+        let graphs = read_sam_folder(&candidate)?;
+        let segmenter = SamSegmenter::from_graphs(graphs, info).map_err(invalid)?;
         return Ok(Arc::new(segmenter));
     }
     let graph = onnx::read_graph(&candidate.path).map_err(invalid)?;
@@ -397,23 +398,28 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
     }
 }
 
-/// Checks both halves of a SAM folder are what their names say (by their graphs).
-fn verify_sam_folder(candidate: &Candidate) -> Result<(), LoadError> {
-    for (file, expected) in [("encoder.onnx", GraphKind::SamEncoder), ("decoder.onnx", GraphKind::SamDecoder)] {
-        let graph = onnx::read_graph(&candidate.path.join(file)).map_err(|e| LoadError::Invalid {
-            location: format!("{}/{file}", candidate.location),
-            detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
-        })?;
-        let kind = onnx::classify(&graph);
-        if kind != expected {
-            let detail = match kind {
-                GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),
-                other => format!("{file} is a {other:?}, not the expected {expected:?}"),
-            };
-            return Err(LoadError::WrongKind { location: candidate.location.clone(), detail });
-        }
+/// Reads both halves of a SAM folder once, checking each is what its name says.
+fn read_sam_folder(candidate: &Candidate) -> Result<[InferenceModel; 2], LoadError> {
+    let encoder = read_expected(candidate, "encoder.onnx", GraphKind::SamEncoder)?;
+    let decoder = read_expected(candidate, "decoder.onnx", GraphKind::SamDecoder)?;
+    Ok([encoder, decoder])
+}
+
+/// Reads one half of a SAM folder, checking by its graph that it is that half.
+fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Result<InferenceModel, LoadError> {
+    let graph = onnx::read_graph(&candidate.path.join(file)).map_err(|e| LoadError::Invalid {
+        location: format!("{}/{file}", candidate.location),
+        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
+    })?;
+    let kind = onnx::classify(&graph);
+    if kind != expected {
+        let detail = match kind {
+            GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),
+            other => format!("{file} is a {other:?}, not the expected {expected:?}"),
+        };
+        return Err(LoadError::WrongKind { location: candidate.location.clone(), detail });
     }
-    Ok(())
+    Ok(graph)
 }
 
 fn model_name(path: &Path) -> String {

@@ -38,14 +38,23 @@ pub struct SamSegmenter {
 
 /// The encoder plan for a fixed `[1, 3, 1024, 1024]` input.
 pub fn load_encoder(path: &Path) -> TractResult<Plan> {
-    onnx::read_graph(path)?.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?.into_optimized()?.into_runnable()
+    plan_encoder(onnx::read_graph(path)?)
+}
+
+/// The encoder plan from an already read graph (consumed, so only the plan stays).
+pub fn plan_encoder(graph: InferenceModel) -> TractResult<Plan> {
+    graph.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?.into_optimized()?.into_runnable()
 }
 
 /// The decoder plan cut at `iou_predictions` / `low_res_masks`, for one box (two points).
 pub fn load_decoder(path: &Path) -> TractResult<Plan> {
-    let graph = onnx::read_graph(path)?
-        .with_inputs_by_name(DECODER_INPUTS)?
-        .with_outputs_by_name(["iou_predictions", "low_res_masks"])?;
+    plan_decoder(onnx::read_graph(path)?)
+}
+
+/// The cut decoder plan from an already read graph.
+pub fn plan_decoder(graph: InferenceModel) -> TractResult<Plan> {
+    let graph =
+        graph.with_inputs_by_name(DECODER_INPUTS)?.with_outputs_by_name(["iou_predictions", "low_res_masks"])?;
     let facts: [(usize, InferenceFact); 5] = [
         (0, f32::fact(EMBED_SHAPE).into()),
         (1, f32::fact([1, 2, 2]).into()),
@@ -62,8 +71,16 @@ pub fn load_decoder(path: &Path) -> TractResult<Plan> {
 
 impl SamSegmenter {
     pub fn load(folder: &Path, info: ModelInfo) -> TractResult<Self> {
-        let encoder = load_encoder(&folder.join("encoder.onnx"))?;
-        let decoder = load_decoder(&folder.join("decoder.onnx"))?;
+        let encoder = onnx::read_graph(&folder.join("encoder.onnx"))?;
+        let decoder = onnx::read_graph(&folder.join("decoder.onnx"))?;
+        Self::from_graphs([encoder, decoder], info)
+    }
+
+    /// From the encoder and decoder graphs (each optimised, then dropped, in turn).
+    pub fn from_graphs(graphs: [InferenceModel; 2], info: ModelInfo) -> TractResult<Self> {
+        let [encoder, decoder] = graphs;
+        let encoder = plan_encoder(encoder)?;
+        let decoder = plan_decoder(decoder)?;
         Ok(SamSegmenter {
             info,
             encoder,
