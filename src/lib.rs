@@ -6,6 +6,7 @@
 #[macro_use]
 extern crate rocket;
 
+pub mod alloc;
 pub mod api;
 pub mod auth;
 pub mod composite;
@@ -23,6 +24,12 @@ pub mod sysmem;
 pub mod web;
 
 use std::sync::Arc;
+
+/// Big blocks in their own huge-page mappings (see `alloc`). Not under cargo-fuzz, whose
+/// sanitiser must see every allocation.
+#[cfg(not(fuzzing))]
+#[global_allocator]
+static GLOBAL: alloc::DrishyaAlloc = alloc::DrishyaAlloc;
 
 use rocket::figment::Figment;
 use rocket::{Build, Rocket};

@@ -14,6 +14,9 @@ const UNLIMITED_THRESHOLD: u64 = 1 << 60;
 /// multiplies the peak (measured: 317-431 MB vs 238 MB with one arena on U²-Net-p).
 /// Call once at start, before threads exist.
 pub fn tune_allocator() {
+    // Blocks of 2 MiB and more bypass malloc (src/alloc.rs); `HUGE_PAGES=0` maps them
+    // without the transparent-huge-page advice.
+    crate::alloc::set_huge_pages(std::env::var("HUGE_PAGES").map_or(true, |v| v != "0"));
     // A fixed mmap threshold: glibc otherwise raises it after each large free (up to
     // 32 MB), so tract's freed activations stay in the brk heap. Measured: peaks 30-95 MB
     // lower, inference 17-50 % slower; and 64 flows in 512 MB without an OOM kill.

@@ -792,11 +792,8 @@ fn profile(inputs: &Inputs, which: &str) -> Res<Value> {
             // BENCH_U2NETP_SIDE: run the same graph at another input size (experiment).
             let side: usize = std::env::var("BENCH_U2NETP_SIDE").ok().and_then(|v| v.parse().ok()).unwrap_or(320);
             let graph = onnx::read_graph(&inputs.u2netp()).map_err(err)?;
-            let plan = graph
-                .with_input_fact(0, f32::fact([1, 3, side, side]).into())
-                .and_then(|g| g.into_optimized())
-                .and_then(|g| g.into_runnable())
-                .map_err(err)?;
+            let plan =
+                graph.with_input_fact(0, f32::fact([1, 3, side, side]).into()).and_then(onnx::optimise).map_err(err)?;
             let coffee = image::open(inputs.shared("images/coffee.png")).map_err(err)?.to_rgb8();
             let b = cup_box(coffee.dimensions());
             let crop = [b.x_min, b.y_min, b.x_max - b.x_min, b.y_max - b.y_min];
@@ -834,11 +831,7 @@ fn profile(inputs: &Inputs, which: &str) -> Res<Value> {
 
 fn plan_stats(inputs: &Inputs) -> Res<Value> {
     let graph = onnx::read_graph(&inputs.u2netp()).map_err(err)?;
-    let u2 = graph
-        .with_input_fact(0, f32::fact([1, 3, 320, 320]).into())
-        .and_then(|g| g.into_optimized())
-        .and_then(|g| g.into_runnable())
-        .map_err(err)?;
+    let u2 = graph.with_input_fact(0, f32::fact([1, 3, 320, 320]).into()).and_then(onnx::optimise).map_err(err)?;
     let folder = inputs.sam_folder();
     let encoder = sam::load_encoder(&folder.join("encoder.onnx")).map_err(err)?;
     let decoder = sam::load_decoder(&folder.join("decoder.onnx")).map_err(err)?;

@@ -3,6 +3,7 @@
 //! object family ([`salient`]) and the last-resort box itself ([`BoxSegmenter`]).
 
 pub mod onnx;
+pub mod pad;
 pub mod salient;
 pub mod sam;
 

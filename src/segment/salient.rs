@@ -29,8 +29,7 @@ impl SalientSegmenter {
     /// consumed on the way so only the plan stays in memory.
     pub fn load(graph: InferenceModel, input: (usize, usize), info: ModelInfo) -> TractResult<Self> {
         let (height, width) = input;
-        let plan =
-            graph.with_input_fact(0, f32::fact([1, 3, height, width]).into())?.into_optimized()?.into_runnable()?;
+        let plan = onnx::optimise(graph.with_input_fact(0, f32::fact([1, 3, height, width]).into())?)?;
         Ok(SalientSegmenter { info, plan, input })
     }
 

@@ -43,7 +43,7 @@ pub fn load_encoder(path: &Path) -> TractResult<Plan> {
 
 /// The encoder plan from an already read graph (consumed, so only the plan stays).
 pub fn plan_encoder(graph: InferenceModel) -> TractResult<Plan> {
-    graph.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?.into_optimized()?.into_runnable()
+    onnx::optimise(graph.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?)
 }
 
 /// The decoder plan cut at `iou_predictions` / `low_res_masks`, for one box (two points).
@@ -66,7 +66,7 @@ pub fn plan_decoder(graph: InferenceModel) -> TractResult<Plan> {
     for (ix, fact) in facts {
         graph = graph.with_input_fact(ix, fact)?;
     }
-    graph.into_optimized()?.into_runnable()
+    onnx::optimise(graph)
 }
 
 impl SamSegmenter {

@@ -1,0 +1,201 @@
+//! The process's allocator: glibc's malloc for everything under 2 MiB, and for the big
+//! blocks (tract's activations, image planes) an anonymous mapping of their own, aligned
+//! to 2 MiB and advised for transparent huge pages.
+//!
+//! Why (docs/performance.md §2): with glibc's adaptive mmap threshold, freed activations
+//! stay in the heap and a 64-flow load test peaked at 426 MB; with a fixed threshold every
+//! activation came back as fresh 4 KiB pages and the SAM encoder ran ~45 % slower (each
+//! page a fault and a zeroing). A mapping per big block keeps the first property (memory
+//! goes back to the kernel on free) and huge pages remove 511 of every 512 faults.
+//! `HUGE_PAGES=0` keeps the separate mappings but without the advice.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Blocks of at least this size get their own mapping (one huge page).
+const BIG: usize = 2 << 20;
+const PAGE: usize = 4096;
+
+static ADVISE_HUGE: AtomicBool = AtomicBool::new(true);
+
+/// Turns the huge-page advice on or off for blocks mapped from now on.
+pub fn set_huge_pages(on: bool) {
+    ADVISE_HUGE.store(on, Ordering::Relaxed);
+}
+
+pub struct DrishyaAlloc;
+
+fn is_big(size: usize, align: usize) -> bool {
+    cfg!(target_os = "linux") && size >= BIG && align <= PAGE
+}
+
+fn page_round(size: usize) -> usize {
+    (size + PAGE - 1) & !(PAGE - 1)
+}
+
+#[cfg(target_os = "linux")]
+mod map {
+    use super::{page_round, Ordering, ADVISE_HUGE, BIG};
+
+    fn advise(ptr: *mut u8, len: usize) {
+        if ADVISE_HUGE.load(Ordering::Relaxed) {
+            // SAFETY: the range is a mapping this module owns; advice never changes contents.
+            unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+        }
+    }
+
+    /// A fresh zeroed mapping of `size` bytes starting on a 2 MiB boundary (so the kernel
+    /// can back it with huge pages), or null.
+    pub fn map(size: usize) -> *mut u8 {
+        let len = page_round(size);
+        let Some(reserve) = len.checked_add(BIG) else { return std::ptr::null_mut() };
+        // SAFETY: an anonymous private mapping; no existing memory is touched.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        let start = raw as usize;
+        let aligned = (start + BIG - 1) & !(BIG - 1);
+        let head = aligned - start;
+        let tail = reserve - head - len;
+        // SAFETY: both trimmed ranges lie inside the mapping made above and are unused.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        let ptr = aligned as *mut u8;
+        advise(ptr, len);
+        ptr
+    }
+
+    /// # Safety
+    /// `ptr` and `size` come from `map` (or `remap`) and the block is no longer used.
+    pub unsafe fn unmap(ptr: *mut u8, size: usize) {
+        // SAFETY: per the contract, the range is exactly one of our mappings.
+        unsafe { libc::munmap(ptr.cast(), page_round(size)) };
+    }
+
+    /// Grows or shrinks a mapped block, moving it only when the kernel must.
+    ///
+    /// # Safety
+    /// `ptr` and `old` come from `map` (or `remap`).
+    pub unsafe fn remap(ptr: *mut u8, old: usize, new: usize) -> *mut u8 {
+        // SAFETY: the old range is one of our mappings; MREMAP_MAYMOVE keeps the contents.
+        let moved = unsafe { libc::mremap(ptr.cast(), page_round(old), page_round(new), libc::MREMAP_MAYMOVE) };
+        if moved == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        let moved = moved.cast::<u8>();
+        advise(moved, page_round(new));
+        moved
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod map {
+    // `is_big` is always false off Linux, so these are never reached.
+    pub fn map(_: usize) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+    pub unsafe fn unmap(_: *mut u8, _: usize) {}
+    pub unsafe fn remap(_: *mut u8, _: usize, _: usize) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+}
+
+// SAFETY: every block is returned to the allocator that produced it: the size and
+// alignment in the `Layout` given back on free decide, exactly as they decided on alloc.
+unsafe impl GlobalAlloc for DrishyaAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if is_big(layout.size(), layout.align()) {
+            map::map(layout.size())
+        } else {
+            // SAFETY: forwarded contract.
+            unsafe { System.alloc(layout) }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if is_big(layout.size(), layout.align()) {
+            map::map(layout.size()) // fresh anonymous pages are zero
+        } else {
+            // SAFETY: forwarded contract.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if is_big(layout.size(), layout.align()) {
+            // SAFETY: a big layout was mapped by `map`.
+            unsafe { map::unmap(ptr, layout.size()) }
+        } else {
+            // SAFETY: forwarded contract.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let align = layout.align();
+        match (is_big(layout.size(), align), is_big(new_size, align)) {
+            // SAFETY: forwarded contract.
+            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            // SAFETY: a big layout was mapped by `map`.
+            (true, true) => unsafe { map::remap(ptr, layout.size(), new_size) },
+            _ => {
+                // SAFETY: the caller guarantees `new_size` with `align` is a valid layout.
+                let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
+                // SAFETY: forwarded contract; the old block stays valid until copied.
+                unsafe {
+                    let new = self.alloc(new_layout);
+                    if !new.is_null() {
+                        std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                    new
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_blocks_are_zeroed_aligned_and_keep_contents_through_realloc() {
+        let a = DrishyaAlloc;
+        let layout = Layout::from_size_align(5 << 20, 64).unwrap();
+        unsafe {
+            let p = a.alloc_zeroed(layout);
+            assert!(!p.is_null());
+            assert_eq!(p as usize % BIG, 0, "big blocks start on a huge-page boundary");
+            let s = std::slice::from_raw_parts_mut(p, layout.size());
+            assert!(s.iter().all(|&b| b == 0));
+            s.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+            // grow big -> big, shrink big -> small, grow small -> big: contents kept each time
+            let p = a.realloc(p, layout, 9 << 20);
+            let grown = Layout::from_size_align(9 << 20, 64).unwrap();
+            assert!((0..layout.size()).step_by(4093).all(|i| *p.add(i) == (i % 251) as u8));
+            let p = a.realloc(p, grown, 1000);
+            let small = Layout::from_size_align(1000, 64).unwrap();
+            assert!((0..1000).all(|i| *p.add(i) == (i % 251) as u8));
+            let p = a.realloc(p, small, 3 << 20);
+            assert!((0..1000).all(|i| *p.add(i) == (i % 251) as u8));
+            a.dealloc(p, Layout::from_size_align(3 << 20, 64).unwrap());
+        }
+    }
+}

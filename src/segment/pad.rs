@@ -1,0 +1,154 @@
+//! A constant-padding op for f32 tensors that writes its output once, in place of tract's
+//! `Pad` in optimised plans.
+//!
+//! tract 0.23's `Pad` builds an ndarray, assigns the input into a slice of it, then converts
+//! that array into a tensor: two output-sized buffers at once on top of the input. In
+//! U²-Net-p the 3x3 convolution after the last concat pads a 50 MB activation, and that one
+//! node set the model's memory peak (docs/performance.md §2). This op allocates the output
+//! once, fills it and copies the input rows: peak = input + output.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::{Pad, PadMode};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConstPad {
+    /// (before, after) per axis.
+    pads: Vec<(usize, usize)>,
+    /// The fill value's bits (f32), so the op stays `Eq` and `Hash`.
+    value_bits: u32,
+}
+
+impl ConstPad {
+    fn value(&self) -> f32 {
+        f32::from_bits(self.value_bits)
+    }
+
+    fn output_shape(&self, input: &[usize]) -> TVec<usize> {
+        input.iter().zip(&self.pads).map(|(d, (b, a))| d + b + a).collect()
+    }
+
+    /// Pads a contiguous row-major f32 buffer of shape `shape` into `out`.
+    fn pad_into(&self, shape: &[usize], src: &[f32], out: &mut [f32]) {
+        out.fill(self.value());
+        let Some((&row_len, outer)) = shape.split_last() else {
+            out.copy_from_slice(src);
+            return;
+        };
+        if row_len == 0 || src.is_empty() {
+            return;
+        }
+        let out_shape = self.output_shape(shape);
+        // Element strides of the output, per axis.
+        let mut strides = vec![1usize; out_shape.len()];
+        for axis in (0..out_shape.len().saturating_sub(1)).rev() {
+            strides[axis] = strides[axis + 1] * out_shape[axis + 1];
+        }
+        let last = shape.len() - 1;
+        let mut index = vec![0usize; outer.len()];
+        for row in src.chunks_exact(row_len) {
+            let offset: usize =
+                index.iter().zip(&self.pads).zip(&strides).map(|((i, (b, _)), s)| (i + b) * s).sum::<usize>()
+                    + self.pads[last].0;
+            out[offset..offset + row_len].copy_from_slice(row);
+            // Next row: odometer over the outer axes.
+            for axis in (0..outer.len()).rev() {
+                index[axis] += 1;
+                if index[axis] < outer[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+    }
+}
+
+impl Op for ConstPad {
+    fn name(&self) -> StaticName {
+        "ConstPad".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("pads: {:?}, value: {}", self.pads, self.value())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ConstPad {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape = input.shape().to_vec();
+        if shape.len() != self.pads.len() {
+            bail!("ConstPad: rank {} for {} pads", shape.len(), self.pads.len());
+        }
+        let view = input.try_as_plain_ram()?;
+        let src = view.as_slice::<f32>()?;
+        let out_shape = self.output_shape(&shape);
+        // SAFETY: every element is written by `pad_into` (filled, then rows copied).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            self.pad_into(&shape, src, out_view.as_slice_mut::<f32>()?);
+        }
+        drop(view);
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for ConstPad {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut fact = inputs[0].without_value();
+        for (axis, (before, after)) in self.pads.iter().enumerate() {
+            fact.shape.set(axis, fact.shape[axis].clone() + *before + *after);
+        }
+        Ok(tvec!(fact))
+    }
+
+    as_op!();
+}
+
+/// Replaces every constant f32 `Pad` of an optimised model by [`ConstPad`].
+pub fn replace_pads(mut model: TypedModel) -> TractResult<TypedModel> {
+    let candidates: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_as::<Pad>().is_some_and(|pad| matches!(pad.mode, PadMode::Constant(_))))
+        .map(|node| node.id)
+        .collect();
+    for id in candidates {
+        let node = model.node(id);
+        let Some(pad) = node.op_as::<Pad>() else { continue };
+        let PadMode::Constant(value) = &pad.mode else { continue };
+        let input_fact = model.outlet_fact(node.inputs[0])?;
+        if input_fact.datum_type != f32::datum_type() || pad.pads.len() != input_fact.rank() {
+            continue;
+        }
+        let value = value.cast_to_scalar::<f32>()?;
+        let op = ConstPad { pads: pad.pads.clone(), value_bits: value.to_bits() };
+        let patch = TypedModelPatch::replace_single_op(&model, node, &node.inputs, op)?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_every_axis_like_tracts_pad() {
+        let input = Tensor::from_shape(&[1, 2, 3, 4], &(0..24).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let pads = vec![(0, 0), (1, 0), (2, 1), (1, 3)];
+        let ours = ConstPad { pads: pads.clone(), value_bits: 0.5f32.to_bits() }
+            .eval(&EvalContext::out_of_plan(), tvec!(input.clone().into_tvalue()))
+            .unwrap();
+        let theirs = Pad { pads, mode: PadMode::Constant(Arc::new(tensor0(0.5f32))) }
+            .eval(&EvalContext::out_of_plan(), tvec!(input.into_tvalue()))
+            .unwrap();
+        assert_eq!(ours[0].shape(), &[1, 3, 6, 8]);
+        assert_eq!(*ours[0], *theirs[0]);
+    }
+}
