@@ -93,7 +93,6 @@ impl EvalOp for ConstPad {
             let mut out_view = output.try_as_plain_ram_mut()?;
             self.pad_into(&shape, src, out_view.as_slice_mut::<f32>()?);
         }
-        drop(view);
         Ok(tvec!(output.into_tvalue()))
     }
 }
