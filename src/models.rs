@@ -24,7 +24,7 @@ use crate::segment::salient::SalientSegmenter;
 use crate::segment::sam::SamSegmenter;
 use crate::segment::{BoxPrompt, BoxSegmenter, ModelInfo, ModelKind, SegmentError, SegmentRequest, Segmenter};
 use crate::sysmem::{self, BudgetSource};
-use tract_onnx::prelude::InferenceModel;
+use tract_onnx::pb::ModelProto;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -377,8 +377,8 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
         detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
     };
     if candidate.sam {
-        let graphs = read_sam_folder(&candidate)?;
-        let segmenter = SamSegmenter::from_graphs(graphs, info).map_err(invalid)?;
+        let protos = read_sam_folder(&candidate)?;
+        let segmenter = SamSegmenter::from_protos(protos, info).map_err(invalid)?;
         return Ok(Arc::new(segmenter));
     }
     let graph = onnx::read_graph(&candidate.path).map_err(invalid)?;
@@ -399,19 +399,20 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
 }
 
 /// Reads both halves of a SAM folder once, checking each is what its name says.
-fn read_sam_folder(candidate: &Candidate) -> Result<[InferenceModel; 2], LoadError> {
+fn read_sam_folder(candidate: &Candidate) -> Result<[ModelProto; 2], LoadError> {
     let encoder = read_expected(candidate, "encoder.onnx", GraphKind::SamEncoder)?;
     let decoder = read_expected(candidate, "decoder.onnx", GraphKind::SamDecoder)?;
     Ok([encoder, decoder])
 }
 
 /// Reads one half of a SAM folder, checking by its graph that it is that half.
-fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Result<InferenceModel, LoadError> {
-    let graph = onnx::read_graph(&candidate.path.join(file)).map_err(|e| LoadError::Invalid {
+fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Result<ModelProto, LoadError> {
+    let invalid = |e: tract_onnx::prelude::TractError| LoadError::Invalid {
         location: format!("{}/{file}", candidate.location),
         detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
-    })?;
-    let kind = onnx::classify(&graph);
+    };
+    let proto = onnx::read_proto(&candidate.path.join(file)).map_err(invalid)?;
+    let kind = onnx::classify(&onnx::graph_from_proto(&proto).map_err(invalid)?);
     if kind != expected {
         let detail = match kind {
             GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),
@@ -419,7 +420,7 @@ fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Resu
         };
         return Err(LoadError::WrongKind { location: candidate.location.clone(), detail });
     }
-    Ok(graph)
+    Ok(proto)
 }
 
 fn model_name(path: &Path) -> String {

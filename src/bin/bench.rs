@@ -804,7 +804,7 @@ fn profile(inputs: &Inputs, which: &str) -> Res<Value> {
             profile_plan("u2netp", &plan, tvec!(input.into()))?
         }
         "profile_sam_encoder" => {
-            let plan = sam::load_encoder(&inputs.sam_folder().join("encoder.onnx")).map_err(err)?;
+            let plan = sam::load_whole_encoder(&inputs.sam_folder().join("encoder.onnx")).map_err(err)?;
             let input = sam::preprocess(&inputs.rgb("scene_1280.png")?).map_err(err)?;
             profile_plan("sam_encoder", &plan, tvec!(input.into()))?
         }
@@ -833,7 +833,7 @@ fn plan_stats(inputs: &Inputs) -> Res<Value> {
     let graph = onnx::read_graph(&inputs.u2netp()).map_err(err)?;
     let u2 = graph.with_input_fact(0, f32::fact([1, 3, 320, 320]).into()).and_then(onnx::optimise).map_err(err)?;
     let folder = inputs.sam_folder();
-    let encoder = sam::load_encoder(&folder.join("encoder.onnx")).map_err(err)?;
+    let encoder = sam::load_whole_encoder(&folder.join("encoder.onnx")).map_err(err)?;
     let decoder = sam::load_decoder(&folder.join("decoder.onnx")).map_err(err)?;
     Ok(json!({
         "stage": "plan_stats",

@@ -40,6 +40,16 @@ pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     knobs.enter(|| super::pad::replace_pads(graph.into_optimized()?)?.into_compact()?.into_runnable())
 }
 
+/// Reads an ONNX file as its protobuf (to cut it, as `tiled` does, before planning).
+pub fn read_proto(path: &Path) -> TractResult<tract_onnx::pb::ModelProto> {
+    tract_onnx::onnx().proto_model_for_path(path)
+}
+
+/// tract's inference model of a protobuf (not yet optimised).
+pub fn graph_from_proto(proto: &tract_onnx::pb::ModelProto) -> TractResult<InferenceModel> {
+    tract_onnx::onnx().with_ignore_value_info(true).model_for_proto_model(proto)
+}
+
 /// Reads an ONNX file into tract's inference model (not yet optimised).
 pub fn read_graph(path: &Path) -> TractResult<InferenceModel> {
     tract_onnx::onnx().with_ignore_value_info(true).model_for_path(path)

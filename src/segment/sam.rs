@@ -14,10 +14,12 @@ use std::sync::Mutex;
 
 use image::{GrayImage, RgbImage};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::internal::{bail, format_err};
+use tract_onnx::tract_hir::internal::bail;
 
 use super::onnx::{self, Plan};
+pub use super::tiled::Encoder;
 use super::{BoxPrompt, ModelInfo, SegmentError, SegmentRequest, Segmenter};
+use tract_onnx::pb::ModelProto;
 
 pub const SIDE: usize = 1024;
 const LOW_RES: usize = 256;
@@ -30,18 +32,23 @@ const DECODER_INPUTS: [&str; 5] = ["image_embeddings", "point_coords", "point_la
 
 pub struct SamSegmenter {
     info: ModelInfo,
-    encoder: Plan,
+    encoder: Encoder,
     decoder: Plan,
     cache: Mutex<VecDeque<(String, Arc<Tensor>)>>,
     encoder_runs: AtomicUsize,
 }
 
-/// The encoder plan for a fixed `[1, 3, 1024, 1024]` input.
-pub fn load_encoder(path: &Path) -> TractResult<Plan> {
+/// The encoder for a fixed `[1, 3, 1024, 1024]` input (in strips where it can: `tiled`).
+pub fn load_encoder(path: &Path) -> TractResult<Encoder> {
+    Encoder::load(path, SIDE)
+}
+
+/// The encoder as one plan (for tract's node-by-node profile in the benchmark).
+pub fn load_whole_encoder(path: &Path) -> TractResult<Plan> {
     plan_encoder(onnx::read_graph(path)?)
 }
 
-/// The encoder plan from an already read graph (consumed, so only the plan stays).
+/// The whole encoder plan from an already read graph (consumed, so only the plan stays).
 pub fn plan_encoder(graph: InferenceModel) -> TractResult<Plan> {
     onnx::optimise(graph.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into())?)
 }
@@ -71,16 +78,16 @@ pub fn plan_decoder(graph: InferenceModel) -> TractResult<Plan> {
 
 impl SamSegmenter {
     pub fn load(folder: &Path, info: ModelInfo) -> TractResult<Self> {
-        let encoder = onnx::read_graph(&folder.join("encoder.onnx"))?;
-        let decoder = onnx::read_graph(&folder.join("decoder.onnx"))?;
-        Self::from_graphs([encoder, decoder], info)
+        let encoder = onnx::read_proto(&folder.join("encoder.onnx"))?;
+        let decoder = onnx::read_proto(&folder.join("decoder.onnx"))?;
+        Self::from_protos([encoder, decoder], info)
     }
 
-    /// From the encoder and decoder graphs (each optimised, then dropped, in turn).
-    pub fn from_graphs(graphs: [InferenceModel; 2], info: ModelInfo) -> TractResult<Self> {
-        let [encoder, decoder] = graphs;
-        let encoder = plan_encoder(encoder)?;
-        let decoder = plan_decoder(decoder)?;
+    /// From the encoder and decoder files' protobufs (each planned, then dropped, in turn).
+    pub fn from_protos(protos: [ModelProto; 2], info: ModelInfo) -> TractResult<Self> {
+        let [encoder, decoder] = protos;
+        let encoder = Encoder::from_proto(encoder, SIDE)?;
+        let decoder = plan_decoder(onnx::graph_from_proto(&decoder)?)?;
         Ok(SamSegmenter {
             info,
             encoder,
@@ -150,10 +157,8 @@ pub fn preprocess(image: &RgbImage) -> TractResult<Tensor> {
     onnx::normalised_tensor(&resized, MEAN, STD, 1.0, (SIDE, SIDE))
 }
 
-pub fn run_encoder(encoder: &Plan, input: Tensor) -> TractResult<Arc<Tensor>> {
-    let mut outputs = encoder.run(tvec!(input.into()))?;
-    let embedding = outputs.pop().ok_or_else(|| format_err!("encoder returned no output"))?;
-    let embedding = embedding.into_arc_tensor();
+pub fn run_encoder(encoder: &Encoder, input: Tensor) -> TractResult<Arc<Tensor>> {
+    let embedding = encoder.run(input)?.into_arc_tensor();
     if embedding.shape() != EMBED_SHAPE {
         bail!("encoder output shape {:?}, expected {:?}", embedding.shape(), EMBED_SHAPE);
     }
