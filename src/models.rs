@@ -412,7 +412,7 @@ fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Resu
         detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
     };
     let proto = onnx::read_proto(&candidate.path.join(file)).map_err(invalid)?;
-    let kind = onnx::classify(&onnx::graph_from_proto(&proto).map_err(invalid)?);
+    let kind = onnx::classify_proto(&proto);
     if kind != expected {
         let detail = match kind {
             GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),

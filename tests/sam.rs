@@ -128,7 +128,12 @@ fn u2netp_matches_onnxruntime() {
 
 #[test]
 fn kinds_are_recognised_from_the_graph_not_the_name() {
-    let kind = |rel: &str| onnx::classify(&onnx::read_graph(&shared(rel)).unwrap());
+    // From tract's graph and from the protobuf alone (how SAM folders are checked): the same.
+    let kind = |rel: &str| {
+        let from_graph = onnx::classify(&onnx::read_graph(&shared(rel)).unwrap());
+        assert_eq!(onnx::classify_proto(&onnx::read_proto(&shared(rel)).unwrap()), from_graph, "{rel}");
+        from_graph
+    };
     assert_eq!(kind("models/mobile_sam/encoder.onnx"), GraphKind::SamEncoder);
     assert_eq!(kind("models/mobile_sam/decoder.onnx"), GraphKind::SamDecoder);
     assert_eq!(kind("models/mobile_sam/decoder_multimask.onnx"), GraphKind::SamDecoder);
@@ -137,6 +142,10 @@ fn kinds_are_recognised_from_the_graph_not_the_name() {
     let renamed = dir.path().join("sam_vit_b_encoder.onnx");
     std::fs::copy(u2netp(), &renamed).unwrap();
     assert_eq!(onnx::classify(&onnx::read_graph(&renamed).unwrap()), GraphKind::Salient { height: 320, width: 320 });
+    assert_eq!(
+        onnx::classify_proto(&onnx::read_proto(&renamed).unwrap()),
+        GraphKind::Salient { height: 320, width: 320 }
+    );
 }
 
 #[test]

@@ -76,8 +76,41 @@ pub fn output_names(model: &InferenceModel) -> Vec<String> {
 
 /// Recognises the family from input and output names and shapes, never from the file name.
 pub fn classify(model: &InferenceModel) -> GraphKind {
-    let inputs = input_names(model);
-    let outputs = output_names(model);
+    let dims = || {
+        let fact = model.input_fact(0).ok()?;
+        Some(fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect())
+    };
+    classify_io(input_names(model), output_names(model), dims)
+}
+
+/// The same from the protobuf alone (no graph to build: the SAM halves are cut first).
+pub fn classify_proto(proto: &tract_onnx::pb::ModelProto) -> GraphKind {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+    use tract_onnx::pb::type_proto::Value as Type;
+    let Some(graph) = &proto.graph else {
+        return GraphKind::Unknown { inputs: vec![], outputs: vec![] };
+    };
+    let weights: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<_> = graph.input.iter().filter(|i| !weights.contains(i.name.as_str())).collect();
+    let dims = || {
+        let Some(Type::TensorType(tensor)) = inputs.first()?.r#type.as_ref()?.value.as_ref() else { return None };
+        let dim = |d: &tract_onnx::pb::tensor_shape_proto::Dimension| match d.value {
+            Some(Dim::DimValue(v)) => Some(v),
+            _ => None,
+        };
+        Some(tensor.shape.as_ref()?.dim.iter().map(dim).collect())
+    };
+    let names = inputs.iter().map(|i| i.name.clone()).collect();
+    classify_io(names, graph.output.iter().map(|o| o.name.clone()).collect(), dims)
+}
+
+/// Recognises the family from input and output names, and for a salient model the input's
+/// dimensions (`[1, 3, H, W]`, unknown ones as `None`).
+fn classify_io(
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    dims: impl FnOnce() -> Option<Vec<Option<i64>>>,
+) -> GraphKind {
     let has = |list: &[String], names: &[&str]| names.iter().all(|n| list.iter().any(|l| l == n));
     if has(&inputs, &["image"]) && has(&outputs, &["image_embeddings"]) {
         return GraphKind::SamEncoder;
@@ -88,7 +121,7 @@ pub fn classify(model: &InferenceModel) -> GraphKind {
         return GraphKind::SamDecoder;
     }
     if inputs.len() == 1 && !outputs.is_empty() {
-        if let Some((height, width)) = image_input_size(model) {
+        if let Some((height, width)) = dims().and_then(|d| image_input_size(&d)) {
             return GraphKind::Salient { height, width };
         }
     }
@@ -96,10 +129,8 @@ pub fn classify(model: &InferenceModel) -> GraphKind {
 }
 
 /// `(H, W)` of a `[1, 3, H, W]` input; symbolic H/W default to 320.
-fn image_input_size(model: &InferenceModel) -> Option<(usize, usize)> {
-    let fact = model.input_fact(0).ok()?;
-    let dims: Vec<Option<i64>> = fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect();
-    match dims.as_slice() {
+fn image_input_size(dims: &[Option<i64>]) -> Option<(usize, usize)> {
+    match dims {
         [None | Some(1), Some(3), h, w] => {
             let side = |d: &Option<i64>| d.filter(|v| *v > 0).map(|v| v as usize).unwrap_or(320);
             Some((side(h), side(w)))

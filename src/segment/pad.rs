@@ -1,15 +1,17 @@
 //! A constant-padding op for f32 tensors that writes its output once, in place of tract's
-//! `Pad` in optimised plans.
+//! `Pad` (and of a `Concat` feeding only that `Pad`) in optimised plans.
 //!
 //! tract 0.23's `Pad` builds an ndarray, assigns the input into a slice of it, then converts
 //! that array into a tensor: two output-sized buffers at once on top of the input. In
 //! U²-Net-p the 3x3 convolution after the last concat pads a 50 MB activation, and that one
 //! node set the model's memory peak (docs/performance.md §2). This op allocates the output
-//! once, fills it and copies the input rows: peak = input + output.
+//! once, fills it and copies the input rows: peak = input + output. Where the padded
+//! tensor is a concatenation (U²-Net's decoder stages), the inputs are copied straight into
+//! the padded output, so the unpadded concatenation is never made.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::array::{Pad, PadMode};
+use tract_onnx::tract_core::ops::array::{Pad, PadMode, TypedConcat};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConstPad {
@@ -17,6 +19,8 @@ pub struct ConstPad {
     pads: Vec<(usize, usize)>,
     /// The fill value's bits (f32), so the op stays `Eq` and `Hash`.
     value_bits: u32,
+    /// With several inputs: they are concatenated along this axis, then padded.
+    concat_axis: usize,
 }
 
 impl ConstPad {
@@ -28,9 +32,9 @@ impl ConstPad {
         input.iter().zip(&self.pads).map(|(d, (b, a))| d + b + a).collect()
     }
 
-    /// Pads a contiguous row-major f32 buffer of shape `shape` into `out`.
-    fn pad_into(&self, shape: &[usize], src: &[f32], out: &mut [f32]) {
-        out.fill(self.value());
+    /// Copies a contiguous row-major f32 buffer of shape `shape` into `out` (of shape
+    /// `out_shape`), with its first element at `origin`.
+    fn place(shape: &[usize], src: &[f32], out: &mut [f32], out_shape: &[usize], origin: &[usize]) {
         let Some((&row_len, outer)) = shape.split_last() else {
             out.copy_from_slice(src);
             return;
@@ -38,7 +42,6 @@ impl ConstPad {
         if row_len == 0 || src.is_empty() {
             return;
         }
-        let out_shape = self.output_shape(shape);
         // Element strides of the output, per axis.
         let mut strides = vec![1usize; out_shape.len()];
         for axis in (0..out_shape.len().saturating_sub(1)).rev() {
@@ -48,8 +51,7 @@ impl ConstPad {
         let mut index = vec![0usize; outer.len()];
         for row in src.chunks_exact(row_len) {
             let offset: usize =
-                index.iter().zip(&self.pads).zip(&strides).map(|((i, (b, _)), s)| (i + b) * s).sum::<usize>()
-                    + self.pads[last].0;
+                index.iter().zip(origin).zip(&strides).map(|((i, o), s)| (i + o) * s).sum::<usize>() + origin[last];
             out[offset..offset + row_len].copy_from_slice(row);
             // Next row: odometer over the outer axes.
             for axis in (0..outer.len()).rev() {
@@ -79,19 +81,31 @@ impl EvalOp for ConstPad {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let shape = input.shape().to_vec();
-        if shape.len() != self.pads.len() {
+        let Some(first) = inputs.first() else { bail!("ConstPad: no input") };
+        let mut shape = first.shape().to_vec();
+        if shape.len() != self.pads.len() || self.concat_axis >= shape.len() {
             bail!("ConstPad: rank {} for {} pads", shape.len(), self.pads.len());
         }
-        let view = input.try_as_plain_ram()?;
-        let src = view.as_slice::<f32>()?;
+        shape[self.concat_axis] = inputs.iter().map(|i| i.shape().get(self.concat_axis).copied().unwrap_or(0)).sum();
         let out_shape = self.output_shape(&shape);
-        // SAFETY: every element is written by `pad_into` (filled, then rows copied).
+        // SAFETY: every element is written below (filled, then the input rows copied).
         let mut output = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
-            self.pad_into(&shape, src, out_view.as_slice_mut::<f32>()?);
+            let out = out_view.as_slice_mut::<f32>()?;
+            out.fill(self.value());
+            let mut origin: Vec<usize> = self.pads.iter().map(|p| p.0).collect();
+            for input in &inputs {
+                let in_shape = input.shape();
+                let fits = in_shape.len() == shape.len()
+                    && in_shape.iter().zip(&shape).enumerate().all(|(axis, (a, b))| axis == self.concat_axis || a == b);
+                if !fits {
+                    bail!("ConstPad: input shape {in_shape:?} does not concatenate into {shape:?}");
+                }
+                let view = input.try_as_plain_ram()?;
+                Self::place(in_shape, view.as_slice::<f32>()?, out, &out_shape, &origin);
+                origin[self.concat_axis] += in_shape[self.concat_axis];
+            }
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -99,7 +113,10 @@ impl EvalOp for ConstPad {
 
 impl TypedOp for ConstPad {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut fact = inputs[0].without_value();
+        let Some(first) = inputs.first() else { bail!("ConstPad: no input") };
+        let mut fact = first.without_value();
+        let concat: TDim = inputs.iter().map(|f| f.shape[self.concat_axis].clone()).sum();
+        fact.shape.set(self.concat_axis, concat);
         for (axis, (before, after)) in self.pads.iter().enumerate() {
             fact.shape.set(axis, fact.shape[axis].clone() + *before + *after);
         }
@@ -126,8 +143,19 @@ pub fn replace_pads(mut model: TypedModel) -> TractResult<TypedModel> {
             continue;
         }
         let value = value.cast_to_scalar::<f32>()?;
-        let op = ConstPad { pads: pad.pads.clone(), value_bits: value.to_bits() };
-        let patch = TypedModelPatch::replace_single_op(&model, node, &node.inputs, op)?;
+        let producer = model.node(node.inputs[0].node);
+        let only_reader =
+            model.outlet_successors(node.inputs[0]).len() == 1 && !model.output_outlets()?.contains(&node.inputs[0]);
+        let (inputs, concat_axis) = match producer.op_as::<TypedConcat>() {
+            Some(concat) if only_reader && producer.outputs.len() == 1 => (producer.inputs.clone(), concat.axis),
+            _ => (node.inputs.clone(), 0),
+        };
+        let f32_inputs = inputs.iter().all(|i| model.outlet_fact(*i).is_ok_and(|f| f.datum_type == f32::datum_type()));
+        if !f32_inputs {
+            continue;
+        }
+        let op = ConstPad { pads: pad.pads.clone(), value_bits: value.to_bits(), concat_axis };
+        let patch = TypedModelPatch::replace_single_op(&model, node, &inputs, op)?;
         patch.apply(&mut model)?;
     }
     Ok(model)
@@ -141,13 +169,29 @@ mod tests {
     fn pads_every_axis_like_tracts_pad() {
         let input = Tensor::from_shape(&[1, 2, 3, 4], &(0..24).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let pads = vec![(0, 0), (1, 0), (2, 1), (1, 3)];
-        let ours = ConstPad { pads: pads.clone(), value_bits: 0.5f32.to_bits() }
+        let ours = ConstPad { pads: pads.clone(), value_bits: 0.5f32.to_bits(), concat_axis: 0 }
             .eval(&EvalContext::out_of_plan(), tvec!(input.clone().into_tvalue()))
             .unwrap();
         let theirs = Pad { pads, mode: PadMode::Constant(Arc::new(tensor0(0.5f32))) }
             .eval(&EvalContext::out_of_plan(), tvec!(input.into_tvalue()))
             .unwrap();
         assert_eq!(ours[0].shape(), &[1, 3, 6, 8]);
+        assert_eq!(*ours[0], *theirs[0]);
+    }
+
+    #[test]
+    fn concatenates_then_pads_like_tracts_concat_and_pad() {
+        let a = Tensor::from_shape(&[1, 2, 3, 4], &(0..24).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let b = Tensor::from_shape(&[1, 1, 3, 4], &(100..112).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let pads = vec![(0, 0), (0, 0), (1, 1), (1, 1)];
+        let ours = ConstPad { pads: pads.clone(), value_bits: 0f32.to_bits(), concat_axis: 1 }
+            .eval(&EvalContext::out_of_plan(), tvec!(a.clone().into_tvalue(), b.clone().into_tvalue()))
+            .unwrap();
+        let joined = Tensor::stack_tensors(1, &[a, b]).unwrap();
+        let theirs = Pad { pads, mode: PadMode::Constant(Arc::new(tensor0(0f32))) }
+            .eval(&EvalContext::out_of_plan(), tvec!(joined.into_tvalue()))
+            .unwrap();
+        assert_eq!(ours[0].shape(), &[1, 3, 5, 6]);
         assert_eq!(*ours[0], *theirs[0]);
     }
 }
