@@ -37,7 +37,10 @@ pub enum GraphKind {
 /// (docs/performance.md §3). Its `Pad` nodes are replaced by [`super::pad::ConstPad`].
 pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
-    knobs.enter(|| super::pad::replace_pads(graph.into_optimized()?)?.into_compact()?.into_runnable())
+    knobs.enter(|| {
+        let typed = super::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
+        super::pad::replace_pads(typed.into_optimized()?)?.into_compact()?.into_runnable()
+    })
 }
 
 /// Reads an ONNX file as its protobuf (to cut it, as `tiled` does, before planning).
