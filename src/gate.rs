@@ -52,6 +52,14 @@ impl Gate {
 }
 
 impl Admitted {
+    /// A running place if one is free now, else `self` back (to wait with `run`).
+    pub fn try_run(self) -> Result<Pass, Admitted> {
+        match self.running.clone().try_acquire_owned() {
+            Ok(running) => Ok(Pass { _admission: self.admission, _running: running }),
+            Err(_) => Err(self),
+        }
+    }
+
     /// Waits for a running place (`None` only if the gate was closed).
     pub async fn run(self) -> Option<Pass> {
         let running = self.running.acquire_owned().await.ok()?;
@@ -69,6 +77,7 @@ mod tests {
         let first = gate.enter(3).await.unwrap();
         let queued = gate.admit(3).unwrap();
         assert_eq!(gate.admit(3).err().map(|b| b.retry_after), Some(3));
+        let queued = queued.try_run().err().expect("the running place is taken");
         drop(first);
         let _second = queued.run().await.unwrap();
         assert!(gate.admit(3).is_ok(), "a place is free again");

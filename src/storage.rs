@@ -303,6 +303,14 @@ fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Flushes a file and drops it from the page cache (an upload waiting for its turn).
+pub fn uncache(path: &Path) -> io::Result<()> {
+    let file = fs::File::open(path)?;
+    file.sync_data()?;
+    drop_cached_pages(&file);
+    Ok(())
+}
+
 fn read_uncached(path: &Path) -> io::Result<Vec<u8>> {
     let mut file = fs::File::open(path)?;
     let mut bytes = Vec::new();

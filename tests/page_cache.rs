@@ -33,6 +33,9 @@ fn artefacts_written_and_read_leave_no_page_cache_behind() {
     std::fs::write(&control, &bytes).unwrap();
     let cached = resident_pages(&control);
     assert!(cached > 400, "control file: {cached} pages cached; is {:?} a disk filesystem?", root.path());
+    // An upload waiting for its turn is flushed and dropped the same way.
+    drishya::storage::uncache(&control).unwrap();
+    assert_eq!(resident_pages(&control), 0, "after uncache");
 
     let store = TempStore::new(root.path().to_path_buf(), Duration::from_secs(3600), 1 << 30);
     let session = SessionId::random();
