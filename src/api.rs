@@ -12,6 +12,7 @@ use rocket::fairing::AdHoc;
 use rocket::form::{Errors, Form};
 use rocket::fs::TempFile;
 use rocket::http::{ContentType, Header, Status};
+use rocket::request::{FromRequest, Outcome};
 use rocket::serde::json::{json, Json, Value};
 use rocket::tokio::io::AsyncReadExt;
 use rocket::tokio::task::spawn_blocking;
@@ -42,10 +43,11 @@ impl ImageJobs {
         self.0.enter(IMAGE_RETRY_SECS).await
     }
 
-    /// Waits for a place for a job on `upload`. While the job waits in the queue, the
-    /// upload's file is flushed and dropped from the page cache, which the container's
-    /// memory cgroup counts: 64 queued 4 MB uploads were ~250 MB of it.
-    async fn enter_with(&self, upload: &TempFile<'_>) -> Result<Pass, Busy> {
+    /// Waits for a place for a job on `upload`, then lets the next upload in. While the
+    /// job waits in the queue, the upload's file is flushed and dropped from the page
+    /// cache, which the container's memory cgroup counts: 64 queued 4 MB uploads were
+    /// ~250 MB of it.
+    async fn enter_with(&self, upload: &TempFile<'_>, slot: UploadSlot) -> Result<Pass, Busy> {
         let busy = Busy { retry_after: IMAGE_RETRY_SECS };
         match self.0.admit(IMAGE_RETRY_SECS)?.try_run() {
             Ok(pass) => Ok(pass),
@@ -54,7 +56,37 @@ impl ImageJobs {
                     // Best effort: a failure only leaves the pages cached.
                     let _ = spawn_blocking(move || storage::uncache(&path)).await;
                 }
+                drop(slot);
                 queued.run().await.ok_or(busy)
+            }
+        }
+    }
+}
+
+/// Uploads whose bodies are read at the same time. A request guard, so it is taken
+/// before Rocket reads the body (data guards come last): the bodies of the others wait
+/// in their sockets instead of the page cache.
+const UPLOADS_AT_ONCE: usize = 4;
+
+struct UploadGate(Gate);
+
+/// A place to receive an upload's body (see `UPLOADS_AT_ONCE`).
+pub struct UploadSlot(#[allow(dead_code)] Pass);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for UploadSlot {
+    type Error = Busy;
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Busy> {
+        let Some(gate) = request.rocket().state::<UploadGate>() else {
+            return Outcome::Error((Status::InternalServerError, Busy { retry_after: IMAGE_RETRY_SECS }));
+        };
+        match gate.0.enter(IMAGE_RETRY_SECS).await {
+            Ok(pass) => Outcome::Success(UploadSlot(pass)),
+            Err(busy) => {
+                // For the catcher: the 503 carries Retry-After like every other "busy".
+                request.local_cache(|| Some(busy));
+                Outcome::Error((Status::ServiceUnavailable, busy))
             }
         }
     }
@@ -66,7 +98,7 @@ pub fn stage() -> AdHoc {
         let Some((running, queue)) = rocket.state::<AppConfig>().map(|c| (c.image_concurrency, c.image_queue)) else {
             return rocket;
         };
-        rocket.manage(ImageJobs(Gate::new(running, queue)))
+        rocket.manage(ImageJobs(Gate::new(running, queue))).manage(UploadGate(Gate::new(UPLOADS_AT_ONCE, queue)))
     })
 }
 
@@ -124,6 +156,7 @@ struct UploadForm<'r> {
 #[post("/upload_image", data = "<form>")]
 async fn upload_image(
     user: User,
+    slot: UploadSlot,
     form: Result<Form<UploadForm<'_>>, Errors<'_>>,
     cfg: &State<AppConfig>,
     store: &Store,
@@ -132,7 +165,7 @@ async fn upload_image(
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let file = file_field(&form.image, "image", cfg)?;
     // The upload stays on disk until this job may run: only admitted jobs hold pixels.
-    let _pass = jobs.enter_with(file).await?;
+    let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
     let max_width = cfg.max_image_width;
     let store = store.inner().clone();
@@ -251,6 +284,7 @@ impl<'r> ReplaceForm<'r> {
 #[post("/replace_product", data = "<form>")]
 async fn replace_product(
     user: User,
+    slot: UploadSlot,
     form: Result<Form<ReplaceForm<'_>>, Errors<'_>>,
     cfg: &State<AppConfig>,
     store: &Store,
@@ -260,7 +294,7 @@ async fn replace_product(
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let settings = form.settings()?;
     let file = file_field(&form.product_image, "product_image", cfg)?;
-    let _pass = jobs.enter_with(file).await?;
+    let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
     let store = store.inner().clone();
     let session = user.session;
@@ -342,7 +376,10 @@ pub fn routes() -> Vec<Route> {
 
 /// Every error Rocket produces itself (no route, no login, body too large, ...) as JSON.
 #[catch(default)]
-fn json_catcher(status: Status, request: &Request<'_>) -> (Status, (ContentType, String)) {
+fn json_catcher(status: Status, request: &Request<'_>) -> Result<(Status, (ContentType, String)), ApiError> {
+    if let Some(busy) = *request.local_cache(|| None::<Busy>) {
+        return Err(ApiError::from(busy));
+    }
     let message = match status.code {
         400 => "bad request: the request could not be understood",
         401 => "login required",
@@ -359,7 +396,7 @@ fn json_catcher(status: Status, request: &Request<'_>) -> (Status, (ContentType,
     if status.code >= 500 {
         log::error!("{} {} -> {}", request.method(), request.uri().path(), status.code);
     }
-    (status, (ContentType::JSON, json!({ "error": message }).to_string()))
+    Ok((status, (ContentType::JSON, json!({ "error": message }).to_string())))
 }
 
 pub fn catchers() -> Vec<Catcher> {
