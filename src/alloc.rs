@@ -10,13 +10,20 @@
 //! `HUGE_PAGES=0` keeps the separate mappings but without the advice.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Blocks of at least this size get their own mapping (one huge page).
 const BIG: usize = 2 << 20;
 const PAGE: usize = 4096;
 
 static ADVISE_HUGE: AtomicBool = AtomicBool::new(true);
+/// Bytes of big blocks live now (for the benchmark's live-heap figure).
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes currently held in big blocks (their requested sizes).
+pub fn mapped_bytes() -> usize {
+    MAPPED.load(Ordering::Relaxed)
+}
 
 /// Turns the huge-page advice on or off for blocks mapped from now on.
 pub fn set_huge_pages(on: bool) {
@@ -121,7 +128,7 @@ mod map {
 unsafe impl GlobalAlloc for DrishyaAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_big(layout.size(), layout.align()) {
-            map::map(layout.size())
+            counted(map::map(layout.size()), layout.size())
         } else {
             // SAFETY: forwarded contract.
             unsafe { System.alloc(layout) }
@@ -130,7 +137,7 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_big(layout.size(), layout.align()) {
-            map::map(layout.size()) // fresh anonymous pages are zero
+            counted(map::map(layout.size()), layout.size()) // fresh anonymous pages are zero
         } else {
             // SAFETY: forwarded contract.
             unsafe { System.alloc_zeroed(layout) }
@@ -139,6 +146,7 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if is_big(layout.size(), layout.align()) {
+            MAPPED.fetch_sub(layout.size(), Ordering::Relaxed);
             // SAFETY: a big layout was mapped by `map`.
             unsafe { map::unmap(ptr, layout.size()) }
         } else {
@@ -152,8 +160,15 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
         match (is_big(layout.size(), align), is_big(new_size, align)) {
             // SAFETY: forwarded contract.
             (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
-            // SAFETY: a big layout was mapped by `map`.
-            (true, true) => unsafe { map::remap(ptr, layout.size(), new_size) },
+            (true, true) => {
+                // SAFETY: a big layout was mapped by `map`.
+                let moved = unsafe { map::remap(ptr, layout.size(), new_size) };
+                if !moved.is_null() {
+                    MAPPED.fetch_sub(layout.size(), Ordering::Relaxed);
+                    MAPPED.fetch_add(new_size, Ordering::Relaxed);
+                }
+                moved
+            }
             _ => {
                 // SAFETY: the caller guarantees `new_size` with `align` is a valid layout.
                 let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
@@ -169,6 +184,13 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
             }
         }
     }
+}
+
+fn counted(ptr: *mut u8, size: usize) -> *mut u8 {
+    if !ptr.is_null() {
+        MAPPED.fetch_add(size, Ordering::Relaxed);
+    }
+    ptr
 }
 
 #[cfg(test)]

@@ -694,16 +694,18 @@ fn describe_plan(name: &str, plan: &Plan) -> Res<Value> {
     }))
 }
 
-/// Bytes malloc has handed out and not had back (heap + mmapped chunks): the live heap.
+/// Bytes handed out and not given back: malloc's (heap + mmapped chunks) plus the big
+/// blocks the process allocator maps itself (src/alloc.rs): the live heap.
 fn heap_in_use() -> u64 {
+    let mapped = drishya::alloc::mapped_bytes() as u64;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 only reads the allocator's counters.
         let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as u64
+        (info.uordblks + info.hblkhd) as u64 + mapped
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    0
+    mapped
 }
 
 /// Experiments with glibc's allocator without touching the app: `BENCH_MALLOC` =
@@ -957,7 +959,10 @@ fn parent(args: &Args) -> Res<()> {
             let _ = writeln!(table, "      {:>7} MB  {}", fmt_opt(&t["mb"]), t["tensor"].as_str().unwrap_or("?"));
         }
     }
-    let _ = writeln!(table, "\ntract profile (one run node by node; live heap = malloc'd bytes, mallinfo2):");
+    let _ = writeln!(
+        table,
+        "\ntract profile (one run node by node; live heap = malloc'd bytes (mallinfo2) + big mapped blocks):"
+    );
     for p in &profiles {
         let p = &p["profile"];
         let top: Vec<String> = p["by_op"]
