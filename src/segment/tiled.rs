@@ -51,10 +51,13 @@ impl Encoder {
 
     pub fn from_proto(proto: ModelProto, side: usize) -> TractResult<Self> {
         let input_fact = f32::fact([1, 3, side, side]);
-        match StripCut::find(&proto) {
-            Some(cut) => Ok(Encoder::Strips(StripEncoder::plan(proto, &cut, input_fact)?)),
-            None => Ok(Encoder::Whole(plan_part(&proto, input_fact)?)),
+        if let Some(cut) = StripCut::find(&proto) {
+            match StripEncoder::plan(&proto, &cut, input_fact.clone()) {
+                Ok(strips) => return Ok(Encoder::Strips(strips)),
+                Err(e) => log::warn!("SAM encoder: planned whole, not in strips: {e:#}"),
+            }
         }
+        Ok(Encoder::Whole(plan_part(&proto, input_fact)?))
     }
 
     /// Runs the encoder: the embedding.
@@ -194,25 +197,33 @@ fn output_shape(plan: &Plan) -> TractResult<Vec<usize>> {
 }
 
 impl StripEncoder {
-    fn plan(mut proto: ModelProto, cut: &StripCut, input_fact: TypedFact) -> TractResult<Self> {
-        let graph = proto.graph.take().ok_or_else(|| format_err!("no graph"))?;
-        let shell = proto;
+    fn plan(proto: &ModelProto, cut: &StripCut, input_fact: TypedFact) -> TractResult<Self> {
+        let graph = proto.graph.as_ref().ok_or_else(|| format_err!("no graph"))?;
+        // Everything but the graph (opsets, model-local functions), without copying the weights.
+        let shell = ModelProto {
+            ir_version: proto.ir_version,
+            opset_import: proto.opset_import.clone(),
+            producer_name: proto.producer_name.clone(),
+            producer_version: proto.producer_version.clone(),
+            domain: proto.domain.clone(),
+            model_version: proto.model_version,
+            functions: proto.functions.clone(),
+            ..Default::default()
+        };
         let nodes = &graph.node;
         let output = graph.output.first().map(|o| o.name.clone()).ok_or_else(|| format_err!("no output"))?;
-        let head = plan_part(&part(&shell, &graph, &nodes[..cut.head_end], None, &cut.stage_input), input_fact)?;
+        let head = plan_part(&part(&shell, graph, &nodes[..cut.head_end], None, &cut.stage_input), input_fact)?;
         let shape = output_shape(&head)?;
         let [1, channels, rows, width] = shape[..] else { bail!("stage input shape {shape:?}") };
         if rows % STRIP_ROWS != 0 || rows < 2 * STRIP_ROWS {
             bail!("{rows} rows do not split into strips of {STRIP_ROWS}");
         }
-        let stage =
-            part(&shell, &graph, &nodes[cut.head_end..cut.stage_end], Some(&cut.stage_input), &cut.stage_output);
+        let stage = part(&shell, graph, &nodes[cut.head_end..cut.stage_end], Some(&cut.stage_input), &cut.stage_output);
         let strip = |rows: usize| plan_part(&stage, f32::fact([1, channels, rows, width]));
         let edge = strip(STRIP_ROWS + cut.halo)?;
         let middle = strip(STRIP_ROWS + 2 * cut.halo)?;
         drop(stage);
-        let tail_part = part(&shell, &graph, &nodes[cut.stage_end..], Some(&cut.stage_output), &output);
-        drop(graph);
+        let tail_part = part(&shell, graph, &nodes[cut.stage_end..], Some(&cut.stage_output), &output);
         let tail = plan_part(&tail_part, f32::fact([1, channels, rows, width]))?;
         Ok(StripEncoder { head, edge, middle, tail, halo: cut.halo })
     }
@@ -228,12 +239,12 @@ impl StripEncoder {
             let mut out_view = stage_out.try_as_plain_ram_mut()?;
             let out = out_view.as_slice_mut::<f32>()?;
             for s in 0..strips {
-                let (from, plan, skip) = match s {
-                    0 => (0, &self.edge, 0),
-                    s if s == strips - 1 => (rows - STRIP_ROWS - halo, &self.edge, halo),
-                    s => (s * STRIP_ROWS - halo, &self.middle, halo),
+                // (first input row, plan, its input rows, output rows to skip)
+                let (from, plan, strip_rows, skip) = match s {
+                    0 => (0, &self.edge, STRIP_ROWS + halo, 0),
+                    s if s == strips - 1 => (rows - STRIP_ROWS - halo, &self.edge, STRIP_ROWS + halo, halo),
+                    s => (s * STRIP_ROWS - halo, &self.middle, STRIP_ROWS + 2 * halo, halo),
                 };
-                let strip_rows = if std::ptr::eq(plan, &self.edge) { STRIP_ROWS + halo } else { STRIP_ROWS + 2 * halo };
                 let strip = x.slice(2, from, from + strip_rows)?;
                 let y = first(plan.run(tvec!(strip.into()))?)?;
                 let y_view = y.try_as_plain_ram()?;
