@@ -8,9 +8,19 @@
 //! page a fault and a zeroing). A mapping per big block keeps the first property (memory
 //! goes back to the kernel on free) and huge pages remove 511 of every 512 faults.
 //! `HUGE_PAGES=0` keeps the separate mappings but without the advice.
+//!
+//! While an inference runs ([`reuse_freed_blocks`]), a freed big block is kept for the next
+//! big allocation instead of being unmapped: tract frees one activation and allocates the
+//! next all through a run, and a fresh mapping costs a page fault and the kernel's zeroing
+//! of every page (the SAM encoder allocated ~90,000 pages a run). The cache never raises
+//! the resident peak: a request takes the smallest kept block that fits (its surplus pages
+//! unmapped at once), and a request that no kept block fits first unmaps them all, so a
+//! fresh mapping is only ever made with the cache empty. The cache is emptied when the
+//! last scope ends.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Blocks of at least this size get their own mapping (one huge page).
 const BIG: usize = 2 << 20;
@@ -28,6 +38,99 @@ pub fn mapped_bytes() -> usize {
 /// Turns the huge-page advice on or off for blocks mapped from now on.
 pub fn set_huge_pages(on: bool) {
     ADVISE_HUGE.store(on, Ordering::Relaxed);
+}
+
+/// Open [`reuse_freed_blocks`] scopes.
+static REUSE_SCOPES: AtomicUsize = AtomicUsize::new(0);
+
+/// Keeps freed big blocks for reuse until the returned guard (and every other one) is
+/// dropped; then they are unmapped. Wrap a model run in it.
+pub fn reuse_freed_blocks() -> ReuseScope {
+    REUSE_SCOPES.fetch_add(1, Ordering::AcqRel);
+    ReuseScope(())
+}
+
+pub struct ReuseScope(());
+
+impl Drop for ReuseScope {
+    fn drop(&mut self) {
+        if REUSE_SCOPES.fetch_sub(1, Ordering::AcqRel) == 1 {
+            kept::release_all();
+        }
+    }
+}
+
+/// Freed big blocks kept for reuse: `(address, page-rounded length)`, 0 for an empty slot.
+/// A fixed array: the allocator cannot allocate for its own bookkeeping.
+mod kept {
+    use super::{map, Mutex};
+
+    const SLOTS: usize = 16;
+    static BLOCKS: Mutex<[(usize, usize); SLOTS]> = Mutex::new([(0, 0); SLOTS]);
+
+    fn blocks() -> std::sync::MutexGuard<'static, [(usize, usize); SLOTS]> {
+        BLOCKS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps a freed block; false when every slot is taken (the caller unmaps it).
+    pub fn keep(ptr: *mut u8, len: usize) -> bool {
+        let mut blocks = blocks();
+        match blocks.iter_mut().find(|b| b.1 == 0) {
+            Some(slot) => {
+                *slot = (ptr as usize, len);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A block of `len` bytes (page-rounded) made of kept pages: the smallest kept block
+    /// that fits, its surplus unmapped; or else the largest, moved to the start of a fresh
+    /// mapping of `len` bytes, the others unmapped (so only that fresh tail is new memory).
+    /// None when nothing is kept.
+    pub fn take(len: usize) -> Option<*mut u8> {
+        let mut blocks = blocks();
+        let fitting = (0..SLOTS).filter(|&i| blocks[i].1 >= len).min_by_key(|&i| blocks[i].1);
+        if let Some(i) = fitting {
+            let (ptr, cap) = std::mem::take(&mut blocks[i]);
+            drop(blocks);
+            if cap > len {
+                // SAFETY: the surplus is the tail of a mapping this module owns.
+                unsafe { map::unmap((ptr + len) as *mut u8, cap - len) };
+            }
+            return Some(ptr as *mut u8);
+        }
+        let largest = (0..SLOTS).filter(|&i| blocks[i].1 > 0).max_by_key(|&i| blocks[i].1)?;
+        let (ptr, cap) = std::mem::take(&mut blocks[largest]);
+        let others = std::mem::replace(&mut *blocks, [(0, 0); SLOTS]);
+        drop(blocks);
+        unmap_all(&others);
+        // SAFETY: `ptr`/`cap` is a whole kept mapping, no longer used by anyone.
+        Some(unsafe { map::grow(ptr as *mut u8, cap, len) })
+    }
+
+    pub fn release_all() {
+        let all = std::mem::replace(&mut *blocks(), [(0, 0); SLOTS]);
+        unmap_all(&all);
+    }
+
+    fn unmap_all(all: &[(usize, usize)]) {
+        for &(ptr, len) in all.iter().filter(|b| b.1 > 0) {
+            // SAFETY: each kept block is a whole mapping nobody uses any more.
+            unsafe { map::unmap(ptr as *mut u8, len) };
+        }
+    }
+}
+
+/// A big block: a kept one (true: it holds old data) when a reuse scope is open and one
+/// fits, else a fresh, zeroed mapping (false).
+fn big_block(size: usize) -> (*mut u8, bool) {
+    if REUSE_SCOPES.load(Ordering::Acquire) > 0 {
+        if let Some(ptr) = kept::take(page_round(size)) {
+            return (ptr, true);
+        }
+    }
+    (map::map(size), false)
 }
 
 pub struct DrishyaAlloc;
@@ -95,6 +198,29 @@ mod map {
         unsafe { libc::munmap(ptr.cast(), page_round(size)) };
     }
 
+    /// A fresh aligned mapping of `len` bytes whose first `cap` bytes are the pages of the
+    /// mapping at `ptr` (moved, not copied: no fault, no zeroing for them). Null on failure,
+    /// with the old mapping unmapped.
+    ///
+    /// # Safety
+    /// `ptr` and `cap` are a whole mapping from `map` that nobody uses, `cap < len`.
+    pub unsafe fn grow(ptr: *mut u8, cap: usize, len: usize) -> *mut u8 {
+        let fresh = map(len);
+        // SAFETY: both ranges are mappings this module owns; MREMAP_FIXED replaces the
+        // untouched head of the fresh one with the old pages.
+        unsafe {
+            if fresh.is_null() {
+                unmap(ptr, cap);
+                return fresh;
+            }
+            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+            if libc::mremap(ptr.cast(), cap, cap, flags, fresh.cast::<libc::c_void>()) == libc::MAP_FAILED {
+                unmap(ptr, cap);
+            }
+        }
+        fresh
+    }
+
     /// Grows or shrinks a mapped block, moving it only when the kernel must.
     ///
     /// # Safety
@@ -118,6 +244,9 @@ mod map {
         std::ptr::null_mut()
     }
     pub unsafe fn unmap(_: *mut u8, _: usize) {}
+    pub unsafe fn grow(_: *mut u8, _: usize, _: usize) -> *mut u8 {
+        std::ptr::null_mut()
+    }
     pub unsafe fn remap(_: *mut u8, _: usize, _: usize) -> *mut u8 {
         std::ptr::null_mut()
     }
@@ -128,7 +257,7 @@ mod map {
 unsafe impl GlobalAlloc for DrishyaAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_big(layout.size(), layout.align()) {
-            counted(map::map(layout.size()), layout.size())
+            counted(big_block(layout.size()).0, layout.size())
         } else {
             // SAFETY: forwarded contract.
             unsafe { System.alloc(layout) }
@@ -137,7 +266,12 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_big(layout.size(), layout.align()) {
-            counted(map::map(layout.size()), layout.size()) // fresh anonymous pages are zero
+            let (ptr, reused) = big_block(layout.size());
+            if reused {
+                // SAFETY: the kept block is ours and at least `size` bytes long.
+                unsafe { std::ptr::write_bytes(ptr, 0, layout.size()) };
+            }
+            counted(ptr, layout.size()) // fresh anonymous pages are zero
         } else {
             // SAFETY: forwarded contract.
             unsafe { System.alloc_zeroed(layout) }
@@ -147,8 +281,11 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if is_big(layout.size(), layout.align()) {
             MAPPED.fetch_sub(layout.size(), Ordering::Relaxed);
-            // SAFETY: a big layout was mapped by `map`.
-            unsafe { map::unmap(ptr, layout.size()) }
+            let len = page_round(layout.size());
+            if REUSE_SCOPES.load(Ordering::Acquire) == 0 || !kept::keep(ptr, len) {
+                // SAFETY: a big layout was mapped by `map` (or kept and trimmed to `len`).
+                unsafe { map::unmap(ptr, layout.size()) }
+            }
         } else {
             // SAFETY: forwarded contract.
             unsafe { System.dealloc(ptr, layout) }

@@ -57,3 +57,45 @@ fn big_blocks_use_huge_pages_when_the_kernel_offers_them() {
         assert_eq!(during, before, "THP {thp:?}: no huge pages expected");
     }
 }
+
+/// While a model runs, a freed big block is handed to the next big allocation (no fresh
+/// pages to fault and zero), its surplus is unmapped at once, a bigger request keeps its
+/// pages too, and everything kept goes back to the kernel when the scope ends.
+#[test]
+fn a_reuse_scope_hands_freed_blocks_on_and_releases_them_at_its_end() {
+    use std::alloc::{GlobalAlloc, Layout};
+    let _serial = SERIAL.lock();
+    let a = drishya::alloc::DrishyaAlloc;
+    let layout = |mb: usize| Layout::from_size_align(mb << 20, 64).unwrap();
+    let before = rss_kb();
+    {
+        let _scope = drishya::alloc::reuse_freed_blocks();
+        unsafe {
+            let first = a.alloc(layout(24));
+            std::ptr::write_bytes(first, 7, 24 << 20);
+            a.dealloc(first, layout(24));
+            let kept = rss_kb();
+            assert!(kept >= before + 20_000, "the freed block is kept inside the scope: {before} -> {kept} kB");
+
+            let smaller = a.alloc(layout(8));
+            assert_eq!(smaller, first, "the kept block is reused");
+            assert_eq!(*smaller.add(5 << 20), 7, "same pages, not fresh ones");
+            let trimmed = rss_kb();
+            assert!(trimmed < before + 12_000, "its 16 MiB surplus is unmapped at once: {before} -> {trimmed} kB");
+
+            a.dealloc(smaller, layout(8));
+            let bigger = a.alloc(layout(16));
+            assert_eq!(bigger as usize % (2 << 20), 0, "a grown block stays huge-page aligned");
+            assert_eq!(*bigger.add(5 << 20), 7, "a bigger request keeps the kept pages");
+            std::ptr::write_bytes(bigger, 1, 16 << 20);
+            a.dealloc(bigger, layout(16));
+
+            let zeroed = a.alloc_zeroed(layout(8));
+            assert_eq!(zeroed, bigger, "reused again");
+            assert!((0..8 << 20).step_by(4096).all(|i| *zeroed.add(i) == 0), "alloc_zeroed still zeroes");
+            a.dealloc(zeroed, layout(8));
+        }
+    }
+    let after = rss_kb();
+    assert!(after < before + 4_000, "kept blocks are unmapped when the scope ends: {before} -> {after} kB");
+}

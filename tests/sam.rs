@@ -38,6 +38,10 @@ fn encoder_matches_onnxruntime() {
 
     // The whole graph in one plan gives the same embedding.
     let whole = sam::load_whole_encoder(&shared("models/mobile_sam/encoder.onnx")).unwrap();
+    // TinyViT's attention softmaxes, each with its position bias folded in (segment/softmax.rs).
+    let ops: Vec<String> = whole.model().nodes().iter().map(|n| n.op.name().to_string()).collect();
+    let fused = ops.iter().filter(|op| *op == "BiasRowSoftmax").count();
+    assert!(fused == 10 && !ops.iter().any(|op| op == "Softmax"), "{fused} fused softmaxes in {ops:?}");
     let whole = whole.run(tvec!(tensor("sam_encoder_input").into())).unwrap().remove(0);
     let diff = max_abs_diff(&got, &floats(&whole));
     eprintln!("strips vs whole plan: max |diff| {diff}");
@@ -69,6 +73,8 @@ fn reference_prompt() -> DecoderPrompt {
 #[test]
 fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     let decoder = sam::load_decoder(&shared("models/mobile_sam/decoder.onnx")).unwrap();
+    let softmaxes = decoder.model().nodes().iter().filter(|n| n.op.name() == "RowSoftmax").count();
+    assert_eq!(softmaxes, 7, "the decoder's seven attention softmaxes run as RowSoftmax");
     let embedding = Arc::new(tensor("sam_encoder_output"));
     let out = sam::run_decoder(&decoder, embedding, &reference_prompt()).unwrap();
     let (_, iou) = reference("sam_decoder_iou_predictions");

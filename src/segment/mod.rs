@@ -6,6 +6,7 @@ pub mod onnx;
 pub mod pad;
 pub mod salient;
 pub mod sam;
+pub mod softmax;
 pub mod split;
 pub mod tiled;
 

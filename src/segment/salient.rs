@@ -45,6 +45,7 @@ impl SalientSegmenter {
     fn saliency(&self, crop: &image::RgbImage) -> TractResult<Vec<f32>> {
         let (height, width) = self.input;
         let input = onnx::normalised_tensor(crop, MEAN, STD, 1.0 / 255.0, (height, width))?;
+        let _reuse = crate::alloc::reuse_freed_blocks();
         let outputs = self.plan.run(tvec!(input.into()))?;
         let first = outputs.first().ok_or_else(|| format_err!("model returned no output"))?;
         let view = first.to_plain_array_view::<f32>()?;

@@ -220,6 +220,7 @@ pub fn run_decoder(decoder: &Plan, embedding: Arc<Tensor>, prompt: &DecoderPromp
     let labels = tract_ndarray::Array2::from_shape_vec((1, 2), prompt.labels.to_vec())?.into_tensor();
     let mask_input = Tensor::zero::<f32>(&[1, 1, LOW_RES, LOW_RES])?;
     let has_mask = tensor1(&[0f32]);
+    let _reuse = crate::alloc::reuse_freed_blocks();
     let outputs = decoder.run(tvec!(
         TValue::from_const(embedding),
         coords.into(),

@@ -62,6 +62,7 @@ impl Encoder {
 
     /// Runs the encoder: the embedding.
     pub fn run(&self, input: Tensor) -> TractResult<TValue> {
+        let _reuse = crate::alloc::reuse_freed_blocks();
         match self {
             Encoder::Whole(plan) => first(plan.run(tvec!(input.into()))?),
             Encoder::Strips(strips) => strips.run(input),
