@@ -12,11 +12,11 @@
 //! While an inference runs ([`reuse_freed_blocks`]), a freed big block is kept for the next
 //! big allocation instead of being unmapped: tract frees one activation and allocates the
 //! next all through a run, and a fresh mapping costs a page fault and the kernel's zeroing
-//! of every page (the SAM encoder allocated ~90,000 pages a run). The cache never raises
+//! of every page (the SAM encoder faulted ~90,000 pages a run). The cache does not raise
 //! the resident peak: a request takes the smallest kept block that fits (its surplus pages
-//! unmapped at once), and a request that no kept block fits first unmaps them all, so a
-//! fresh mapping is only ever made with the cache empty. The cache is emptied when the
-//! last scope ends.
+//! unmapped at once); a request that none fits takes the largest, moved to the head of a
+//! fresh mapping, and the other kept blocks are unmapped first, so new pages are only ever
+//! faulted in with nothing else kept. The cache is emptied when the last scope ends.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -285,6 +285,9 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
             if REUSE_SCOPES.load(Ordering::Acquire) == 0 || !kept::keep(ptr, len) {
                 // SAFETY: a big layout was mapped by `map` (or kept and trimmed to `len`).
                 unsafe { map::unmap(ptr, layout.size()) }
+            } else if REUSE_SCOPES.load(Ordering::Acquire) == 0 {
+                // The last scope ended while this block was being kept: release it now.
+                kept::release_all();
             }
         } else {
             // SAFETY: forwarded contract.
