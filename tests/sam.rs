@@ -123,6 +123,8 @@ fn u2netp_matches_onnxruntime() {
     let plan = onnx::optimise(graph.with_input_fact(0, f32::fact([1, 3, 320, 320]).into()).unwrap()).unwrap();
     let ops: Vec<String> = plan.model().nodes().iter().map(|n| n.op.name().to_string()).collect();
     assert!(ops.iter().any(|op| op == "ConstPad") && !ops.iter().any(|op| op == "Pad"), "{ops:?}");
+    let resizes = ops.iter().filter(|op| *op == "PlaneBilinear").count();
+    assert!(resizes == 38 && !ops.iter().any(|op| op == "Resize"), "{resizes} of 38 Resize nodes replaced: {ops:?}");
     assert!(
         plan.model().nodes().iter().any(|n| n.name.starts_with("Conv_810.split1")),
         "the 128-channel conv is split"

@@ -4,6 +4,7 @@
 
 pub mod onnx;
 pub mod pad;
+pub mod resize;
 pub mod salient;
 pub mod sam;
 pub mod softmax;

@@ -35,13 +35,15 @@ pub enum GraphKind {
 /// models, im2col + matrix product runs the MobileSAM encoder's 3x3 stride-2 patch
 /// embedding in 62 ms instead of 332 ms and the whole encoder 25 % faster
 /// (docs/performance.md §3). Its `Pad` nodes are replaced by [`super::pad::ConstPad`], its
-/// last-axis softmaxes (with a constant bias added first) by [`super::softmax::RowSoftmax`].
+/// last-axis softmaxes (with a constant bias added first) by [`super::softmax::RowSoftmax`],
+/// its bilinear spatial `Resize`s by [`super::resize::PlaneBilinear`].
 pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
         let typed = super::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
         let optimised = super::pad::replace_pads(typed.into_optimized()?)?;
-        super::softmax::replace_softmaxes(optimised)?.into_compact()?.into_runnable()
+        let optimised = super::resize::replace_resizes(super::softmax::replace_softmaxes(optimised)?)?;
+        optimised.into_compact()?.into_runnable()
     })
 }
 
@@ -197,24 +199,38 @@ pub fn normalised_tensor(
 /// Bilinear resampling of a float plane (PyTorch `interpolate(bilinear, align_corners=False)`),
 /// evaluated on the top-left `region` of a virtual `(dst_w, dst_h)` output.
 pub fn bilinear(src: &[f32], src_size: (usize, usize), dst_size: (usize, usize), region: (usize, usize)) -> Vec<f32> {
-    let (sw, sh) = src_size;
-    let (dw, dh) = dst_size;
-    let (rw, rh) = (region.0.min(dw), region.1.min(dh));
-    if sw == 0 || sh == 0 || src.len() < sw * sh {
-        return vec![0.0; rw * rh];
+    let region = (region.0.min(dst_size.0), region.1.min(dst_size.1));
+    let mut out = vec![0.0; region.0 * region.1];
+    let xs = source_coords(src_size.0, dst_size.0, region.0);
+    bilinear_into(src, src_size, dst_size.1, &xs, &mut out);
+    out
+}
+
+/// The source pixels and weight of each of the first `count` of `dst` output coordinates.
+pub fn source_coords(src: usize, dst: usize, count: usize) -> Vec<(usize, usize, f32)> {
+    if src == 0 {
+        return vec![];
     }
-    let xs: Vec<(usize, usize, f32)> = (0..rw).map(|x| source_coord(x, sw, dw)).collect();
-    let mut out = Vec::with_capacity(rw * rh);
-    for y in 0..rh {
-        let (y0, y1, fy) = source_coord(y, sh, dh);
+    (0..count).map(|d| source_coord(d, src, dst)).collect()
+}
+
+/// [`bilinear`] into `out` (`xs.len()` columns, `out.len() / xs.len()` rows of an output
+/// `dst_h` rows high), with the columns' source coordinates from [`source_coords`].
+pub fn bilinear_into(src: &[f32], src_size: (usize, usize), dst_h: usize, xs: &[(usize, usize, f32)], out: &mut [f32]) {
+    let (sw, sh) = src_size;
+    if sw == 0 || sh == 0 || src.len() < sw * sh || xs.is_empty() {
+        out.fill(0.0);
+        return;
+    }
+    for (y, row) in out.chunks_exact_mut(xs.len()).enumerate() {
+        let (y0, y1, fy) = source_coord(y, sh, dst_h);
         let (r0, r1) = (&src[y0 * sw..(y0 + 1) * sw], &src[y1 * sw..(y1 + 1) * sw]);
-        for &(x0, x1, fx) in &xs {
+        for (o, &(x0, x1, fx)) in row.iter_mut().zip(xs) {
             let top = r0[x0] + (r0[x1] - r0[x0]) * fx;
             let bottom = r1[x0] + (r1[x1] - r1[x0]) * fx;
-            out.push(top + (bottom - top) * fy);
+            *o = top + (bottom - top) * fy;
         }
     }
-    out
 }
 
 fn source_coord(d: usize, src: usize, dst: usize) -> (usize, usize, f32) {
