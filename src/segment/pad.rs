@@ -5,7 +5,8 @@
 //! that array into a tensor: two output-sized buffers at once on top of the input. In
 //! U²-Net-p the 3x3 convolution after the last concat pads a 50 MB activation, and that one
 //! node set the model's memory peak (docs/performance.md §2). This op allocates the output
-//! once, fills it and copies the input rows: peak = input + output. Where the padded
+//! once and writes each of its rows once (padding, or padding around an input row): peak =
+//! input + output. Where the padded
 //! tensor is a concatenation (U²-Net's decoder stages), the inputs are copied straight into
 //! the padded output, so the unpadded concatenation is never made.
 
@@ -65,6 +66,62 @@ impl ConstPad {
     }
 }
 
+impl ConstPad {
+    /// Writes each output row once: the fill value, or pad + an input row + pad. `shape` is
+    /// the concatenated input shape; the concatenation axis is not the last one.
+    fn write_rows(&self, inputs: &[TValue], sources: &[&[f32]], shape: &[usize], out: &mut [f32], out_shape: &[usize]) {
+        let last = shape.len() - 1;
+        let (row_len, out_row_len) = (shape[last], out_shape[last]);
+        if out_row_len == 0 {
+            return;
+        }
+        let (before, after) = self.pads[last];
+        let value = self.value();
+        // Where each input starts along the concatenation axis.
+        let starts: Vec<usize> = inputs
+            .iter()
+            .scan(0, |start, i| {
+                let s = *start;
+                *start += i.shape()[self.concat_axis];
+                Some(s)
+            })
+            .collect();
+        let mut index = vec![0usize; last];
+        for row in out.chunks_exact_mut(out_row_len) {
+            // The input row this output row shows, if any: (input, row number in it).
+            let mut source = None;
+            let inside = (0..last).all(|a| index[a] >= self.pads[a].0 && index[a] - self.pads[a].0 < shape[a]);
+            if inside && row_len > 0 {
+                let at: Vec<usize> = (0..last).map(|a| index[a] - self.pads[a].0).collect();
+                let k = starts.iter().rposition(|&s| s <= at[self.concat_axis]).unwrap_or(0);
+                let in_shape = inputs[k].shape();
+                let mut number = 0;
+                for a in 0..last {
+                    let i = if a == self.concat_axis { at[a] - starts[k] } else { at[a] };
+                    number = number * in_shape[a] + i;
+                }
+                source = sources[k].get(number * row_len..(number + 1) * row_len);
+            }
+            match source {
+                Some(src) => {
+                    row[..before].fill(value);
+                    row[before..before + row_len].copy_from_slice(src);
+                    row[before + row_len..].fill(value);
+                    debug_assert_eq!(row.len(), before + row_len + after);
+                }
+                None => row.fill(value),
+            }
+            for axis in (0..last).rev() {
+                index[axis] += 1;
+                if index[axis] < out_shape[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+    }
+}
+
 impl Op for ConstPad {
     fn name(&self) -> StaticName {
         "ConstPad".into()
@@ -88,23 +145,31 @@ impl EvalOp for ConstPad {
         }
         shape[self.concat_axis] = inputs.iter().map(|i| i.shape().get(self.concat_axis).copied().unwrap_or(0)).sum();
         let out_shape = self.output_shape(&shape);
-        // SAFETY: every element is written below (filled, then the input rows copied).
+        for input in &inputs {
+            let in_shape = input.shape();
+            let fits = in_shape.len() == shape.len()
+                && in_shape.iter().zip(&shape).enumerate().all(|(axis, (a, b))| axis == self.concat_axis || a == b);
+            if !fits {
+                bail!("ConstPad: input shape {in_shape:?} does not concatenate into {shape:?}");
+            }
+        }
+        let views = inputs.iter().map(|i| i.try_as_plain_ram()).collect::<TractResult<Vec<_>>>()?;
+        let sources = views.iter().map(|v| v.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
+        // SAFETY: every element is written below (each output row once, or filled and then
+        // the input rows copied).
         let mut output = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = out_view.as_slice_mut::<f32>()?;
-            out.fill(self.value());
-            let mut origin: Vec<usize> = self.pads.iter().map(|p| p.0).collect();
-            for input in &inputs {
-                let in_shape = input.shape();
-                let fits = in_shape.len() == shape.len()
-                    && in_shape.iter().zip(&shape).enumerate().all(|(axis, (a, b))| axis == self.concat_axis || a == b);
-                if !fits {
-                    bail!("ConstPad: input shape {in_shape:?} does not concatenate into {shape:?}");
+            if self.concat_axis + 1 < shape.len() {
+                self.write_rows(&inputs, &sources, &shape, out, &out_shape);
+            } else {
+                out.fill(self.value());
+                let mut origin: Vec<usize> = self.pads.iter().map(|p| p.0).collect();
+                for (input, src) in inputs.iter().zip(&sources) {
+                    Self::place(input.shape(), src, out, &out_shape, &origin);
+                    origin[self.concat_axis] += input.shape()[self.concat_axis];
                 }
-                let view = input.try_as_plain_ram()?;
-                Self::place(in_shape, view.as_slice::<f32>()?, out, &out_shape, &origin);
-                origin[self.concat_axis] += in_shape[self.concat_axis];
             }
         }
         Ok(tvec!(output.into_tvalue()))
@@ -193,5 +258,27 @@ mod tests {
             .unwrap();
         assert_eq!(ours[0].shape(), &[1, 3, 5, 6]);
         assert_eq!(*ours[0], *theirs[0]);
+    }
+
+    #[test]
+    fn concatenation_padded_on_its_own_axis_and_on_the_last_axis() {
+        let a = Tensor::from_shape(&[1, 2, 2, 3], &(0..12).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let b = Tensor::from_shape(&[1, 3, 2, 3], &(50..68).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        for (axis, pads) in [(1, vec![(0, 0), (2, 1), (1, 0), (0, 2)]), (3, vec![(0, 0), (0, 0), (1, 1), (2, 1)])] {
+            let (a, b) = if axis == 3 {
+                let b = Tensor::from_shape(&[1, 2, 2, 4], &(50..66).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+                (a.clone(), b)
+            } else {
+                (a.clone(), b.clone())
+            };
+            let ours = ConstPad { pads: pads.clone(), value_bits: (-1f32).to_bits(), concat_axis: axis }
+                .eval(&EvalContext::out_of_plan(), tvec!(a.clone().into_tvalue(), b.clone().into_tvalue()))
+                .unwrap();
+            let joined = Tensor::stack_tensors(axis, &[a, b]).unwrap();
+            let theirs = Pad { pads, mode: PadMode::Constant(Arc::new(tensor0(-1f32))) }
+                .eval(&EvalContext::out_of_plan(), tvec!(joined.into_tvalue()))
+                .unwrap();
+            assert_eq!(*ours[0], *theirs[0], "concatenated on axis {axis}");
+        }
     }
 }
