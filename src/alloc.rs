@@ -198,27 +198,29 @@ mod map {
         unsafe { libc::munmap(ptr.cast(), page_round(size)) };
     }
 
-    /// A fresh aligned mapping of `len` bytes whose first `cap` bytes are the pages of the
-    /// mapping at `ptr` (moved, not copied: no fault, no zeroing for them). Null on failure,
+    /// The mapping at `ptr` moved to a fresh 2 MiB-aligned address and grown to `len` bytes:
+    /// its pages are moved, not copied (no fault, no zeroing for them), the rest is new. One
+    /// mapping, so it can later be `remap`ped or unmapped like any other. Null on failure,
     /// with the old mapping unmapped.
     ///
     /// # Safety
     /// `ptr` and `cap` are a whole mapping from `map` that nobody uses, `cap < len`.
     pub unsafe fn grow(ptr: *mut u8, cap: usize, len: usize) -> *mut u8 {
-        let fresh = map(len);
-        // SAFETY: both ranges are mappings this module owns; MREMAP_FIXED replaces the
-        // untouched head of the fresh one with the old pages.
+        // An aligned place of `len` bytes; MREMAP_FIXED replaces it (it was never touched).
+        let place = map(len);
+        // SAFETY: both ranges are mappings this module owns.
         unsafe {
-            if fresh.is_null() {
+            if place.is_null() {
                 unmap(ptr, cap);
-                return fresh;
+                return place;
             }
             let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
-            if libc::mremap(ptr.cast(), cap, cap, flags, fresh.cast::<libc::c_void>()) == libc::MAP_FAILED {
-                unmap(ptr, cap);
+            let moved = libc::mremap(ptr.cast(), cap, page_round(len), flags, place.cast::<libc::c_void>());
+            if moved == libc::MAP_FAILED {
+                unmap(ptr, cap); // the place stays a fresh mapping of `len` bytes
             }
         }
-        fresh
+        place
     }
 
     /// Grows or shrinks a mapped block, moving it only when the kernel must.

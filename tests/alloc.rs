@@ -88,6 +88,12 @@ fn a_reuse_scope_hands_freed_blocks_on_and_releases_them_at_its_end() {
             assert_eq!(bigger as usize % (2 << 20), 0, "a grown block stays huge-page aligned");
             assert_eq!(*bigger.add(5 << 20), 7, "a bigger request keeps the kept pages");
             std::ptr::write_bytes(bigger, 1, 16 << 20);
+            // A grown block is one mapping: it can grow again (a Vec doubling, say).
+            let bigger = a.realloc(bigger, layout(16), 24 << 20);
+            assert!(!bigger.is_null(), "a grown block can be reallocated");
+            assert_eq!(*bigger.add((16 << 20) - 1), 1, "realloc keeps the contents");
+            std::ptr::write_bytes(bigger, 1, 24 << 20);
+            let bigger = a.realloc(bigger, layout(24), 16 << 20);
             a.dealloc(bigger, layout(16));
 
             let zeroed = a.alloc_zeroed(layout(8));
