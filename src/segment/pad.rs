@@ -6,9 +6,9 @@
 //! U²-Net-p the 3x3 convolution after the last concat pads a 50 MB activation, and that one
 //! node set the model's memory peak (docs/performance.md §2). This op allocates the output
 //! once and writes each of its rows once (padding, or padding around an input row): peak =
-//! input + output. Where the padded
-//! tensor is a concatenation (U²-Net's decoder stages), the inputs are copied straight into
-//! the padded output, so the unpadded concatenation is never made.
+//! input + output. Where the padded tensor is a concatenation (U²-Net's decoder stages), the
+//! inputs are copied straight into the padded output, so the unpadded concatenation is never
+//! made.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -64,9 +64,7 @@ impl ConstPad {
             }
         }
     }
-}
 
-impl ConstPad {
     /// Writes each output row once: the fill value, or pad + an input row + pad. `shape` is
     /// the concatenated input shape; the concatenation axis is not the last one.
     fn write_rows(&self, inputs: &[TValue], sources: &[&[f32]], shape: &[usize], out: &mut [f32], out_shape: &[usize]) {
@@ -75,7 +73,7 @@ impl ConstPad {
         if out_row_len == 0 {
             return;
         }
-        let (before, after) = self.pads[last];
+        let before = self.pads[last].0;
         let value = self.value();
         // Where each input starts along the concatenation axis.
         let starts: Vec<usize> = inputs
@@ -92,22 +90,22 @@ impl ConstPad {
             let mut source = None;
             let inside = (0..last).all(|a| index[a] >= self.pads[a].0 && index[a] - self.pads[a].0 < shape[a]);
             if inside && row_len > 0 {
-                let at: Vec<usize> = (0..last).map(|a| index[a] - self.pads[a].0).collect();
-                let k = starts.iter().rposition(|&s| s <= at[self.concat_axis]).unwrap_or(0);
+                let at = |a: usize| index[a] - self.pads[a].0;
+                let k = starts.iter().rposition(|&s| s <= at(self.concat_axis)).unwrap_or(0);
                 let in_shape = inputs[k].shape();
-                let mut number = 0;
-                for a in 0..last {
-                    let i = if a == self.concat_axis { at[a] - starts[k] } else { at[a] };
-                    number = number * in_shape[a] + i;
-                }
+                let number = (0..last).fold(0, |number, a| {
+                    let i = if a == self.concat_axis { at(a) - starts[k] } else { at(a) };
+                    number * in_shape[a] + i
+                });
                 source = sources[k].get(number * row_len..(number + 1) * row_len);
             }
             match source {
                 Some(src) => {
-                    row[..before].fill(value);
-                    row[before..before + row_len].copy_from_slice(src);
-                    row[before + row_len..].fill(value);
-                    debug_assert_eq!(row.len(), before + row_len + after);
+                    let (head, rest) = row.split_at_mut(before);
+                    let (body, tail) = rest.split_at_mut(row_len);
+                    head.fill(value);
+                    body.copy_from_slice(src);
+                    tail.fill(value);
                 }
                 None => row.fill(value),
             }
