@@ -770,6 +770,11 @@ fn profile_plan(name: &str, plan: &Plan, inputs: TVec<TValue>) -> Res<Value> {
     let total = t.elapsed().as_secs_f64();
     let mut ops: Vec<(String, (f64, usize))> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    if let Ok(path) = std::env::var("BENCH_NODES_TSV") {
+        // Every node in plan order (experiment aid: diff two profiles node by node).
+        let rows: String = by_node.iter().map(|(s, n)| format!("{:.3}\t{n}\n", s * 1e3)).collect();
+        std::fs::write(&path, rows).map_err(err)?;
+    }
     by_node.sort_by(|a, b| b.0.total_cmp(&a.0));
     in_node.sort_by_key(|t| std::cmp::Reverse(t.0));
     Ok(json!({

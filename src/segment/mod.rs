@@ -2,6 +2,7 @@
 //! inference backends. Backends: the Segment Anything family ([`sam`]), the salient
 //! object family ([`salient`]) and the last-resort box itself ([`BoxSegmenter`]).
 
+pub mod mbconv;
 pub mod onnx;
 pub mod pad;
 pub mod resize;

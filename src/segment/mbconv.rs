@@ -1,0 +1,678 @@
+//! TinyViT's front (MobileSAM's patch embedding and first stage) as one fused pass, row by row.
+//!
+//! The front is two 3x3 stride-2 convolutions with a GELU between them (1024x1024x3 ->
+//! 512x512x32 -> 256x256x64), then a chain of MBConv blocks on that 64-channel map: a 1x1
+//! convolution to 256 channels, GELU, a 3x3 depthwise convolution, GELU, a 1x1 convolution
+//! back to 64 channels, the block's input added, GELU. tract ran it as separate NCHW ops,
+//! each writing a 16-64 MB tensor (its 1x1 convolutions at 13-20 GFLOP/s, the patch
+//! embedding through lazy im2col at 96 ms where onnxruntime takes 20): ~1 s of the
+//! encoder's 4.4 (docs/performance.md §3). Here every map is pixel-major (channels
+//! contiguous) and each layer makes its output one image row at a time from a ring of the
+//! three input rows its kernel reaches: nothing of 256 channels is ever whole, every value
+//! is produced while it is still in cache, and all products go through one register-tiled
+//! kernel ([`gemm`]).
+//!
+//! [`Front::recognise`] accepts exactly that structure (op types, wiring, kernel shapes,
+//! strides, paddings, GELU constants) from the ONNX nodes; anything else is left to tract.
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::{tensor_proto, GraphProto, NodeProto, TensorProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::bail;
+
+/// Output channels per GEMM panel (two AVX vectors).
+const PANEL: usize = 16;
+/// Pixels per GEMM micro-tile.
+const TILE: usize = 6;
+
+/// A product with a constant matrix (a 1x1 convolution, or a 3x3 one over im2col rows):
+/// weights packed in panels of [`PANEL`] output channels, `[outputs / PANEL][inputs][PANEL]`.
+struct Pointwise {
+    inputs: usize,
+    outputs: usize,
+    panels: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// A 3x3 depthwise convolution (stride 1, padding 1): weights `[tap][channel]`.
+struct Depthwise {
+    taps: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+struct Block {
+    expand: Pointwise,
+    depthwise: Depthwise,
+    project: Pointwise,
+}
+
+/// A 3x3 convolution with stride 2 and padding 1, as a product over im2col rows whose
+/// values are in the order the source's layout makes cheap to gather.
+struct Strided {
+    conv: Pointwise,
+    channels: usize,
+}
+
+/// Where a strided convolution reads: the NCHW image, or a ring of pixel-major rows.
+enum Source<'a> {
+    /// `[channels][rows][width]`; im2col order (channel, ky, kx), the ONNX weight order.
+    Planar { data: &'a [f32], rows: usize, width: usize },
+    /// Three rows `2y - 1, 2y, 2y + 1` (`None` past an edge), each `[width][channels]`;
+    /// im2col order (ky, kx, channel).
+    Rows { rows: [Option<&'a [f32]>; 3], width: usize },
+}
+
+pub struct Front {
+    embed: [Strided; 2],
+    blocks: Vec<Block>,
+}
+
+impl Pointwise {
+    fn new(weight: &[f32], bias: Vec<f32>, outputs: usize, inputs: usize) -> Option<Self> {
+        if !outputs.is_multiple_of(PANEL) || weight.len() != outputs * inputs || bias.len() != outputs {
+            return None;
+        }
+        let mut panels = Vec::with_capacity(weight.len());
+        for panel in 0..outputs / PANEL {
+            for i in 0..inputs {
+                panels.extend((0..PANEL).map(|o| weight[(panel * PANEL + o) * inputs + i]));
+            }
+        }
+        Some(Pointwise { inputs, outputs, panels, bias })
+    }
+}
+
+impl Front {
+    /// The front made of `nodes` (reading the graph input `input`, ending in `output`), if
+    /// it is exactly two stride-2 convolutions with a GELU between them and then a chain of
+    /// MBConv blocks, all weights in `graph`.
+    pub fn recognise(graph: &GraphProto, nodes: &[NodeProto], input: &str, output: &str) -> Option<Self> {
+        let constants: HashMap<&str, &TensorProto> = nodes
+            .iter()
+            .filter(|n| n.op_type == "Constant")
+            .filter_map(|n| Some((n.output.first()?.as_str(), &n.attribute.iter().find(|a| a.name == "value")?.t)))
+            .filter_map(|(name, t)| Some((name, t.as_ref()?)))
+            .chain(graph.initializer.iter().map(|t| (t.name.as_str(), t)))
+            .collect();
+        let ops: Vec<&NodeProto> = nodes.iter().filter(|n| n.op_type != "Constant").collect();
+        let matcher = Matcher { constants };
+        let (first, x) = matcher.strided(ops.first()?, input, Layout::Planar)?;
+        let x = matcher.gelu(ops.get(1..6)?, &x)?;
+        let (second, mut x) = matcher.strided(ops.get(6)?, &x, Layout::Rows)?;
+        if second.channels != first.conv.outputs {
+            return None;
+        }
+        let mut blocks = Vec::new();
+        let mut at = 7;
+        while at < ops.len() {
+            let (block, out, used) = matcher.block(&ops[at..], &x)?;
+            if block.expand.inputs != second.conv.outputs {
+                return None;
+            }
+            blocks.push(block);
+            at += used;
+            x = out;
+        }
+        (x == output && !blocks.is_empty()).then_some(Front { embed: [first, second], blocks })
+    }
+
+    /// The input channels (3) and the output channels.
+    pub fn channels(&self) -> (usize, usize) {
+        (self.embed[0].channels, self.embed[1].conv.outputs)
+    }
+
+    /// Runs the front on an NCHW `[1, channels, rows, width]` image: NCHW out, each side
+    /// a quarter (rounded up).
+    pub fn run(&self, image: &Tensor) -> TractResult<Tensor> {
+        let (inputs, outputs) = self.channels();
+        let [1, channels, rows, width] = image.shape()[..] else { bail!("front input shape {:?}", image.shape()) };
+        if channels != inputs {
+            bail!("front input has {channels} channels, not {inputs}");
+        }
+        let view = image.try_as_plain_ram()?;
+        let planes = view.as_slice::<f32>()?;
+        let (rows, width) = (rows.div_ceil(4), width.div_ceil(4));
+        let mut current = self.embed(planes, rows, width);
+        let mut next = vec![0f32; current.len()];
+        for block in &self.blocks {
+            block.run(&current, &mut next, rows, width);
+            std::mem::swap(&mut current, &mut next);
+        }
+        drop(next);
+        // SAFETY: every element is written by the transpose below.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, outputs, rows, width])? };
+        {
+            let mut out_view = out.try_as_plain_ram_mut()?;
+            transpose(&current, rows * width, outputs, out_view.as_slice_mut::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// The patch embedding, pixel-major `[rows * width][outputs]` (`rows` x `width` is the
+    /// output size): each output row from three rows of the first convolution's output.
+    fn embed(&self, planes: &[f32], rows: usize, width: usize) -> Vec<f32> {
+        let [first, second] = &self.embed;
+        let (mid_rows, mid_width) = (rows * 2, width * 2);
+        let (in_rows, in_width) = (planes.len() / first.channels / (mid_width * 2), mid_width * 2);
+        let mid_len = mid_width * first.conv.outputs;
+        let mut ring = vec![0f32; 3 * mid_len];
+        let mut made = [usize::MAX; 3];
+        let mut cols = Vec::new();
+        let mut out = vec![0f32; rows * width * second.conv.outputs];
+        let planar = Source::Planar { data: planes, rows: in_rows, width: in_width };
+        for y in 0..rows {
+            for r in (2 * y).saturating_sub(1)..(2 * y + 2).min(mid_rows) {
+                if made[r % 3] != r {
+                    let dst = &mut ring[(r % 3) * mid_len..][..mid_len];
+                    first.row(&planar, r, mid_width, &mut cols, dst);
+                    gelu(dst);
+                    made[r % 3] = r;
+                }
+            }
+            let row = |r: Option<usize>| r.filter(|&r| r < mid_rows).map(|r| &ring[(r % 3) * mid_len..][..mid_len]);
+            let source = Source::Rows {
+                rows: [row((2 * y).checked_sub(1)), row(Some(2 * y)), row(Some(2 * y + 1))],
+                width: mid_width,
+            };
+            let dst = &mut out[y * width * second.conv.outputs..][..width * second.conv.outputs];
+            second.row(&source, y, width, &mut cols, dst);
+        }
+        out
+    }
+}
+
+impl Strided {
+    /// Output row `y` (`width` pixels, pixel-major) through im2col rows in `cols`.
+    fn row(&self, source: &Source<'_>, y: usize, width: usize, cols: &mut Vec<f32>, out: &mut [f32]) {
+        let c = self.channels;
+        let k = 9 * c;
+        cols.clear();
+        cols.resize(width * k, 0.0);
+        match *source {
+            Source::Planar { data, rows, width: in_width } => {
+                for (x, col) in cols.chunks_exact_mut(k).enumerate() {
+                    for (i, v) in col.iter_mut().enumerate() {
+                        let (ch, ky, kx) = (i / 9, i / 3 % 3, i % 3);
+                        let (sy, sx) = ((2 * y + ky).wrapping_sub(1), (2 * x + kx).wrapping_sub(1));
+                        if sy < rows && sx < in_width {
+                            *v = data[(ch * rows + sy) * in_width + sx];
+                        }
+                    }
+                }
+            }
+            Source::Rows { rows, width: in_width } => {
+                for (x, col) in cols.chunks_exact_mut(k).enumerate() {
+                    for (ky, row) in rows.iter().enumerate() {
+                        let Some(row) = row else { continue };
+                        for kx in 0..3 {
+                            let sx = (2 * x + kx).wrapping_sub(1);
+                            if sx < in_width {
+                                col[(ky * 3 + kx) * c..][..c].copy_from_slice(&row[sx * c..][..c]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        gemm(cols, &self.conv, out);
+    }
+}
+
+/// `to[c][r] = from[r][c]` for a `rows x cols` matrix: written in runs of `T` contiguous
+/// values, read from a `T x cols` tile that stays in L1.
+fn transpose(from: &[f32], rows: usize, cols: usize, to: &mut [f32]) {
+    const T: usize = 64;
+    for r0 in (0..rows).step_by(T) {
+        let r1 = (r0 + T).min(rows);
+        for c in 0..cols {
+            let dst = &mut to[c * rows + r0..c * rows + r1];
+            dst.iter_mut().enumerate().for_each(|(i, d)| *d = from[(r0 + i) * cols + c]);
+        }
+    }
+}
+
+impl Block {
+    /// One block over a pixel-major `[rows * width][channels]` map.
+    fn run(&self, input: &[f32], output: &mut [f32], rows: usize, width: usize) {
+        let (channels, hidden) = (self.expand.inputs, self.expand.outputs);
+        let row_len = width * hidden;
+        // Expanded rows y - 1, y, y + 1 (ring index y % 3), then the depthwise output row.
+        let mut ring = vec![0f32; 3 * row_len];
+        let mut mid = vec![0f32; row_len];
+        let expand_row = |y: usize, ring: &mut [f32]| {
+            let dst = &mut ring[(y % 3) * row_len..][..row_len];
+            gemm(&input[y * width * channels..][..width * channels], &self.expand, dst);
+            gelu(dst);
+        };
+        expand_row(0, &mut ring);
+        for y in 0..rows {
+            if y + 1 < rows {
+                expand_row(y + 1, &mut ring);
+            }
+            let row = |dy: isize| {
+                let r = y as isize + dy;
+                (0..rows as isize).contains(&r).then(|| &ring[(r as usize % 3) * row_len..][..row_len])
+            };
+            depthwise_row([row(-1), row(0), row(1)], &self.depthwise, width, hidden, &mut mid);
+            gelu(&mut mid);
+            let out = &mut output[y * width * channels..][..width * channels];
+            gemm(&mid, &self.project, out);
+            let shortcut = &input[y * width * channels..][..width * channels];
+            out.iter_mut().zip(shortcut).for_each(|(o, s)| *o += s);
+            gelu(out);
+        }
+    }
+}
+
+/// One output row of a 3x3 depthwise convolution (zero padding: a missing row is `None`).
+fn depthwise_row(rows: [Option<&[f32]>; 3], conv: &Depthwise, width: usize, channels: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { depthwise_row_avx2(rows, conv, width, channels, out) };
+    }
+    depthwise_row_portable(rows, conv, width, channels, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_row_avx2(
+    rows: [Option<&[f32]>; 3],
+    conv: &Depthwise,
+    width: usize,
+    channels: usize,
+    out: &mut [f32],
+) {
+    depthwise_row_portable(rows, conv, width, channels, out)
+}
+
+#[inline(always)]
+fn depthwise_row_portable(rows: [Option<&[f32]>; 3], conv: &Depthwise, width: usize, channels: usize, out: &mut [f32]) {
+    for x in 0..width {
+        let dst = &mut out[x * channels..][..channels];
+        dst.copy_from_slice(&conv.bias);
+        for (dy, row) in rows.iter().enumerate() {
+            let Some(row) = row else { continue };
+            for dx in 0..3 {
+                let Some(sx) = (x + dx).checked_sub(1).filter(|&sx| sx < width) else { continue };
+                let src = &row[sx * channels..][..channels];
+                let w = &conv.taps[(dy * 3 + dx) * channels..][..channels];
+                dst.iter_mut().zip(src).zip(w).for_each(|((d, s), w)| *d += s * w);
+            }
+        }
+    }
+}
+
+/// `out[p] = bias + a[p] * W` for each pixel `p` of `a` (`[pixels][conv.inputs]`).
+fn gemm(a: &[f32], conv: &Pointwise, out: &mut [f32]) {
+    assert!(a.len().is_multiple_of(conv.inputs) && out.len() == a.len() / conv.inputs * conv.outputs);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features; the lengths are checked above.
+        return unsafe { avx2::gemm(a, conv, out) };
+    }
+    gemm_portable(a, conv, out)
+}
+
+fn gemm_portable(a: &[f32], conv: &Pointwise, out: &mut [f32]) {
+    let (k, n) = (conv.inputs, conv.outputs);
+    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+        for (panel, (dst, bias)) in dst.chunks_exact_mut(PANEL).zip(conv.bias.chunks_exact(PANEL)).enumerate() {
+            let mut acc = [0f32; PANEL];
+            acc.copy_from_slice(bias);
+            let weights = &conv.panels[panel * k * PANEL..][..k * PANEL];
+            for (&v, w) in row.iter().zip(weights.chunks_exact(PANEL)) {
+                acc.iter_mut().zip(w).for_each(|(a, w)| *a += v * w);
+            }
+            dst.copy_from_slice(&acc);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Pointwise, PANEL, TILE};
+    use std::arch::x86_64::*;
+
+    /// As `gemm_portable`, in micro-tiles of `TILE` pixels x `PANEL` outputs held in 12
+    /// registers; `a`'s rows stay in L1 while the packed weights stream from L2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm(a: &[f32], conv: &Pointwise, out: &mut [f32]) {
+        let (k, n) = (conv.inputs, conv.outputs);
+        let pixels = a.len() / k;
+        let mut p = 0;
+        while p < pixels {
+            let rows = TILE.min(pixels - p);
+            for panel in 0..n / PANEL {
+                let w = conv.panels.as_ptr().add(panel * k * PANEL);
+                let bias = conv.bias.as_ptr().add(panel * PANEL);
+                let src = a.as_ptr().add(p * k);
+                let dst = out.as_mut_ptr().add(p * n + panel * PANEL);
+                match rows {
+                    6 => tile::<6>(src, k, w, bias, dst, n),
+                    5 => tile::<5>(src, k, w, bias, dst, n),
+                    4 => tile::<4>(src, k, w, bias, dst, n),
+                    3 => tile::<3>(src, k, w, bias, dst, n),
+                    2 => tile::<2>(src, k, w, bias, dst, n),
+                    _ => tile::<1>(src, k, w, bias, dst, n),
+                }
+            }
+            p += rows;
+        }
+    }
+
+    /// [`super::gelu`] of 8 lanes, with the same `erf`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gelu8(x: __m256) -> __m256 {
+        let c = _mm256_set1_ps;
+        let z = _mm256_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2));
+        let a = _mm256_andnot_ps(c(-0.0), z);
+        let [a1, a2, a3, a4, a5, a6] = super::ERF_A;
+        let mut p = _mm256_fmadd_ps(c(a6), a, c(a5));
+        p = _mm256_fmadd_ps(p, a, c(a4));
+        p = _mm256_fmadd_ps(p, a, c(a3));
+        p = _mm256_fmadd_ps(p, a, c(a2));
+        p = _mm256_fmadd_ps(p, a, c(a1));
+        p = _mm256_fmadd_ps(p, a, c(1.0));
+        for _ in 0..4 {
+            p = _mm256_mul_ps(p, p);
+        }
+        let erf_abs = _mm256_sub_ps(c(1.0), _mm256_div_ps(c(1.0), p));
+        let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(z, c(-0.0)));
+        _mm256_mul_ps(_mm256_mul_ps(x, c(0.5)), _mm256_add_ps(erf, c(1.0)))
+    }
+
+    /// `R` pixels (rows of `a`, `k` apart) times one weight panel, bias first.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize>(a: *const f32, k: usize, w: *const f32, bias: *const f32, out: *mut f32, n: usize) {
+        let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+        let mut lo = [b0; R];
+        let mut hi = [b1; R];
+        for i in 0..k {
+            let w0 = _mm256_loadu_ps(w.add(i * PANEL));
+            let w1 = _mm256_loadu_ps(w.add(i * PANEL + 8));
+            for r in 0..R {
+                let v = _mm256_broadcast_ss(&*a.add(r * k + i));
+                lo[r] = _mm256_fmadd_ps(v, w0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(v, w1, hi[r]);
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out.add(r * n), lo[r]);
+            _mm256_storeu_ps(out.add(r * n + 8), hi[r]);
+        }
+    }
+}
+
+/// `x = x / 2 * (1 + erf(x / sqrt 2))` in place (the exact GELU of the ONNX export).
+pub fn gelu(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { gelu_avx2(values) };
+    }
+    gelu_portable(values)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(values: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = values.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let x = _mm256_loadu_ps(chunk.as_ptr());
+        _mm256_storeu_ps(chunk.as_mut_ptr(), avx2::gelu8(x));
+    }
+    gelu_portable(chunks.into_remainder())
+}
+
+#[inline(always)]
+fn gelu_portable(values: &mut [f32]) {
+    values.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
+}
+
+/// Abramowitz & Stegun 7.1.28: `erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16` for x >= 0
+/// (|error| <= 3e-7), the form tract's own `Erf` uses; no branch, so it vectorises.
+const ERF_A: [f32; 6] = [0.070_523_08, 0.042_282_01, 0.009_270_527, 0.000_152_014_3, 0.000_276_567_2, 0.000_043_063_8];
+
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let p = ERF_A.iter().rev().fold(0.0, |p, &c| (p + c) * a) + 1.0;
+    let p = p * p;
+    let p = p * p;
+    let p = p * p;
+    let p = p * p;
+    (1.0 - 1.0 / p).copysign(x)
+}
+
+/// What a matched `Conv` must be (a kernel of `2 pad + 1`).
+#[derive(Clone, Copy)]
+struct ConvShape {
+    pad: i64,
+    stride: i64,
+    group: usize,
+}
+
+struct ConvWeights {
+    /// `[outputs, inputs / group, k, k]`
+    dims: Vec<usize>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    output: String,
+}
+
+#[derive(Clone, Copy)]
+enum Layout {
+    Planar,
+    Rows,
+}
+
+/// Reads the structure out of the ONNX nodes.
+struct Matcher<'a> {
+    constants: HashMap<&'a str, &'a TensorProto>,
+}
+
+impl Matcher<'_> {
+    fn floats(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
+        let t = self.constants.get(name)?;
+        let external = t.data_location == Some(tensor_proto::DataLocation::External as i32);
+        if t.data_type != tensor_proto::DataType::Float as i32 || external {
+            return None;
+        }
+        let dims: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>()?;
+        let values: Vec<f32> = if t.raw_data.is_empty() {
+            t.float_data.clone()
+        } else {
+            t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        };
+        (values.len() == dims.iter().product::<usize>()).then_some((dims, values))
+    }
+
+    fn scalar(&self, name: &str) -> Option<f32> {
+        match self.floats(name)? {
+            (_, v) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        }
+    }
+
+    /// One block from the start of `ops` on input `x`: the block, its output, ops used.
+    fn block(&self, ops: &[&NodeProto], x: &str) -> Option<(Block, String, usize)> {
+        let (expand, h) = self.pointwise(ops.first()?, x)?;
+        let g1 = self.gelu(ops.get(1..6)?, &h)?;
+        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs)?;
+        let g2 = self.gelu(ops.get(7..12)?, &d)?;
+        let (project, c) = self.pointwise(ops.get(12)?, &g2)?;
+        let add = ops.get(13)?;
+        let summed = add.op_type == "Add" && sorted(&add.input) == sorted(&[c, x.to_string()]);
+        let r = add.output.first().filter(|_| summed)?;
+        let out = self.gelu(ops.get(14..19)?, r)?;
+        let shapes_chain = project.inputs == expand.outputs && project.outputs == expand.inputs;
+        shapes_chain.then_some((Block { expand, depthwise, project }, out, 19))
+    }
+
+    /// A `Conv` reading `x` with constant weights and bias, no dilation, explicit padding
+    /// `pad` on every side, stride `stride` and `group`: its weights and output.
+    fn conv(&self, node: &NodeProto, x: &str, shape: ConvShape) -> Option<ConvWeights> {
+        if node.op_type != "Conv" || node.input.len() != 3 || node.input[0] != x {
+            return None;
+        }
+        let ints = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.ints.clone());
+        let all = |v: Option<Vec<i64>>, value: i64| v.is_none_or(|v| v.iter().all(|&i| i == value));
+        let group = node.attribute.iter().find(|a| a.name == "group").map_or(1, |a| a.i);
+        let shaped = all(ints("strides"), shape.stride)
+            && all(ints("pads"), shape.pad)
+            && all(ints("dilations"), 1)
+            && usize::try_from(group).ok() == Some(shape.group)
+            && node.attribute.iter().all(|a| a.name != "auto_pad" || a.s.is_empty() || a.s == b"NOTSET");
+        let (dims, weight) = self.floats(&node.input[1])?;
+        let (bias_dims, bias) = self.floats(&node.input[2])?;
+        let kernel = usize::try_from(2 * shape.pad + 1).ok()?;
+        let fits = dims.len() == 4 && dims[2..] == [kernel, kernel] && bias_dims == dims[..1];
+        let output = node.output.first()?.clone();
+        (shaped && fits).then_some(ConvWeights { dims, weight, bias, output })
+    }
+
+    fn pointwise(&self, node: &NodeProto, x: &str) -> Option<(Pointwise, String)> {
+        let c = self.conv(node, x, ConvShape { pad: 0, stride: 1, group: 1 })?;
+        Some((Pointwise::new(&c.weight, c.bias, c.dims[0], c.dims[1])?, c.output))
+    }
+
+    /// A 3x3 stride-2 convolution with padding 1, weights in `layout`'s im2col order.
+    fn strided(&self, node: &NodeProto, x: &str, layout: Layout) -> Option<(Strided, String)> {
+        let c = self.conv(node, x, ConvShape { pad: 1, stride: 2, group: 1 })?;
+        let (outputs, channels) = (c.dims[0], c.dims[1]);
+        let weight: Vec<f32> = match layout {
+            Layout::Planar => c.weight,
+            // [o][c][ky][kx] -> [o][ky][kx][c]
+            Layout::Rows => (0..outputs * 9 * channels)
+                .map(|i| {
+                    let (o, tap, ch) = (i / (9 * channels), i / channels % 9, i % channels);
+                    c.weight[(o * channels + ch) * 9 + tap]
+                })
+                .collect(),
+        };
+        let conv = Pointwise::new(&weight, c.bias, outputs, 9 * channels)?;
+        Some((Strided { conv, channels }, c.output))
+    }
+
+    fn depthwise(&self, node: &NodeProto, x: &str, channels: usize) -> Option<(Depthwise, String)> {
+        let c = self.conv(node, x, ConvShape { pad: 1, stride: 1, group: channels })?;
+        if c.dims != [channels, 1, 3, 3] {
+            return None;
+        }
+        let weight = &c.weight;
+        let taps = (0..9).flat_map(|tap| (0..channels).map(move |ch| weight[ch * 9 + tap])).collect();
+        Some((Depthwise { taps, bias: c.bias }, c.output))
+    }
+
+    /// `Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)` as exported by PyTorch: its output.
+    fn gelu(&self, ops: &[&NodeProto], x: &str) -> Option<String> {
+        let [div, erf, add, mul, half] = ops else { return None };
+        let out = |n: &NodeProto| n.output.first().cloned();
+        let other = |n: &NodeProto, known: &str| -> Option<String> {
+            match &n.input[..] {
+                [a, b] if a == known => Some(b.clone()),
+                [a, b] if b == known => Some(a.clone()),
+                _ => None,
+            }
+        };
+        let is = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() <= 1e-6 * want.abs().max(1.0));
+        let ok = div.op_type == "Div"
+            && div.input.first().map(String::as_str) == Some(x)
+            && is(div.input.get(1).and_then(|c| self.scalar(c)), std::f32::consts::SQRT_2)
+            && erf.op_type == "Erf"
+            && erf.input == [out(div)?]
+            && add.op_type == "Add"
+            && is(self.scalar(&other(add, &out(erf)?)?), 1.0)
+            && mul.op_type == "Mul"
+            && other(mul, x)? == out(add)?
+            && half.op_type == "Mul"
+            && is(self.scalar(&other(half, &out(mul)?)?), 0.5);
+        ok.then(|| out(half)).flatten()
+    }
+}
+
+fn sorted(names: &[String]) -> Vec<&str> {
+    let mut v: Vec<&str> = names.iter().map(String::as_str).collect();
+    v.sort_unstable();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn erf64(x: f64) -> f64 {
+        // Series (|x| < 3) is plenty for a reference at these magnitudes.
+        let mut sum = 0.0;
+        let mut term = x;
+        for n in 0..200 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn gelu_matches_the_exact_formula() {
+        let xs: Vec<f32> = (-400..=400).map(|i| i as f32 / 100.0).collect();
+        let mut ys = xs.clone();
+        gelu(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let want = 0.5 * x as f64 * (1.0 + erf64(x as f64 / 2f64.sqrt()));
+            assert!((y as f64 - want).abs() < 1e-6 * want.abs().max(1.0), "gelu({x}) = {y}, want {want}");
+        }
+        let mut big = [20.0f32, -20.0, 1e30, -1e30];
+        gelu(&mut big);
+        assert_eq!(big, [20.0, -0.0, 1e30, -0.0]);
+    }
+
+    fn pointwise(outputs: usize, inputs: usize, seed: u32) -> (Vec<f32>, Vec<f32>, Pointwise) {
+        let weight: Vec<f32> = (0..outputs * inputs).map(|i| value(i as u32 ^ seed)).collect();
+        let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + seed)).collect();
+        let conv = Pointwise::new(&weight, bias.clone(), outputs, inputs).expect("shapes fit");
+        (weight, bias, conv)
+    }
+
+    fn value(i: u32) -> f32 {
+        (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
+
+    #[test]
+    fn gemm_of_every_tile_height_matches_a_plain_product() {
+        let (inputs, outputs) = (24, 32);
+        let (weight, bias, conv) = pointwise(outputs, inputs, 7);
+        for pixels in [1, 5, 6, 7, 13, 18] {
+            let a: Vec<f32> = (0..pixels * inputs).map(|i| value(i as u32 * 3 + 1)).collect();
+            let mut out = vec![f32::NAN; pixels * outputs];
+            gemm(&a, &conv, &mut out);
+            let mut portable = vec![f32::NAN; pixels * outputs];
+            gemm_portable(&a, &conv, &mut portable);
+            for p in 0..pixels {
+                for o in 0..outputs {
+                    let want: f32 =
+                        bias[o] + (0..inputs).map(|i| a[p * inputs + i] * weight[o * inputs + i]).sum::<f32>();
+                    for got in [out[p * outputs + o], portable[p * outputs + o]] {
+                        assert!((got - want).abs() < 1e-5, "pixels {pixels}: [{p}][{o}] {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_both_ways() {
+        let (rows, cols) = (37, 70);
+        let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut t = vec![0.0; m.len()];
+        transpose(&m, rows, cols, &mut t);
+        assert_eq!(t[5 * rows + 3], m[3 * cols + 5]);
+        let mut back = vec![0.0; m.len()];
+        transpose(&t, cols, rows, &mut back);
+        assert_eq!(back, m);
+    }
+}
