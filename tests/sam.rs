@@ -43,6 +43,10 @@ fn encoder_matches_onnxruntime() {
     let ops: Vec<String> = whole.model().nodes().iter().map(|n| n.op.name().to_string()).collect();
     let fused = ops.iter().filter(|op| *op == "BiasRowSoftmax").count();
     assert!(fused == 10 && !ops.iter().any(|op| op == "Softmax"), "{fused} fused softmaxes in {ops:?}");
+    // Its 40 dense layers (qkv, projection, MLP) with their biases run through our kernel
+    // (segment/dense.rs, gemm.rs).
+    let dense = ops.iter().filter(|op| *op == "Dense").count();
+    assert_eq!(dense, 40, "dense layers replaced in {ops:?}");
     let whole = whole.run(tvec!(tensor("sam_encoder_input").into())).unwrap().remove(0);
     let diff = max_abs_diff(&got, &floats(&whole));
     eprintln!("fused first stage vs tract's whole plan: max |diff| {diff}");

@@ -10,30 +10,17 @@
 //! contiguous) and each layer makes its output one image row at a time from a ring of the
 //! three input rows its kernel reaches: nothing of 256 channels is ever whole, every value
 //! is produced while it is still in cache, and all products go through one register-tiled
-//! kernel ([`gemm`]).
+//! kernel ([`super::gemm`]).
 //!
 //! [`Front::recognise`] accepts exactly that structure (op types, wiring, kernel shapes,
 //! strides, paddings, GELU constants) from the ONNX nodes; anything else is left to tract.
 
 use std::collections::HashMap;
 
+use super::gemm::{gemm, Packed};
 use tract_onnx::pb::{tensor_proto, GraphProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::bail;
-
-/// Output channels per GEMM panel (two AVX vectors).
-const PANEL: usize = 16;
-/// Pixels per GEMM micro-tile.
-const TILE: usize = 6;
-
-/// A product with a constant matrix (a 1x1 convolution, or a 3x3 one over im2col rows):
-/// weights packed in panels of [`PANEL`] output channels, `[outputs / PANEL][inputs][PANEL]`.
-struct Pointwise {
-    inputs: usize,
-    outputs: usize,
-    panels: Vec<f32>,
-    bias: Vec<f32>,
-}
 
 /// A 3x3 depthwise convolution (stride 1, padding 1): weights `[tap][channel]`.
 struct Depthwise {
@@ -42,15 +29,15 @@ struct Depthwise {
 }
 
 struct Block {
-    expand: Pointwise,
+    expand: Packed,
     depthwise: Depthwise,
-    project: Pointwise,
+    project: Packed,
 }
 
 /// A 3x3 convolution with stride 2 and padding 1, as a product over im2col rows whose
 /// values are in the order the source's layout makes cheap to gather.
 struct Strided {
-    conv: Pointwise,
+    conv: Packed,
     channels: usize,
 }
 
@@ -66,21 +53,6 @@ enum Source<'a> {
 pub struct Front {
     embed: [Strided; 2],
     blocks: Vec<Block>,
-}
-
-impl Pointwise {
-    fn new(weight: &[f32], bias: Vec<f32>, outputs: usize, inputs: usize) -> Option<Self> {
-        if !outputs.is_multiple_of(PANEL) || weight.len() != outputs * inputs || bias.len() != outputs {
-            return None;
-        }
-        let mut panels = Vec::with_capacity(weight.len());
-        for panel in 0..outputs / PANEL {
-            for i in 0..inputs {
-                panels.extend((0..PANEL).map(|o| weight[(panel * PANEL + o) * inputs + i]));
-            }
-        }
-        Some(Pointwise { inputs, outputs, panels, bias })
-    }
 }
 
 impl Front {
@@ -304,109 +276,6 @@ fn depthwise_row_portable(rows: [Option<&[f32]>; 3], conv: &Depthwise, width: us
     }
 }
 
-/// `out[p] = bias + a[p] * W` for each pixel `p` of `a` (`[pixels][conv.inputs]`).
-fn gemm(a: &[f32], conv: &Pointwise, out: &mut [f32]) {
-    assert!(a.len().is_multiple_of(conv.inputs) && out.len() == a.len() / conv.inputs * conv.outputs);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features; the lengths are checked above.
-        return unsafe { avx2::gemm(a, conv, out) };
-    }
-    gemm_portable(a, conv, out)
-}
-
-fn gemm_portable(a: &[f32], conv: &Pointwise, out: &mut [f32]) {
-    let (k, n) = (conv.inputs, conv.outputs);
-    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-        for (panel, (dst, bias)) in dst.chunks_exact_mut(PANEL).zip(conv.bias.chunks_exact(PANEL)).enumerate() {
-            let mut acc = [0f32; PANEL];
-            acc.copy_from_slice(bias);
-            let weights = &conv.panels[panel * k * PANEL..][..k * PANEL];
-            for (&v, w) in row.iter().zip(weights.chunks_exact(PANEL)) {
-                acc.iter_mut().zip(w).for_each(|(a, w)| *a += v * w);
-            }
-            dst.copy_from_slice(&acc);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Pointwise, PANEL, TILE};
-    use std::arch::x86_64::*;
-
-    /// As `gemm_portable`, in micro-tiles of `TILE` pixels x `PANEL` outputs held in 12
-    /// registers; `a`'s rows stay in L1 while the packed weights stream from L2.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemm(a: &[f32], conv: &Pointwise, out: &mut [f32]) {
-        let (k, n) = (conv.inputs, conv.outputs);
-        let pixels = a.len() / k;
-        let mut p = 0;
-        while p < pixels {
-            let rows = TILE.min(pixels - p);
-            for panel in 0..n / PANEL {
-                let w = conv.panels.as_ptr().add(panel * k * PANEL);
-                let bias = conv.bias.as_ptr().add(panel * PANEL);
-                let src = a.as_ptr().add(p * k);
-                let dst = out.as_mut_ptr().add(p * n + panel * PANEL);
-                match rows {
-                    6 => tile::<6>(src, k, w, bias, dst, n),
-                    5 => tile::<5>(src, k, w, bias, dst, n),
-                    4 => tile::<4>(src, k, w, bias, dst, n),
-                    3 => tile::<3>(src, k, w, bias, dst, n),
-                    2 => tile::<2>(src, k, w, bias, dst, n),
-                    _ => tile::<1>(src, k, w, bias, dst, n),
-                }
-            }
-            p += rows;
-        }
-    }
-
-    /// [`super::gelu`] of 8 lanes, with the same `erf`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gelu8(x: __m256) -> __m256 {
-        let c = _mm256_set1_ps;
-        let z = _mm256_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2));
-        let a = _mm256_andnot_ps(c(-0.0), z);
-        let [a1, a2, a3, a4, a5, a6] = super::ERF_A;
-        let mut p = _mm256_fmadd_ps(c(a6), a, c(a5));
-        p = _mm256_fmadd_ps(p, a, c(a4));
-        p = _mm256_fmadd_ps(p, a, c(a3));
-        p = _mm256_fmadd_ps(p, a, c(a2));
-        p = _mm256_fmadd_ps(p, a, c(a1));
-        p = _mm256_fmadd_ps(p, a, c(1.0));
-        for _ in 0..4 {
-            p = _mm256_mul_ps(p, p);
-        }
-        let erf_abs = _mm256_sub_ps(c(1.0), _mm256_div_ps(c(1.0), p));
-        let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(z, c(-0.0)));
-        _mm256_mul_ps(_mm256_mul_ps(x, c(0.5)), _mm256_add_ps(erf, c(1.0)))
-    }
-
-    /// `R` pixels (rows of `a`, `k` apart) times one weight panel, bias first.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(a: *const f32, k: usize, w: *const f32, bias: *const f32, out: *mut f32, n: usize) {
-        let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
-        let mut lo = [b0; R];
-        let mut hi = [b1; R];
-        for i in 0..k {
-            let w0 = _mm256_loadu_ps(w.add(i * PANEL));
-            let w1 = _mm256_loadu_ps(w.add(i * PANEL + 8));
-            for r in 0..R {
-                let v = _mm256_broadcast_ss(&*a.add(r * k + i));
-                lo[r] = _mm256_fmadd_ps(v, w0, lo[r]);
-                hi[r] = _mm256_fmadd_ps(v, w1, hi[r]);
-            }
-        }
-        for r in 0..R {
-            _mm256_storeu_ps(out.add(r * n), lo[r]);
-            _mm256_storeu_ps(out.add(r * n + 8), hi[r]);
-        }
-    }
-}
-
 /// `x = x / 2 * (1 + erf(x / sqrt 2))` in place (the exact GELU of the ONNX export).
 pub fn gelu(values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -432,6 +301,33 @@ unsafe fn gelu_avx2(values: &mut [f32]) {
 #[inline(always)]
 fn gelu_portable(values: &mut [f32]) {
     values.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::gelu`] of 8 lanes, with the same `erf`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gelu8(x: __m256) -> __m256 {
+        let c = _mm256_set1_ps;
+        let z = _mm256_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2));
+        let a = _mm256_andnot_ps(c(-0.0), z);
+        let [a1, a2, a3, a4, a5, a6] = super::ERF_A;
+        let mut p = _mm256_fmadd_ps(c(a6), a, c(a5));
+        p = _mm256_fmadd_ps(p, a, c(a4));
+        p = _mm256_fmadd_ps(p, a, c(a3));
+        p = _mm256_fmadd_ps(p, a, c(a2));
+        p = _mm256_fmadd_ps(p, a, c(a1));
+        p = _mm256_fmadd_ps(p, a, c(1.0));
+        for _ in 0..4 {
+            p = _mm256_mul_ps(p, p);
+        }
+        let erf_abs = _mm256_sub_ps(c(1.0), _mm256_div_ps(c(1.0), p));
+        let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(z, c(-0.0)));
+        _mm256_mul_ps(_mm256_mul_ps(x, c(0.5)), _mm256_add_ps(erf, c(1.0)))
+    }
 }
 
 /// Abramowitz & Stegun 7.1.28: `erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16` for x >= 0
@@ -536,9 +432,9 @@ impl Matcher<'_> {
         (shaped && fits).then_some(ConvWeights { dims, weight, bias, output })
     }
 
-    fn pointwise(&self, node: &NodeProto, x: &str) -> Option<(Pointwise, String)> {
+    fn pointwise(&self, node: &NodeProto, x: &str) -> Option<(Packed, String)> {
         let c = self.conv(node, x, ConvShape { pad: 0, stride: 1, group: 1 })?;
-        Some((Pointwise::new(&c.weight, c.bias, c.dims[0], c.dims[1])?, c.output))
+        Some((Packed::from_outputs_major(&c.weight, c.bias, c.dims[0], c.dims[1])?, c.output))
     }
 
     /// A 3x3 stride-2 convolution with padding 1, weights in `layout`'s im2col order.
@@ -555,7 +451,7 @@ impl Matcher<'_> {
                 })
                 .collect(),
         };
-        let conv = Pointwise::new(&weight, c.bias, outputs, 9 * channels)?;
+        let conv = Packed::from_outputs_major(&weight, c.bias, outputs, 9 * channels)?;
         Some((Strided { conv, channels }, c.output))
     }
 
@@ -629,39 +525,6 @@ mod tests {
         let mut big = [20.0f32, -20.0, 1e30, -1e30];
         gelu(&mut big);
         assert_eq!(big, [20.0, -0.0, 1e30, -0.0]);
-    }
-
-    fn pointwise(outputs: usize, inputs: usize, seed: u32) -> (Vec<f32>, Vec<f32>, Pointwise) {
-        let weight: Vec<f32> = (0..outputs * inputs).map(|i| value(i as u32 ^ seed)).collect();
-        let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + seed)).collect();
-        let conv = Pointwise::new(&weight, bias.clone(), outputs, inputs).expect("shapes fit");
-        (weight, bias, conv)
-    }
-
-    fn value(i: u32) -> f32 {
-        (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-    }
-
-    #[test]
-    fn gemm_of_every_tile_height_matches_a_plain_product() {
-        let (inputs, outputs) = (24, 32);
-        let (weight, bias, conv) = pointwise(outputs, inputs, 7);
-        for pixels in [1, 5, 6, 7, 13, 18] {
-            let a: Vec<f32> = (0..pixels * inputs).map(|i| value(i as u32 * 3 + 1)).collect();
-            let mut out = vec![f32::NAN; pixels * outputs];
-            gemm(&a, &conv, &mut out);
-            let mut portable = vec![f32::NAN; pixels * outputs];
-            gemm_portable(&a, &conv, &mut portable);
-            for p in 0..pixels {
-                for o in 0..outputs {
-                    let want: f32 =
-                        bias[o] + (0..inputs).map(|i| a[p * inputs + i] * weight[o * inputs + i]).sum::<f32>();
-                    for got in [out[p * outputs + o], portable[p * outputs + o]] {
-                        assert!((got - want).abs() < 1e-5, "pixels {pixels}: [{p}][{o}] {got} vs {want}");
-                    }
-                }
-            }
-        }
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! inference backends. Backends: the Segment Anything family ([`sam`]), the salient
 //! object family ([`salient`]) and the last-resort box itself ([`BoxSegmenter`]).
 
+pub mod deferred;
+pub mod dense;
+pub mod gemm;
 pub mod mbconv;
 pub mod onnx;
 pub mod pad;

@@ -14,8 +14,9 @@ use std::sync::Mutex;
 
 use image::{GrayImage, RgbImage};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::internal::{bail, format_err};
+use tract_onnx::tract_hir::internal::bail;
 
+use super::deferred::{deferred, Deferred};
 use super::onnx::{self, Plan};
 pub use super::tiled::Encoder;
 use super::{BoxPrompt, ModelInfo, SegmentError, SegmentRequest, Segmenter};
@@ -33,7 +34,8 @@ const DECODER_INPUTS: [&str; 5] = ["image_embeddings", "point_coords", "point_la
 pub struct SamSegmenter {
     info: ModelInfo,
     encoder: Encoder,
-    decoder: Plan,
+    /// Planned in the background while the first image goes through the encoder.
+    decoder: Deferred<Plan>,
     cache: Mutex<VecDeque<(String, Arc<Tensor>)>>,
     encoder_runs: AtomicUsize,
 }
@@ -83,24 +85,39 @@ impl SamSegmenter {
         Self::from_protos([encoder, decoder], info)
     }
 
-    /// From the encoder and decoder files' protobufs, planned side by side (each ~0.3 s
-    /// here: the first mask waits for the slower one, not for both).
+    /// From the encoder and decoder files' protobufs. What the fused encoder front needs
+    /// is read here; tract's plans for the encoder's tail and for the decoder (~0.5 s and
+    /// ~0.3 s here) are made on a background thread, in the order the first mask needs
+    /// them, while that first image goes through the front (deferred.rs).
     pub fn from_protos(protos: [ModelProto; 2], info: ModelInfo) -> TractResult<Self> {
         let [encoder, decoder] = protos;
-        let (encoder, decoder) = std::thread::scope(|scope| {
-            let decoder = scope.spawn(move || plan_decoder(onnx::graph_from_proto(&decoder)?));
-            let encoder = Encoder::from_proto(encoder, SIDE);
-            let decoder = decoder.join().unwrap_or_else(|_| Err(format_err!("planning the decoder panicked")));
-            (encoder, decoder)
-        });
-        let (encoder, decoder) = (encoder?, decoder?);
+        let (encoder, encoder_job) = Encoder::from_proto_deferred(encoder, SIDE)?;
+        let (promise, decoder_plan) = deferred();
+        let planner = move || {
+            if let Some(job) = encoder_job {
+                job();
+            }
+            promise.fulfil(onnx::graph_from_proto(&decoder).and_then(plan_decoder));
+        };
+        std::thread::Builder::new().name("sam-planner".into()).spawn(planner)?;
         Ok(SamSegmenter {
             info,
             encoder,
-            decoder,
+            decoder: decoder_plan,
             cache: Mutex::new(VecDeque::new()),
             encoder_runs: AtomicUsize::new(0),
         })
+    }
+
+    /// A planning failure, as the service reports it: this model cannot be used.
+    fn unplanned(&self) -> Option<SegmentError> {
+        let (half, error) = match (self.encoder.planning_error(), self.decoder.failed()) {
+            (Some(e), _) => ("encoder", e),
+            (None, Some(e)) => ("decoder", e),
+            (None, None) => return None,
+        };
+        log::error!("model {}: planning the SAM {half} failed: {error}", self.info.name);
+        Some(SegmentError::Unavailable(format!("the model {} could not be prepared", self.info.name)))
     }
 
     fn embedding(&self, image: &RgbImage, key: &str) -> TractResult<Arc<Tensor>> {
@@ -138,9 +155,12 @@ impl Segmenter for SamSegmenter {
 
     fn segment(&self, request: &SegmentRequest<'_>) -> Result<GrayImage, SegmentError> {
         let (width, height) = request.image.dimensions();
-        let embedding = self.embedding(request.image, request.image_key).map_err(SegmentError::inference)?;
+        let failed = |e: TractError| self.unplanned().unwrap_or_else(|| SegmentError::inference(e));
+        let embedding = self.embedding(request.image, request.image_key).map_err(failed)?;
+        let decoder =
+            self.decoder.get().map_err(|_| self.unplanned().unwrap_or_else(|| SegmentError::inference("decoder")))?;
         let prompt = DecoderPrompt::for_box(request.prompt, (width as usize, height as usize));
-        let decoded = run_decoder(&self.decoder, embedding, &prompt).map_err(SegmentError::inference)?;
+        let decoded = run_decoder(decoder, embedding, &prompt).map_err(failed)?;
         let logits = postprocess(decoded.best(), (width as usize, height as usize));
         let raw = logits.iter().map(|&v| if v > 0.0 { 255 } else { 0 }).collect();
         GrayImage::from_raw(width, height, raw).ok_or_else(|| SegmentError::Inference("mask size".into()))

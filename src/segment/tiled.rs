@@ -16,18 +16,23 @@ use tract_onnx::pb::{type_proto, GraphProto, ModelProto, NodeProto, TypeProto, V
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, format_err};
 
+use super::deferred::{deferred, Deferred, NotMade};
 use super::mbconv::Front;
 use super::onnx::{self, Plan};
 
 pub enum Encoder {
     Whole(Plan),
-    Fused(FusedEncoder),
+    Fused(Box<FusedEncoder>),
 }
 
 pub struct FusedEncoder {
     front: Front,
-    tail: Plan,
+    /// Planned by a [`PlanJob`], possibly while the front runs.
+    tail: Deferred<Plan>,
 }
+
+/// Planning still to be done for an encoder (run it on any thread, once).
+pub type PlanJob = Box<dyn FnOnce() + Send>;
 
 impl Encoder {
     /// Plans the encoder for a `[1, 3, side, side]` input, its front fused where it can.
@@ -35,15 +40,28 @@ impl Encoder {
         Self::from_proto(onnx::read_proto(path)?, side)
     }
 
+    /// The encoder, planned before it returns.
     pub fn from_proto(proto: ModelProto, side: usize) -> TractResult<Self> {
-        let input_fact = f32::fact([1, 3, side, side]);
-        if let Some(fused) = FusedEncoder::new(&proto, side) {
-            match fused {
-                Ok(fused) => return Ok(Encoder::Fused(fused)),
-                Err(e) => log::warn!("SAM encoder: planned whole, its front not fused: {e:#}"),
-            }
+        let (encoder, job) = Self::from_proto_deferred(proto, side)?;
+        if let Some(job) = job {
+            job();
         }
-        Ok(Encoder::Whole(plan_part(&proto, input_fact)?))
+        if let Some(e) = encoder.planning_error() {
+            bail!("planning the SAM encoder failed: {e}");
+        }
+        Ok(encoder)
+    }
+
+    /// The encoder, and the planning it still needs when its front is fused: the front
+    /// runs at once, its first run waits for the tail's plan only when it gets there.
+    pub fn from_proto_deferred(proto: ModelProto, side: usize) -> TractResult<(Self, Option<PlanJob>)> {
+        if let Some((front, tail_proto, fact)) = FusedEncoder::cut(&proto, side) {
+            drop(proto);
+            let (promise, tail) = deferred();
+            let job: PlanJob = Box::new(move || promise.fulfil(plan_part(&tail_proto, fact)));
+            return Ok((Encoder::Fused(Box::new(FusedEncoder { front, tail })), Some(job)));
+        }
+        Ok((Encoder::Whole(plan_part(&proto, f32::fact([1, 3, side, side]))?), None))
     }
 
     /// Runs the encoder: the embedding.
@@ -54,7 +72,8 @@ impl Encoder {
             Encoder::Fused(fused) => {
                 let front = fused.front.run(&input)?;
                 drop(input);
-                first(fused.tail.run(tvec!(front.into()))?)
+                let tail = fused.tail.get().map_err(|e| format_err!("planning the SAM encoder failed: {e}"))?;
+                first(tail.run(tvec!(front.into()))?)
             }
         }
     }
@@ -62,6 +81,14 @@ impl Encoder {
     /// Whether the front runs as our fused pass.
     pub fn is_fused(&self) -> bool {
         matches!(self, Encoder::Fused(_))
+    }
+
+    /// Why the deferred planning failed, if it has (does not wait for it).
+    pub fn planning_error(&self) -> Option<&NotMade> {
+        match self {
+            Encoder::Whole(_) => None,
+            Encoder::Fused(fused) => fused.tail.failed(),
+        }
     }
 }
 
@@ -73,8 +100,9 @@ fn first(mut outputs: TVec<TValue>) -> TractResult<TValue> {
 }
 
 impl FusedEncoder {
-    /// `None` when the graph has no front we recognise; an error when planning its tail fails.
-    fn new(proto: &ModelProto, side: usize) -> Option<TractResult<Self>> {
+    /// The fused front and the tail's graph with its input fact, if the graph has a front
+    /// we recognise.
+    fn cut(proto: &ModelProto, side: usize) -> Option<(Front, ModelProto, TypedFact)> {
         let graph = proto.graph.as_ref()?;
         let nodes = &graph.node;
         let end = nodes.iter().position(|n| n.name.contains("layers.0/downsample/"))?;
@@ -85,19 +113,6 @@ impl FusedEncoder {
         if channels != 3 || !side.is_multiple_of(4) || !closed(graph, &nodes[end..], front_output) {
             return None;
         }
-        Some(
-            Self::plan_tail(proto, graph, end, front_output, [outputs, side / 4])
-                .map(|tail| FusedEncoder { front, tail }),
-        )
-    }
-
-    fn plan_tail(
-        proto: &ModelProto,
-        graph: &GraphProto,
-        end: usize,
-        input: &str,
-        [channels, side]: [usize; 2],
-    ) -> TractResult<Plan> {
         // Everything but the graph (opsets, model-local functions), without copying the weights.
         let shell = ModelProto {
             ir_version: proto.ir_version,
@@ -109,9 +124,9 @@ impl FusedEncoder {
             functions: proto.functions.clone(),
             ..Default::default()
         };
-        let output = graph.output.first().map(|o| o.name.clone()).ok_or_else(|| format_err!("no output"))?;
-        let tail = part(&shell, graph, &graph.node[end..], Some(input), &output);
-        plan_part(&tail, f32::fact([1, channels, side, side]))
+        let output = graph.output.first()?.name.clone();
+        let tail = part(&shell, graph, &nodes[end..], Some(front_output), &output);
+        Some((front, tail, f32::fact([1, outputs, side / 4, side / 4])))
     }
 }
 
