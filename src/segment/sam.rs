@@ -40,7 +40,7 @@ pub struct SamSegmenter {
     encoder_runs: AtomicUsize,
 }
 
-/// The encoder for a fixed `[1, 3, 1024, 1024]` input (in strips where it can: `tiled`).
+/// The encoder for a fixed `[1, 3, 1024, 1024]` input (its front fused where it can: `tiled`).
 pub fn load_encoder(path: &Path) -> TractResult<Encoder> {
     Encoder::load(path, SIDE)
 }
