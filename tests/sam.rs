@@ -47,6 +47,9 @@ fn encoder_matches_onnxruntime() {
     // (segment/dense.rs, gemm.rs).
     let dense = ops.iter().filter(|op| *op == "Dense").count();
     assert_eq!(dense, 40, "dense layers replaced in {ops:?}");
+    // And its 20 windowed-attention products (q k^T, attention v: segment/batched.rs).
+    let batched = ops.iter().filter(|op| *op == "BatchedMatMul").count();
+    assert_eq!(batched, 20, "attention products replaced in {ops:?}");
     let whole = whole.run(tvec!(tensor("sam_encoder_input").into())).unwrap().remove(0);
     let diff = max_abs_diff(&got, &floats(&whole));
     eprintln!("fused first stage vs tract's whole plan: max |diff| {diff}");

@@ -52,9 +52,40 @@ impl Packed {
         Self::new(inputs, outputs, bias, |o, i| weight[i * outputs + o])
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        (self.panels.len() + self.bias.len()) * 4
+    /// An empty matrix for [`Packed::refill`].
+    pub fn empty() -> Self {
+        Packed { inputs: 0, outputs: 0, panels: Vec::new(), bias: Vec::new() }
+    }
+
+    /// Packs another matrix into the same buffers, without a bias: element (input `i`,
+    /// output `o`) is `data[at + i * i_stride + o * o_stride]`. The outputs are padded with
+    /// zero columns up to a multiple of [`PANEL`] (the product then has [`Packed::outputs`]
+    /// columns, the padding ones zero).
+    pub fn refill(&mut self, [inputs, outputs]: [usize; 2], data: &[f32], at: usize, [i_stride, o_stride]: [usize; 2]) {
+        let padded = outputs.div_ceil(PANEL) * PANEL;
+        self.inputs = inputs;
+        self.outputs = padded;
+        self.bias.clear();
+        self.bias.resize(padded, 0.0);
+        self.panels.clear();
+        self.panels.resize(inputs * padded, 0.0);
+        for (panel, block) in self.panels.chunks_exact_mut(inputs * PANEL).enumerate() {
+            let width = PANEL.min(outputs - panel * PANEL);
+            let first = at + panel * PANEL * o_stride;
+            if o_stride == 1 {
+                for (i, dst) in block.chunks_exact_mut(PANEL).enumerate() {
+                    let src = first + i * i_stride;
+                    dst[..width].copy_from_slice(&data[src..src + width]);
+                }
+            } else {
+                for o in 0..width {
+                    let column = first + o * o_stride;
+                    for i in 0..inputs {
+                        block[i * PANEL + o] = data[column + i * i_stride];
+                    }
+                }
+            }
+        }
     }
 }
 

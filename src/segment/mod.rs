@@ -2,6 +2,7 @@
 //! inference backends. Backends: the Segment Anything family ([`sam`]), the salient
 //! object family ([`salient`]) and the last-resort box itself ([`BoxSegmenter`]).
 
+pub mod batched;
 pub mod deferred;
 pub mod dense;
 pub mod gemm;

@@ -35,14 +35,15 @@ pub enum GraphKind {
 /// models, im2col + matrix product runs the MobileSAM encoder's 3x3 stride-2 patch
 /// embedding in 62 ms instead of 332 ms and the whole encoder 25 % faster
 /// (docs/performance.md §3). Its dense layers (a product with a constant matrix, plus the
-/// bias) run as [`super::dense::Dense`], its `Pad` nodes as [`super::pad::ConstPad`], its
+/// bias) run as [`super::dense::Dense`], its batched products of two activations (windowed
+/// attention) as [`super::batched::BatchedMatMul`], its `Pad` nodes as [`super::pad::ConstPad`], its
 /// last-axis softmaxes (with a constant bias added first) by [`super::softmax::RowSoftmax`],
 /// its bilinear spatial `Resize`s by [`super::resize::PlaneBilinear`].
 pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
         let typed = super::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
-        let typed = super::dense::replace_dense(typed)?;
+        let typed = super::batched::replace_batched(super::dense::replace_dense(typed)?)?;
         let optimised = super::pad::replace_pads(typed.into_optimized()?)?;
         let optimised = super::resize::replace_resizes(super::softmax::replace_softmaxes(optimised)?)?;
         optimised.into_compact()?.into_runnable()
