@@ -94,17 +94,17 @@ impl Front {
         (self.embed[0].channels, self.embed[1].conv.outputs)
     }
 
-    /// Runs the front on an NCHW `[1, channels, rows, width]` image: NCHW out, each side
-    /// a quarter (rounded up).
+    /// Runs the front on an NCHW `[1, channels, rows, width]` image whose sides are
+    /// multiples of 4: NCHW out, each side a quarter.
     pub fn run(&self, image: &Tensor) -> TractResult<Tensor> {
         let (inputs, outputs) = self.channels();
         let [1, channels, rows, width] = image.shape()[..] else { bail!("front input shape {:?}", image.shape()) };
-        if channels != inputs {
-            bail!("front input has {channels} channels, not {inputs}");
+        if channels != inputs || !rows.is_multiple_of(4) || !width.is_multiple_of(4) {
+            bail!("front input {:?}: {inputs} channels and sides that are multiples of 4 expected", image.shape());
         }
         let view = image.try_as_plain_ram()?;
         let planes = view.as_slice::<f32>()?;
-        let (rows, width) = (rows.div_ceil(4), width.div_ceil(4));
+        let (rows, width) = (rows / 4, width / 4);
         let mut current = self.embed(planes, rows, width);
         let mut next = vec![0f32; current.len()];
         for block in &self.blocks {
@@ -122,11 +122,12 @@ impl Front {
     }
 
     /// The patch embedding, pixel-major `[rows * width][outputs]` (`rows` x `width` is the
-    /// output size): each output row from three rows of the first convolution's output.
+    /// output size, a quarter of the input's): each output row from three rows of the first
+    /// convolution's output.
     fn embed(&self, planes: &[f32], rows: usize, width: usize) -> Vec<f32> {
         let [first, second] = &self.embed;
         let (mid_rows, mid_width) = (rows * 2, width * 2);
-        let (in_rows, in_width) = (planes.len() / first.channels / (mid_width * 2), mid_width * 2);
+        let (in_rows, in_width) = (rows * 4, width * 4);
         let mid_len = mid_width * first.conv.outputs;
         let mut ring = vec![0f32; 3 * mid_len];
         let mut made = [usize::MAX; 3];
