@@ -25,31 +25,28 @@ pub struct Packed {
 }
 
 impl Packed {
-    /// From `weight(output, input)`; `None` unless `outputs` is a multiple of [`PANEL`]
-    /// and the bias has one value per output.
-    pub fn new(inputs: usize, outputs: usize, bias: Vec<f32>, weight: impl Fn(usize, usize) -> f32) -> Option<Self> {
-        if !outputs.is_multiple_of(PANEL) || bias.len() != outputs || inputs == 0 {
+    /// From `data`, element (input `i`, output `o`) at `i * i_stride + o * o_stride`;
+    /// `None` unless `outputs` is a multiple of [`PANEL`] and the bias has one value per
+    /// output.
+    fn constant(inputs: usize, outputs: usize, bias: Vec<f32>, data: &[f32], strides: [usize; 2]) -> Option<Self> {
+        let fits = outputs.is_multiple_of(PANEL) && bias.len() == outputs && inputs > 0;
+        if !fits || data.len() != inputs * outputs {
             return None;
         }
-        let mut panels = Vec::with_capacity(inputs * outputs);
-        for panel in 0..outputs / PANEL {
-            for i in 0..inputs {
-                panels.extend((0..PANEL).map(|o| weight(panel * PANEL + o, i)));
-            }
-        }
-        Some(Packed { inputs, outputs, panels, bias })
+        let mut packed = Packed::empty();
+        packed.refill([inputs, outputs], data, 0, strides);
+        packed.bias = bias;
+        Some(packed)
     }
 
     /// From a row-major `[outputs][inputs]` matrix (a convolution's `OI` weights).
     pub fn from_outputs_major(weight: &[f32], bias: Vec<f32>, outputs: usize, inputs: usize) -> Option<Self> {
-        (weight.len() == outputs * inputs).then_some(())?;
-        Self::new(inputs, outputs, bias, |o, i| weight[o * inputs + i])
+        Self::constant(inputs, outputs, bias, weight, [1, inputs])
     }
 
     /// From a row-major `[inputs][outputs]` matrix (a `MatMul`'s right operand).
     pub fn from_inputs_major(weight: &[f32], bias: Vec<f32>, inputs: usize, outputs: usize) -> Option<Self> {
-        (weight.len() == outputs * inputs).then_some(())?;
-        Self::new(inputs, outputs, bias, |o, i| weight[i * outputs + o])
+        Self::constant(inputs, outputs, bias, weight, [outputs, 1])
     }
 
     /// An empty matrix for [`Packed::refill`].
@@ -216,11 +213,10 @@ mod tests {
             let weight: Vec<f32> = (0..outputs * inputs).map(|i| value(i as u32 ^ 7)).collect();
             let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + 7)).collect();
             let w = Packed::from_outputs_major(&weight, bias.clone(), outputs, inputs).expect("shapes fit");
-            let t = Packed::new(inputs, outputs, bias.clone(), |o, i| weight[o * inputs + i]).expect("fits");
             let transposed: Vec<f32> =
                 (0..inputs * outputs).map(|j| weight[(j % outputs) * inputs + j / outputs]).collect();
             let u = Packed::from_inputs_major(&transposed, bias.clone(), inputs, outputs).expect("shapes fit");
-            assert!(w.panels == t.panels && w.panels == u.panels, "the three constructors pack alike");
+            assert!(w.panels == u.panels, "both constructors pack alike");
             for rows in [1, 5, 6, 7, 13, 97, 200] {
                 let a: Vec<f32> = (0..rows * inputs).map(|i| value(i as u32 * 3 + 1)).collect();
                 let mut out = vec![f32::NAN; rows * outputs];

@@ -18,7 +18,8 @@
 use std::collections::HashMap;
 
 use super::gemm::{gemm, Packed};
-use tract_onnx::pb::{tensor_proto, GraphProto, NodeProto, TensorProto};
+use tract_onnx::data_resolver::FopenDataResolver;
+use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::bail;
 
@@ -374,19 +375,13 @@ struct Matcher<'a> {
 }
 
 impl Matcher<'_> {
+    /// A constant's shape and f32 values, decoded by tract's own ONNX tensor loader (no
+    /// model path: external data is not read, and such a graph is left to tract).
     fn floats(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         let t = self.constants.get(name)?;
-        let external = t.data_location == Some(tensor_proto::DataLocation::External as i32);
-        if t.data_type != tensor_proto::DataType::Float as i32 || external {
-            return None;
-        }
-        let dims: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>()?;
-        let values: Vec<f32> = if t.raw_data.is_empty() {
-            t.float_data.clone()
-        } else {
-            t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-        };
-        (values.len() == dims.iter().product::<usize>()).then_some((dims, values))
+        let tensor = tract_onnx::tensor::load_tensor(&FopenDataResolver, t, None).ok()?;
+        let values = tensor.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec();
+        Some((tensor.shape().to_vec(), values))
     }
 
     fn scalar(&self, name: &str) -> Option<f32> {

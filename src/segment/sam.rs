@@ -109,15 +109,16 @@ impl SamSegmenter {
         })
     }
 
-    /// A planning failure, as the service reports it: this model cannot be used.
-    fn unplanned(&self) -> Option<SegmentError> {
-        let (half, error) = match (self.encoder.planning_error(), self.decoder.failed()) {
+    /// What a failed step is reported as: a planning failure means this model cannot be
+    /// used (503); anything else is an inference error.
+    fn failure(&self, error: impl std::fmt::Display) -> SegmentError {
+        let (half, planning) = match (self.encoder.planning_error(), self.decoder.failed()) {
             (Some(e), _) => ("encoder", e),
             (None, Some(e)) => ("decoder", e),
-            (None, None) => return None,
+            (None, None) => return SegmentError::inference(error),
         };
-        log::error!("model {}: planning the SAM {half} failed: {error}", self.info.name);
-        Some(SegmentError::Unavailable(format!("the model {} could not be prepared", self.info.name)))
+        log::error!("model {}: planning the SAM {half} failed: {planning}", self.info.name);
+        SegmentError::Unavailable(format!("the model {} could not be prepared", self.info.name))
     }
 
     fn embedding(&self, image: &RgbImage, key: &str) -> TractResult<Arc<Tensor>> {
@@ -155,12 +156,10 @@ impl Segmenter for SamSegmenter {
 
     fn segment(&self, request: &SegmentRequest<'_>) -> Result<GrayImage, SegmentError> {
         let (width, height) = request.image.dimensions();
-        let failed = |e: TractError| self.unplanned().unwrap_or_else(|| SegmentError::inference(e));
-        let embedding = self.embedding(request.image, request.image_key).map_err(failed)?;
-        let decoder =
-            self.decoder.get().map_err(|_| self.unplanned().unwrap_or_else(|| SegmentError::inference("decoder")))?;
+        let embedding = self.embedding(request.image, request.image_key).map_err(|e| self.failure(e))?;
+        let decoder = self.decoder.get().map_err(|e| self.failure(e))?;
         let prompt = DecoderPrompt::for_box(request.prompt, (width as usize, height as usize));
-        let decoded = run_decoder(decoder, embedding, &prompt).map_err(failed)?;
+        let decoded = run_decoder(decoder, embedding, &prompt).map_err(|e| self.failure(e))?;
         let logits = postprocess(decoded.best(), (width as usize, height as usize));
         let raw = logits.iter().map(|&v| if v > 0.0 { 255 } else { 0 }).collect();
         GrayImage::from_raw(width, height, raw).ok_or_else(|| SegmentError::Inference("mask size".into()))
