@@ -340,7 +340,7 @@ class Scenario:
                 "use_blending": "true",
                 "feather_amount": "10",
                 "enable_color_grading": "true",
-                "color_grade_strength": "50",
+                "color_grade_strength": "0.5",
                 "grading_method": "Match Target Area",
             },
             {"product_image": ("product.png", "image/png", self.product)},

@@ -22,7 +22,7 @@ use crate::auth::User;
 use crate::composite::{self, Settings};
 use crate::config::AppConfig;
 use crate::error::{ApiError, ApiResult, InputError};
-use crate::gate::{Busy, Gate, Pass};
+use crate::gate::{Admitted, Busy, Gate, Pass};
 use crate::imaging;
 use crate::models::ModelManager;
 use crate::params::{self, ReplaceFields};
@@ -39,8 +39,17 @@ const IMAGE_RETRY_SECS: u64 = 2;
 pub struct ImageJobs(Gate);
 
 impl ImageJobs {
-    async fn enter(&self) -> Result<Pass, Busy> {
-        self.0.enter(IMAGE_RETRY_SECS).await
+    /// The gate itself (tests fill it to check what a full queue does).
+    pub fn gate(&self) -> &Gate {
+        &self.0
+    }
+
+    fn admit(&self) -> Result<Admitted, Busy> {
+        self.0.admit(IMAGE_RETRY_SECS)
+    }
+
+    async fn run(admitted: Admitted) -> Result<Pass, Busy> {
+        admitted.run().await.ok_or(Busy { retry_after: IMAGE_RETRY_SECS })
     }
 
     /// Waits for a place for a job on `upload`, then lets the next upload in. While the
@@ -176,12 +185,18 @@ async fn upload_image(
         let png = imaging::encode_png(&scene.image)?;
         store.remove(&session, &[Artefact::Mask, Artefact::MaskOverlay, Artefact::Result]);
         store.write(&session, Artefact::Image, &png)?;
+        let (width, height) = scene.image.dimensions();
+        // `original_*` is the size the box is drawn in, as the Flask server meant it: its
+        // client scales the canvas box by original_width / canvas.width. The photo's own
+        // size goes under `source_*`.
         Ok(Json(json!({
             "success": true,
-            "width": scene.image.width(),
-            "height": scene.image.height(),
-            "original_width": scene.original_width,
-            "original_height": scene.original_height,
+            "width": width,
+            "height": height,
+            "original_width": width,
+            "original_height": height,
+            "source_width": scene.original_width,
+            "source_height": scene.original_height,
         })))
     })
     .await
@@ -208,7 +223,9 @@ async fn generate_mask(
         return Err(InputError::MalformedJson("the body is larger than 64 KiB".into()).into());
     }
     let coords = params::parse_box(&body)?;
-    let pass = jobs.enter().await?;
+    // One queue place from here to the end: a computed mask is never thrown away for
+    // want of a place to encode it (the running place is given back during inference).
+    let pass = ImageJobs::run(jobs.admit()?).await?;
     let (scene, key) = {
         let store = store.inner().clone();
         let session = user.session.clone();
@@ -218,11 +235,11 @@ async fn generate_mask(
         })
         .await?
     };
-    drop(pass);
+    let paused = pass.pause();
     let prompt = segment::clip_box(coords, scene.width(), scene.height())?;
     let scene = Arc::new(scene);
     let outcome = models.segment(scene.clone(), key, prompt).await?;
-    let _pass = jobs.enter().await?;
+    let _pass = ImageJobs::run(paused).await?;
     let store = store.inner().clone();
     let session = user.session;
     let (area, bbox) = blocking(move || {

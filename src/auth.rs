@@ -34,19 +34,34 @@ pub struct User {
     pub session: SessionId,
 }
 
-/// True when a browser says this request comes from another site: an `Origin` whose
-/// host differs from `Host`, or `Sec-Fetch-Site: cross-site`. Requests without these
-/// headers (non-browser clients) pass; SameSite=Strict already keeps the cookie away.
+/// True when a browser says this request comes from another site: `Sec-Fetch-Site:
+/// cross-site`, or an `Origin` that is none of: the `Host` it was sent to, the
+/// `X-Forwarded-Host` a reverse proxy passed on, a configured `PUBLIC_ORIGIN`. Requests
+/// without these headers (non-browser clients) pass; SameSite=Strict already keeps the
+/// cookie away. (A cross-site page cannot forge `X-Forwarded-Host`: a custom header makes
+/// the browser ask first with a CORS preflight, which this app never grants.)
 pub fn is_cross_origin(request: &Request<'_>) -> bool {
     let headers = request.headers();
     if headers.get_one("Sec-Fetch-Site") == Some("cross-site") {
         return true;
     }
-    let (Some(origin), Some(host)) = (headers.get_one("Origin"), headers.get_one("Host")) else {
+    let Some(origin) = headers.get_one("Origin") else {
         return false;
     };
+    let origin = origin.trim_end_matches('/');
+    let public = request.rocket().state::<AppConfig>().map(AppConfig::public_origins).unwrap_or_default();
+    if public.iter().any(|p| p.eq_ignore_ascii_case(origin)) {
+        return false;
+    }
     let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin);
-    !origin_host.trim_end_matches('/').eq_ignore_ascii_case(host)
+    let same_host = |host: &str| host.split(',').next().is_some_and(|h| h.trim().eq_ignore_ascii_case(origin_host));
+    let hosts = [headers.get_one("Host"), headers.get_one("X-Forwarded-Host")];
+    if hosts.iter().flatten().any(|h| same_host(h)) {
+        return false;
+    }
+    // A request with an Origin but no Host at all (HTTP/1.0) cannot be compared: let it
+    // pass as before; SameSite=Strict still keeps the cookie from other sites.
+    headers.get_one("Host").is_some()
 }
 
 /// Refuses state-changing requests that a browser marks as coming from another site.

@@ -27,8 +27,9 @@ pub struct Admitted {
 
 /// Running: dropping it frees both places.
 pub struct Pass {
-    _admission: OwnedSemaphorePermit,
+    admission: OwnedSemaphorePermit,
     _running: OwnedSemaphorePermit,
+    running: Arc<Semaphore>,
 }
 
 impl Gate {
@@ -55,15 +56,23 @@ impl Admitted {
     /// A running place if one is free now, else `self` back (to wait with `run`).
     pub fn try_run(self) -> Result<Pass, Admitted> {
         match self.running.clone().try_acquire_owned() {
-            Ok(running) => Ok(Pass { _admission: self.admission, _running: running }),
+            Ok(permit) => Ok(Pass { admission: self.admission, _running: permit, running: self.running }),
             Err(_) => Err(self),
         }
     }
 
     /// Waits for a running place (`None` only if the gate was closed).
     pub async fn run(self) -> Option<Pass> {
-        let running = self.running.acquire_owned().await.ok()?;
-        Some(Pass { _admission: self.admission, _running: running })
+        let permit = self.running.clone().acquire_owned().await.ok()?;
+        Some(Pass { admission: self.admission, _running: permit, running: self.running })
+    }
+}
+
+impl Pass {
+    /// Frees the running place but keeps the queue place: for a job that waits on
+    /// something else (inference) and must then run again without being refused.
+    pub fn pause(self) -> Admitted {
+        Admitted { admission: self.admission, running: self.running }
     }
 }
 
@@ -81,5 +90,16 @@ mod tests {
         drop(first);
         let _second = queued.run().await.unwrap();
         assert!(gate.admit(3).is_ok(), "a place is free again");
+    }
+
+    #[rocket::async_test]
+    async fn a_paused_pass_keeps_its_queue_place_and_runs_again() {
+        let gate = Gate::new(1, 0);
+        let paused = gate.enter(3).await.unwrap().pause();
+        assert!(gate.admit(3).is_err(), "the paused job still holds the only place");
+        let other = gate.running.clone().try_acquire_owned();
+        assert!(other.is_ok(), "its running place is free while paused");
+        drop(other);
+        let _again = paused.run().await.expect("runs again without being refused");
     }
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rocket::http::Status;
 use rocket::serde::json::{json, Json, Value};
 use rocket::{Route, State};
 
@@ -32,8 +33,11 @@ fn disk_usage_percent(dir: &Path) -> Option<f64> {
     (total > 0.0).then(|| round(100.0 * (total - disk.available_space() as f64) / total, 1))
 }
 
+/// Liveness: 200 while the process lives. `status` is `healthy` only when artefacts can
+/// be written and masks can be served (or are not known to be impossible yet: a URL
+/// model not downloaded, a load in progress); else `degraded`, with `reasons`.
 #[get("/health")]
-fn health(
+async fn health(
     cfg: &State<AppConfig>,
     store: &State<Arc<TempStore>>,
     models: &State<Arc<ModelManager>>,
@@ -41,21 +45,33 @@ fn health(
 ) -> Json<Value> {
     let (total, available) = sysmem::container_memory();
     let (rss, peak) = sysmem::process_rss();
+    let readiness = models.readiness(false).await;
     let model = models.status();
     let dirs = store.health();
-    let healthy = dirs.temp_dir_writable;
+    let mut reasons = Vec::new();
+    if !dirs.temp_dir_writable {
+        reasons.push("the temp dir is not writable".to_string());
+    }
+    if readiness.broken() {
+        let why = readiness.reason.clone().unwrap_or_else(|| "no model can be loaded".into());
+        reasons.push(format!("masks cannot be made: {why}"));
+    }
+    let healthy = reasons.is_empty();
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let rfc3339 = time::OffsetDateTime::from_unix_timestamp(timestamp as i64)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
     Json(json!({
         "status": if healthy { "healthy" } else { "degraded" },
+        "reasons": reasons,
+        "ready": readiness.ready(),
         "service": "drishya",
         "version": env!("CARGO_PKG_VERSION"),
         "timestamp": rfc3339,
         "environment": environment_name(rocket_cfg.profile.as_str().as_str()),
         "model_loaded": model.state == crate::models::LoadState::Ready,
         "model": model,
+        "readiness": readiness,
         "default_password": cfg.uses_default_password(),
         "system": {
             "memory_total_gb": round(total as f64 / GIB, 3),
@@ -70,6 +86,20 @@ fn health(
     }))
 }
 
+/// Readiness: 200 when a mask could be served now (a model loaded, or present and
+/// within the guards, or the box fallback); 503 with the reason otherwise, so that a
+/// deploy whose model is missing never goes live. A chain that starts with a URL model
+/// starts its download here.
+#[get("/ready")]
+async fn ready(models: &State<Arc<ModelManager>>, store: &State<Arc<TempStore>>) -> (Status, Json<Value>) {
+    let readiness = models.readiness(true).await;
+    let writable = store.health().temp_dir_writable;
+    let ok = readiness.ready() && writable;
+    let reason = if !writable { Some("the temp dir is not writable".to_string()) } else { readiness.reason.clone() };
+    let status = if ok { Status::Ok } else { Status::ServiceUnavailable };
+    (status, Json(json!({ "ready": ok, "state": readiness.state, "model": readiness.model, "reason": reason })))
+}
+
 pub fn routes() -> Vec<Route> {
-    routes![health]
+    routes![health, ready]
 }

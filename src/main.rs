@@ -1,14 +1,24 @@
+use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // `drishya healthcheck`: for Docker's HEALTHCHECK (the image has no curl).
-    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return drishya::web::healthcheck();
+    // A Flask deployment keeps its settings in `.env`; the environment still wins. First,
+    // while this is the only thread (it sets environment variables).
+    if let Err(error) = drishya::config::load_env_file(Path::new(".env")) {
+        eprintln!("drishya: {error}");
+        return ExitCode::FAILURE;
+    }
+    // `drishya healthcheck [--ready]`: for container health checks (the image has no curl).
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("healthcheck") {
+        return drishya::web::healthcheck(args.next().as_deref() == Some("--ready"));
     }
     // Before the runtime starts any thread.
     drishya::sysmem::tune_allocator();
     match rocket::execute(drishya::rocket().launch()) {
         Ok(_) => ExitCode::SUCCESS,
+        // The configuration stage has already said which variable and why, in one line.
+        Err(error) if matches!(error.kind(), rocket::error::ErrorKind::FailedFairings(_)) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("drishya: {error}");
             ExitCode::FAILURE

@@ -49,6 +49,9 @@ pub enum LoadError {
     Download { location: String, source: download::DownloadError },
     #[error("{location}: could not be loaded: {detail}")]
     Invalid { location: String, detail: String },
+    /// A remembered kind check (its message already names the location).
+    #[error("{0}")]
+    Remembered(String),
 }
 
 /// The model settings, taken from [`AppConfig`].
@@ -121,6 +124,58 @@ pub struct ModelStatus {
     pub idle_unload_secs: Option<u64>,
 }
 
+/// Whether a mask could be served now, found without loading a model: what `/ready`
+/// answers and what `/health`'s `status` follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Readiness {
+    pub state: ReadyState,
+    /// The model that would serve masks (redacted location or name).
+    pub model: Option<String>,
+    /// Why not, or why only the box.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyState {
+    /// A model is loaded.
+    Loaded,
+    /// On disk, within the size and memory guards, of a kind we serve: loads at the
+    /// first mask.
+    Present,
+    /// No model can serve, and masks are the drawn box (configured).
+    BoxFallback,
+    /// Being loaded (or downloaded) now.
+    Loading,
+    /// A URL model not downloaded yet: only a load attempt can tell.
+    PendingDownload,
+    /// No model can serve masks, and there is no box fallback.
+    Unavailable,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        matches!(self.state, ReadyState::Loaded | ReadyState::Present | ReadyState::BoxFallback)
+    }
+
+    /// Cannot serve masks, as opposed to not having tried yet or loading.
+    pub fn broken(&self) -> bool {
+        self.state == ReadyState::Unavailable
+    }
+
+    fn new(state: ReadyState, model: Option<String>, reason: Option<String>) -> Self {
+        Readiness { state, model, reason }
+    }
+}
+
+/// The graph-kind check of one model file (or SAM folder), kept while the files'
+/// sizes and modification times stay the same: reading a 28 MB protobuf for every
+/// health probe would make `/health` anything but cheap.
+struct KindCheck {
+    fingerprint: Vec<(u64, Option<std::time::SystemTime>)>,
+    verdict: Result<(), String>,
+}
+
 enum Slot {
     Empty,
     Ready(Arc<dyn Segmenter>),
@@ -135,6 +190,7 @@ pub struct ModelManager {
     gate: Gate,
     last_used: Mutex<Instant>,
     loads: Arc<AtomicUsize>,
+    kind_checks: Mutex<std::collections::HashMap<PathBuf, KindCheck>>,
 }
 
 /// A mask and the model that made it.
@@ -167,7 +223,99 @@ impl ModelManager {
             status: Arc::new(Mutex::new(status)),
             last_used: Mutex::new(Instant::now()),
             loads: Arc::new(AtomicUsize::new(0)),
+            kind_checks: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Whether a mask could be served now. Loads nothing; with `warm_up`, a chain that
+    /// starts with a URL model not yet downloaded starts its load in the background
+    /// (only a download can tell whether it serves; a readiness probe must not wait
+    /// for the first user to find out).
+    pub async fn readiness(self: &Arc<Self>, warm_up: bool) -> Readiness {
+        let status = self.status();
+        match status.state {
+            LoadState::None => {
+                return Readiness::new(ReadyState::BoxFallback, None, Some("no model is configured".into()))
+            }
+            LoadState::Ready if status.fallback_to_box => {
+                return Readiness::new(ReadyState::BoxFallback, None, Some(summarise(&status.skipped)));
+            }
+            LoadState::Ready => return Readiness::new(ReadyState::Loaded, status.name, None),
+            LoadState::Loading => return Readiness::new(ReadyState::Loading, None, None),
+            LoadState::Failed => return Readiness::new(ReadyState::Unavailable, None, status.error),
+            LoadState::NotLoaded | LoadState::Unloaded => {}
+        }
+        let me = self.clone();
+        let verdict = spawn_blocking(move || me.preflight())
+            .await
+            .unwrap_or_else(|e| Readiness::new(ReadyState::Unavailable, None, Some(format!("check failed: {e}"))));
+        if verdict.state == ReadyState::PendingDownload && warm_up {
+            let me = self.clone();
+            rocket::tokio::spawn(async move {
+                // The outcome lands in the status; a failure is logged by the loader.
+                let _ = me.segmenter().await;
+            });
+            return Readiness::new(ReadyState::Loading, verdict.model, Some("downloading the model".into()));
+        }
+        verdict
+    }
+
+    /// The chain as the loader would walk it, without loading or downloading.
+    fn preflight(&self) -> Readiness {
+        let settings = &self.settings;
+        let mut skipped = Vec::new();
+        for location in &settings.locations {
+            let remote = location.starts_with("http://") || location.starts_with("https://");
+            let cached = settings.cache_dir.join(cache_name(location));
+            if remote && !cached.is_file() {
+                return Readiness::new(ReadyState::PendingDownload, Some(redact(location)), None);
+            }
+            let candidate = if remote {
+                let bytes = std::fs::metadata(&cached).map(|m| m.len()).unwrap_or(0);
+                // `downloaded: false`: a check must not delete what it finds too large.
+                Ok(Candidate { location: redact(location), path: cached, sam: false, bytes, downloaded: false })
+            } else {
+                locate(settings, location, None)
+            };
+            let checked = candidate.and_then(|c| {
+                check_size(settings, &c)?;
+                check_memory(settings, &c)?;
+                self.check_kind(&c)?;
+                Ok(c)
+            });
+            match checked {
+                Ok(c) => return Readiness::new(ReadyState::Present, Some(model_name(&c.path)), None),
+                Err(e) => skipped.push(Skipped { location: redact(location), reason: e.to_string() }),
+            }
+        }
+        let reason = Some(summarise(&skipped));
+        if settings.box_fallback {
+            Readiness::new(ReadyState::BoxFallback, None, reason)
+        } else {
+            Readiness::new(ReadyState::Unavailable, None, reason)
+        }
+    }
+
+    /// Reads the graph(s) of `candidate` once per version of its files and checks that
+    /// they are a kind we serve.
+    fn check_kind(&self, candidate: &Candidate) -> Result<(), LoadError> {
+        let files = if candidate.sam {
+            vec![candidate.path.join("encoder.onnx"), candidate.path.join("decoder.onnx")]
+        } else {
+            vec![candidate.path.clone()]
+        };
+        let fingerprint: Vec<_> = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
+            .collect();
+        let mut checks = self.kind_checks.lock().unwrap_or_else(|e| e.into_inner());
+        let known = checks.get(&candidate.path).filter(|c| c.fingerprint == fingerprint).map(|c| c.verdict.clone());
+        let verdict = known.unwrap_or_else(|| {
+            let verdict = read_kind(candidate).map_err(|e| e.to_string());
+            checks.insert(candidate.path.clone(), KindCheck { fingerprint, verdict: verdict.clone() });
+            verdict
+        });
+        verdict.map_err(LoadError::Remembered)
     }
 
     pub fn status(&self) -> ModelStatus {
@@ -387,14 +535,37 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
             let segmenter = SalientSegmenter::load(graph, (height, width), info).map_err(invalid)?;
             Ok(Arc::new(segmenter))
         }
-        GraphKind::SamEncoder | GraphKind::SamDecoder => Err(LoadError::WrongKind {
-            location: candidate.location.clone(),
+        other => Err(not_salient(&candidate, other)),
+    }
+}
+
+/// Why a single .onnx file that is not a salient model cannot be used.
+fn not_salient(candidate: &Candidate, kind: GraphKind) -> LoadError {
+    let location = candidate.location.clone();
+    match kind {
+        GraphKind::SamEncoder | GraphKind::SamDecoder => LoadError::WrongKind {
+            location,
             detail: "is one half of a Segment Anything export: put encoder.onnx and decoder.onnx in one folder and configure the folder".into(),
-        }),
-        GraphKind::Unknown { inputs, outputs } => Err(LoadError::WrongKind {
-            location: candidate.location.clone(),
-            detail: onnx::describe_unknown(&inputs, &outputs),
-        }),
+        },
+        GraphKind::Unknown { inputs, outputs } => {
+            LoadError::WrongKind { location, detail: onnx::describe_unknown(&inputs, &outputs) }
+        }
+        GraphKind::Salient { .. } => LoadError::Invalid { location, detail: "classified twice".into() },
+    }
+}
+
+/// The kind check of `check_kind`, from the protobuf(s) alone.
+fn read_kind(candidate: &Candidate) -> Result<(), LoadError> {
+    if candidate.sam {
+        return read_sam_folder(candidate).map(drop);
+    }
+    let proto = onnx::read_proto(&candidate.path).map_err(|e| LoadError::Invalid {
+        location: candidate.location.clone(),
+        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
+    })?;
+    match onnx::classify_proto(&proto) {
+        GraphKind::Salient { .. } => Ok(()),
+        other => Err(not_salient(candidate, other)),
     }
 }
 

@@ -39,23 +39,27 @@ pub struct ReplaceFields<'a> {
     pub grading_method: Option<&'a str>,
 }
 
+// Absent fields take the Flask server's defaults, so a script written against it gets
+// the same picture: blending on, 15 px feathering, grading on at strength 0.5.
 pub const DEFAULT_SCALE: f32 = 1.0;
-pub const DEFAULT_FEATHER: u32 = 10;
-pub const DEFAULT_STRENGTH: f32 = 50.0;
+pub const DEFAULT_FEATHER: u32 = 15;
+pub const DEFAULT_GRADING: bool = true;
+/// A fraction 0–1 on the wire, as the Flask client sends its slider's value.
+pub const DEFAULT_STRENGTH: f32 = 0.5;
 
-/// Validates the settings of SPEC §1 step 6; absent fields take their defaults.
+/// Validates the replacement settings; absent fields take their defaults.
 pub fn parse_settings(fields: &ReplaceFields<'_>) -> Result<Settings, InputError> {
     let scale_factor = number(fields.scale_factor, "scale_factor", DEFAULT_SCALE, (0.5, 2.0))?;
     let use_blending = boolean(fields.use_blending, "use_blending", true)?;
     let feather = number(fields.feather_amount, "feather_amount", DEFAULT_FEATHER as f32, (0.0, 30.0))?;
-    let grading_on = boolean(fields.enable_color_grading, "enable_color_grading", false)?;
-    let strength = number(fields.color_grade_strength, "color_grade_strength", DEFAULT_STRENGTH, (0.0, 100.0))?;
+    let grading_on = boolean(fields.enable_color_grading, "enable_color_grading", DEFAULT_GRADING)?;
+    let strength = number(fields.color_grade_strength, "color_grade_strength", DEFAULT_STRENGTH, (0.0, 1.0))?;
     let target = grading_target(fields.grading_method)?;
     Ok(Settings {
         scale_factor,
         use_blending,
         feather_amount: feather.round() as u32,
-        grading: grading_on.then_some(Grading { target, strength: strength / 100.0 }),
+        grading: grading_on.then_some(Grading { target, strength }),
     })
 }
 
@@ -115,11 +119,13 @@ mod tests {
         let s = parse_settings(&ReplaceFields::default()).unwrap();
         assert_eq!(s.scale_factor, 1.0);
         assert!(s.use_blending);
-        assert_eq!(s.feather_amount, 10);
-        assert!(s.grading.is_none());
+        assert_eq!(s.feather_amount, 15, "the Flask server's default");
+        assert_eq!(s.grading, Some(Grading { target: GradeTarget::MaskedArea, strength: 0.5 }));
+        let off = parse_settings(&ReplaceFields { enable_color_grading: Some("false"), ..Default::default() });
+        assert!(off.unwrap().grading.is_none());
         let graded = parse_settings(&ReplaceFields {
             enable_color_grading: Some("true"),
-            color_grade_strength: Some("25"),
+            color_grade_strength: Some("0.25"),
             grading_method: Some("Match Entire Image"),
             ..Default::default()
         })
@@ -130,7 +136,8 @@ mod tests {
             (ReplaceFields { scale_factor: Some("NaN"), ..Default::default() }, "scale_factor"),
             (ReplaceFields { feather_amount: Some("-1"), ..Default::default() }, "feather_amount"),
             (ReplaceFields { use_blending: Some("maybe"), ..Default::default() }, "use_blending"),
-            (ReplaceFields { color_grade_strength: Some("101"), ..Default::default() }, "color_grade_strength"),
+            (ReplaceFields { color_grade_strength: Some("1.01"), ..Default::default() }, "color_grade_strength"),
+            (ReplaceFields { color_grade_strength: Some("50"), ..Default::default() }, "color_grade_strength"),
             (ReplaceFields { grading_method: Some("Match Nothing"), ..Default::default() }, "grading_method"),
         ] {
             let err = parse_settings(&fields).unwrap_err().to_string();

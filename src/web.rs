@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use rocket::fairing::AdHoc;
-use rocket::fs::FileServer;
+use rocket::fs::{FileServer, Options};
 use rocket::http::Header;
 use sha2::{Digest, Sha256};
 
@@ -11,12 +11,14 @@ use crate::config::AppConfig;
 
 /// Where static assets live: `STATIC_DIR`, else `static/` in the working directory
 /// (the repository, or /app in Docker).
-fn static_dir() -> PathBuf {
+pub fn static_dir() -> PathBuf {
     std::env::var_os("STATIC_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("static"))
 }
 
+/// `Missing`: a missing folder is the configuration stage's one-line refusal naming
+/// STATIC_DIR (see `config::checked`), not a panic while the routes are mounted.
 pub fn static_files() -> FileServer {
-    FileServer::from(static_dir())
+    FileServer::new(static_dir(), Options::Index | Options::Missing)
 }
 
 /// A fingerprint of every file under `static/`: pages link `?v=<fingerprint>`, so a
@@ -88,22 +90,27 @@ pub fn threads() -> AdHoc {
     })
 }
 
-/// `GET /health` on 127.0.0.1:$PORT; success when it answers 200 within 3 s.
-pub fn healthcheck() -> std::process::ExitCode {
+/// `GET /health` (liveness) or, with `ready`, `GET /ready` (readiness) on this machine's
+/// port (as configured: PORT, ROCKET_PORT, Rocket.toml); success when it answers 200
+/// within 3 s. Loopback over IPv4, then IPv6 (a server bound to `::1` only).
+pub fn healthcheck(ready: bool) -> std::process::ExitCode {
     use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
     use std::time::Duration;
-    let port = std::env::var("PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(8000);
-    let check = || -> std::io::Result<bool> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let port = crate::config::figment().extract_inner::<u16>("port").unwrap_or(8000);
+    let path = if ready { "/ready" } else { "/health" };
+    let check = |addr: SocketAddr| -> std::io::Result<bool> {
         let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
         let mut head = [0u8; 12];
         stream.read_exact(&mut head)?;
         Ok(head.starts_with(b"HTTP/1.1 200"))
     };
-    match check() {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        _ => std::process::ExitCode::FAILURE,
+    let loopbacks = [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))];
+    if loopbacks.into_iter().any(|addr| check(addr).unwrap_or(false)) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }

@@ -66,7 +66,7 @@ function initApp() {
   const ctx = el.canvas.getContext('2d');
 
   const state = {
-    image: null,   // {width, height, originalWidth, originalHeight, name, url}
+    image: null,   // {width, height, sourceWidth, sourceHeight, name, url}: width/height = working image
     box: null,     // {x0, y0, x1, y1} floats, working-image pixels, x0 < x1, y0 < y1
     mask: null,    // server answer + {url, stale}
     product: null, // {file, url, width, height}
@@ -610,17 +610,22 @@ function initApp() {
     if (state.image) revoke(state.image.url);
     if (state.mask) revoke(state.mask.url);
     if (state.result) revoke(state.result.url);
+    // Everything on the page (drawing, the box sent to the server) is in WORKING-image
+    // pixels: `width`/`height` of the answer. The Flask wire format's `original_*` also
+    // means the working size; the photo's own size, for display only, is `source_*`
+    // (older servers sent it as `original_*`).
     state.image = {
       width: res.width, height: res.height,
-      originalWidth: res.original_width || res.width, originalHeight: res.original_height || res.height,
+      sourceWidth: res.source_width || res.original_width || res.width,
+      sourceHeight: res.source_height || res.original_height || res.height,
       name: file.name, url,
     };
     state.box = null;
     state.mask = null;
     state.result = null;
-    const resized = state.image.originalWidth !== res.width || state.image.originalHeight !== res.height;
+    const resized = state.image.sourceWidth !== res.width || state.image.sourceHeight !== res.height;
     el.sceneInfo.textContent = `${file.name} · ${res.width} × ${res.height} px` +
-      (resized ? ` (resized from ${state.image.originalWidth} × ${state.image.originalHeight})` : '');
+      (resized ? ` (resized from ${state.image.sourceWidth} × ${state.image.sourceHeight})` : '');
     el.sceneButton.textContent = 'Replace photo…';
     setView('scene');
     renderBoxReadout();
@@ -739,6 +744,13 @@ function initApp() {
     setStatus(state.mask ? 'Product ready. Press “Replace product”.' : 'Product ready. Generate the mask next.');
   }
 
+  /** The strength slider (0–100 %) as the wire's fraction 0–1, at most 2 decimals ("0.3", never "0.30000000000000004"). */
+  function strengthFraction() {
+    const value = Number(el.strength.value);
+    const percent = Number.isFinite(value) ? clamp(Math.round(value), 0, 100) : 50;
+    return String(Number((percent / 100).toFixed(2)));
+  }
+
   function readSettings() {
     const method = el.gradeRadios.find((r) => r.checked);
     return {
@@ -746,7 +758,7 @@ function initApp() {
       use_blending: String(el.blending.checked),
       feather_amount: String(Math.round(Number(el.feather.value))),
       enable_color_grading: String(el.grading.checked),
-      color_grade_strength: String(Math.round(Number(el.strength.value))),
+      color_grade_strength: strengthFraction(), // a fraction 0–1, as the Flask client sends it
       grading_method: method ? method.value : 'Match Target Area',
     };
   }

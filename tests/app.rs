@@ -208,7 +208,9 @@ fn large_uploads_are_downscaled_to_1280_keeping_mean_colour() {
     login(&app.client);
     let up = json_of(upload(&app.client, "big.png", &png_bytes(&big)));
     assert_eq!((up["width"].as_u64(), up["height"].as_u64()), (Some(1280), Some(853)));
-    assert_eq!((up["original_width"].as_u64(), up["original_height"].as_u64()), (Some(2400), Some(1600)));
+    // original_* is the size the Flask client scales its box by: the working image's.
+    assert_eq!((up["original_width"].as_u64(), up["original_height"].as_u64()), (Some(1280), Some(853)));
+    assert_eq!((up["source_width"].as_u64(), up["source_height"].as_u64()), (Some(2400), Some(1600)));
     let working = decode(&app.client.get("/get_image").dispatch().into_bytes().unwrap()).to_rgb8();
     let (a, b) = (mean(&big), mean(&working));
     for c in 0..3 {

@@ -307,6 +307,45 @@ fn cross_site_posts_are_refused() {
     assert_ne!(same.status(), Status::Forbidden);
 }
 
+/// A POST from the page as a browser sends it through a reverse proxy that rewrote
+/// `Host` to the upstream's (nginx's default `proxy_pass`).
+fn proxied_post<'c>(
+    client: &'c rocket::local::blocking::Client,
+    origin: &str,
+    extra: Option<Header<'static>>,
+) -> Status {
+    let mut request = client
+        .post("/generate_mask")
+        .header(Header::new("Origin", origin.to_string()))
+        .header(Header::new("Host", "127.0.0.1:8000"))
+        .header(Header::new("Sec-Fetch-Site", "same-origin"))
+        .header(ContentType::JSON)
+        .body(r#"{"x_min":0,"y_min":0,"x_max":1,"y_max":1}"#);
+    if let Some(header) = extra {
+        request = request.header(header);
+    }
+    request.dispatch().status()
+}
+
+#[test]
+fn behind_a_host_rewriting_proxy_posts_work_when_configured_and_cross_site_ones_still_fail() {
+    let public = "https://drishya.example.com";
+    let plain = logged_in();
+    assert_eq!(proxied_post(&plain.client, public, None), Status::Forbidden, "unconfigured: Host differs from Origin");
+    // The proxy passes the public host on (proxy_set_header X-Forwarded-Host $host).
+    let forwarded = Some(Header::new("X-Forwarded-Host", "drishya.example.com"));
+    assert_ne!(proxied_post(&plain.client, public, forwarded), Status::Forbidden);
+    // Or the public origin is configured.
+    let app = app(&[("public_origin", "https://drishya.example.com/, https://other.example.org")]);
+    login(&app.client);
+    assert_ne!(proxied_post(&app.client, public, None), Status::Forbidden);
+    assert_ne!(proxied_post(&app.client, "https://other.example.org", None), Status::Forbidden);
+    assert_eq!(proxied_post(&app.client, "https://evil.example", None), Status::Forbidden, "other sites still refused");
+    assert_eq!(proxied_post(&app.client, "http://drishya.example.com", None), Status::Forbidden, "scheme counts");
+    let bad = try_app(&[("public_origin", "drishya.example.com/app")]).err().unwrap_or_default();
+    assert!(!bad.is_empty(), "a malformed PUBLIC_ORIGIN stops the launch");
+}
+
 /// A flat CMYK JPEG (Adobe marker) of `width` x `height`.
 fn cmyk_jpeg(width: u16, height: u16, cmyk: [u8; 4]) -> Vec<u8> {
     let data: Vec<u8> = std::iter::repeat_n(cmyk, usize::from(width) * usize::from(height)).flatten().collect();

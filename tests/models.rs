@@ -65,6 +65,51 @@ fn the_chain_skips_missing_and_foreign_models_and_health_says_why() {
     assert!(reasons[2].contains("could not be loaded"), "{}", reasons[2]);
 }
 
+/// `/ready`'s status and answer.
+fn readiness(app: &App) -> (Status, serde_json::Value) {
+    let response = app.client.get("/ready").dispatch();
+    (response.status(), json_of(response))
+}
+
+#[test]
+fn readiness_walks_the_chain_without_loading_and_health_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let relu = dir.path().join("relu.onnx");
+    std::fs::write(&relu, relu_onnx()).unwrap();
+    let missing = dir.path().join("missing.onnx");
+
+    // Missing, then a graph of no kind we serve: not ready, and /health says why.
+    let broken = app(&[("models", &format!("{},{}", missing.display(), relu.display())), ("box_fallback", "false")]);
+    let (status, answer) = readiness(&broken);
+    assert_eq!(status, Status::ServiceUnavailable, "{answer}");
+    let reason = answer["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("not found") && reason.contains("match neither"), "{reason}");
+    let h = health(&broken);
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(h["reasons"][0].as_str().unwrap_or_default().contains("masks cannot be made"), "{h}");
+
+    // A present model after those: ready before anything is loaded, and it stays unloaded.
+    let chain = format!("{},{},{}", missing.display(), relu.display(), u2netp());
+    let fine = app(&[("models", &chain), ("box_fallback", "false")]);
+    let (status, answer) = readiness(&fine);
+    assert_eq!(
+        (status, answer["state"].as_str(), answer["model"].as_str()),
+        (Status::Ok, Some("present"), Some("u2netp"))
+    );
+    let h = health(&fine);
+    assert_eq!((h["status"].as_str(), h["model_loaded"].as_bool()), (Some("healthy"), Some(false)), "{h}");
+    login(&fine.client);
+    assert_eq!(upload(&fine.client, "coffee.png", &coffee()).status(), Status::Ok);
+    assert_eq!(generate_mask(&fine.client, CUP).status(), Status::Ok);
+    assert_eq!(readiness(&fine).1["state"], "loaded");
+
+    // Nothing usable but the box fallback is on: ready, and says why only the box.
+    let lenient = app(&[("models", &missing.display().to_string()), ("box_fallback", "true")]);
+    let (status, answer) = readiness(&lenient);
+    assert_eq!((status, answer["state"].as_str()), (Status::Ok, Some("box_fallback")), "{answer}");
+    assert_eq!(health(&lenient)["status"], "healthy");
+}
+
 #[test]
 fn with_no_usable_model_masks_answer_503_or_fall_back_to_the_box_when_configured() {
     let strict = ready(&[("models", "/nonexistent/model.onnx"), ("box_fallback", "false")]);

@@ -5,10 +5,19 @@
 // Two passes against the real server (real U²-Net-p):
 //   desktop 1280x800 @2x, mouse: wrong password, login, a server error shown verbatim,
 //     upload (file picker), draw + redraw the box, generate the mask, product image by
-//     drag-and-drop, scale by keyboard + feathering, replace, compare, download and check
-//     the PNG (size = working image, pixels outside the box = the original's), logout.
-//   phone 375x812 @3x, touch: login, upload by drag-and-drop, draw the box with touch
-//     events, generate the mask, product, replace, and no horizontal overflow anywhere.
+//     drag-and-drop, scale by keyboard + feathering + grading strength, replace, compare,
+//     download and check the PNG (size = working image, pixels outside the box = the
+//     original's), logout.
+//   phone 375x812 @3x, touch: login, upload by drag-and-drop of a photo WIDER than 1280 px
+//     (coffee.png upscaled 3x to 1800x1200 in the page, as a JPEG: the server downscales it
+//     to 1280x853), draw the box with touch events, generate the mask, product, replace, and
+//     no horizontal overflow anywhere.
+// Wire checks (the Flask client's format): the upload answer's original_* equal width/height
+// (the working image) and source_* carry the photo's own size; the box sent to /generate_mask
+// is in working-image pixels, inside width x height, where the user drew it (drag points on
+// the canvas scaled by width / canvas width) and where the page draws its outline; the
+// multipart body of /replace_product (read from the request itself) carries
+// color_grade_strength as a fraction 0–1 equal to the slider's percent / 100.
 // Screenshots of every step go to the output dir. Exit code 1 on any failure.
 
 import fs from 'node:fs';
@@ -16,6 +25,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { decodePng } from './png.mjs';
+import { boxDistance, boxFromDrag, boxInside, captureRequests, isWireFraction, parseMultipart } from './wire.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, '..', '..');
@@ -27,6 +37,9 @@ const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const SCENE = path.join(IMAGES, 'coffee.png');
 // coffee.png is 600x400: the cup and saucer sit roughly in x 150–450, y 40–300.
 const CUP_BOX = { x_min: 150, y_min: 40, x_max: 450, y_max: 300 };
+// The phone pass uploads coffee.png upscaled by this factor (1800x1200 > MAX_IMAGE_WIDTH 1280).
+const BIG_FACTOR = 3;
+const MAX_IMAGE_WIDTH = 1280;
 const MASK_TIMEOUT_MS = 180_000;
 
 const results = [];
@@ -185,7 +198,7 @@ async function makeProductPng(page) {
   return Buffer.from(b64, 'base64');
 }
 
-/** Records the text fields the page puts into FormData (Chromium does not expose multipart bodies with files). */
+/** Records the text fields the page puts into FormData (the bytes on the wire are read separately, by captureRequests). */
 function recordFormFields() {
   window.__formFields = {};
   const append = FormData.prototype.append;
@@ -193,6 +206,116 @@ function recordFormFields() {
     window.__formFields[name] = typeof value === 'string' ? value : `[file ${value && value.name}]`;
     return append.call(this, name, value, ...rest);
   };
+}
+
+/** coffee.png upscaled `factor` times in the page, as a JPEG (a photo wider than MAX_IMAGE_WIDTH). */
+async function makeBigScene(page, factor) {
+  const b64 = await page.evaluate(async ({ src, k }) => {
+    const img = new Image();
+    img.src = `data:image/png;base64,${src}`;
+    await img.decode();
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth * k; c.height = img.naturalHeight * k;
+    const g = c.getContext('2d');
+    g.imageSmoothingQuality = 'high';
+    g.drawImage(img, 0, 0, c.width, c.height);
+    const blob = await new Promise((r) => c.toBlob(r, 'image/jpeg', 0.9));
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    let s = '';
+    for (const b of bytes) s += String.fromCharCode(b);
+    return btoa(s);
+  }, { src: fs.readFileSync(SCENE).toString('base64'), k: factor });
+  return Buffer.from(b64, 'base64');
+}
+
+async function canvasRect(page) {
+  return page.evaluate(() => {
+    const r = document.getElementById('box-canvas').getBoundingClientRect();
+    return { left: r.left, top: r.top, width: r.width, height: r.height };
+  });
+}
+
+const fmtBox = (b) => `(${['x_min', 'y_min', 'x_max', 'y_max'].map((k) => Number(b[k]).toFixed(1)).join(', ')})`;
+
+/** The upload answer in the Flask client's terms: original_* = the working image, source_* = the photo. */
+function checkUploadWire(label, up, source) {
+  check(`${label}: upload answer original_width/original_height equal width/height (the working image the Flask client scales its box by)`,
+    up.original_width === up.width && up.original_height === up.height,
+    `width ${up.width}x${up.height}, original ${up.original_width}x${up.original_height}`);
+  check(`${label}: upload answer source_width/source_height are the photo's own size (${source.width}x${source.height})`,
+    up.source_width === source.width && up.source_height === source.height,
+    `source ${up.source_width}x${up.source_height}`);
+}
+
+/**
+ * The page's own outline of the box on the canvas backing store: the indigo stroke is found
+ * at the four edge midpoints of `box` (working-image pixels) scaled by canvas size / image size.
+ */
+async function checkOutlineDrawn(page, label, box, size) {
+  const found = await page.evaluate(({ b, sz }) => {
+    const c = document.getElementById('box-canvas');
+    const g = c.getContext('2d');
+    const sx = c.width / sz.width;
+    const sy = c.height / sz.height;
+    const r = Math.ceil(2 * devicePixelRatio) + 2;
+    const indigoNear = (cx, cy) => {
+      const x0 = Math.max(0, Math.round(cx) - r);
+      const y0 = Math.max(0, Math.round(cy) - r);
+      const w = Math.min(c.width - x0, 2 * r + 1);
+      const h = Math.min(c.height - y0, 2 * r + 1);
+      const d = g.getImageData(x0, y0, w, h).data;
+      for (let i = 0; i < d.length; i += 4) {
+        if (Math.abs(d[i] - 79) <= 16 && Math.abs(d[i + 1] - 70) <= 16 && Math.abs(d[i + 2] - 229) <= 16 && d[i + 3] >= 200) return true;
+      }
+      return false;
+    };
+    const mx = ((b.x_min + b.x_max) / 2) * sx;
+    const my = ((b.y_min + b.y_max) / 2) * sy;
+    return {
+      left: indigoNear(b.x_min * sx, my), right: indigoNear(b.x_max * sx, my),
+      top: indigoNear(mx, b.y_min * sy), bottom: indigoNear(mx, b.y_max * sy),
+      canvas: `${c.width}x${c.height}`,
+    };
+  }, { b: box, sz: size });
+  const sides = ['left', 'right', 'top', 'bottom'];
+  check(`${label}: the page draws the box outline where the user dragged`, sides.every((k) => found[k]),
+    `canvas ${found.canvas} backing px; outline found at ${sides.filter((k) => found[k]).join(', ') || 'no side'}`);
+}
+
+/** The box sent to /generate_mask: working-image pixels, inside width x height, where the user drew. */
+function checkBoxOnWire(label, sent, up, drawn, rect) {
+  check(`${label}: box sent to /generate_mask lies within the upload answer's width x height (${up.width}x${up.height})`,
+    boxInside(sent, up.width, up.height), JSON.stringify(sent));
+  const perCssPx = up.width / rect.width; // working-image pixels per CSS pixel
+  const tol = 1 + 1.5 * perCssPx;
+  const d = boxDistance(sent, drawn);
+  check(`${label}: box sent lands where the user drew (drag on the ${rect.width.toFixed(1)} CSS px canvas scaled by width ${up.width} / canvas width)`,
+    d <= tol, `sent ${JSON.stringify(sent)}, drawn ${fmtBox(drawn)}, off by ${d.toFixed(1)} px (tolerance ${tol.toFixed(1)})`);
+}
+
+/**
+ * The multipart body of the last /replace_product request, as Chromium sent it: the product
+ * file and color_grade_strength as a fraction 0–1 (at most 2 decimals) equal to slider / 100.
+ */
+function checkReplaceBody(label, captured, sliderPercent) {
+  const req = captured[captured.length - 1];
+  if (!check(`${label}: /replace_product multipart body captured`, req && req.body && /multipart\/form-data/i.test(req.contentType),
+    req ? `${req.contentType}, ${req.body ? req.body.length : 'no'} bytes` : 'no request seen')) return null;
+  let parsed;
+  try {
+    parsed = parseMultipart(req.body, req.contentType);
+  } catch (err) {
+    check(`${label}: /replace_product body is well-formed multipart`, false, err.message);
+    return null;
+  }
+  const { fields, files } = parsed;
+  check(`${label}: /replace_product body carries the product image file`,
+    files.product_image && files.product_image.bytes > 100, JSON.stringify(files));
+  const strength = fields.color_grade_strength;
+  check(`${label}: color_grade_strength on the wire is a fraction 0–1 equal to the slider (${sliderPercent} %) / 100`,
+    isWireFraction(strength) && Math.abs(Number(strength) - sliderPercent / 100) < 1e-9,
+    `sent "${strength}"`);
+  return fields;
 }
 
 /* ------------------------------------------------------------ desktop pass */
@@ -248,6 +371,7 @@ async function desktopPass(browser) {
     const up = await upResp.json();
     must('upload_image succeeds', upResp.status() === 200 && up.success, JSON.stringify(up));
     must('working image of coffee.png is 600x400', up.width === 600 && up.height === 400, `${up.width}x${up.height}`);
+    checkUploadWire('desktop', up, { width: 600, height: 400 });
     await page.waitForSelector('#figure', { state: 'visible' });
     await page.waitForFunction(() => document.getElementById('stage-img').complete && document.getElementById('stage-img').naturalWidth > 0);
     const natural = await page.evaluate(() => {
@@ -278,7 +402,12 @@ async function desktopPass(browser) {
     await dragMouse(page, toScreen(20, 300), toScreen(120, 380));
     const firstReadout = await page.textContent('#box-readout');
     check('a box can be drawn with the mouse', /Box \d+ × \d+/.test(firstReadout), firstReadout);
-    await dragMouse(page, toScreen(CUP_BOX.x_min, CUP_BOX.y_min), toScreen(CUP_BOX.x_max, CUP_BOX.y_max));
+    const cupFrom = toScreen(CUP_BOX.x_min, CUP_BOX.y_min);
+    const cupTo = toScreen(CUP_BOX.x_max, CUP_BOX.y_max);
+    await dragMouse(page, cupFrom, cupTo);
+    const drawnRect = await canvasRect(page);
+    const drawn = boxFromDrag(drawnRect, cupFrom, cupTo, imgSize);
+    await checkOutlineDrawn(page, 'desktop', drawn, imgSize);
     const readout = await page.textContent('#box-readout');
     check('the box can be redrawn', readout !== firstReadout, readout);
     check('"Generate mask" enabled once a box exists', await page.isEnabled('#generate-mask'));
@@ -291,6 +420,7 @@ async function desktopPass(browser) {
     await page.click('#generate-mask');
     const sent = (await maskReq).postDataJSON();
     check('box sent in working-image pixels (mapped through display scale and DPR)', boxClose(sent, CUP_BOX, 3), JSON.stringify(sent));
+    checkBoxOnWire('desktop', sent, up, drawn, drawnRect);
     await page.waitForTimeout(300);
     if (await page.isVisible('#busy')) await shot(page, '07-generating');
     const mr = await maskResp;
@@ -325,14 +455,22 @@ async function desktopPass(browser) {
     await page.click('label[for="grading"]');
     await page.click('label[for="grade-image"]');
     check('colour grading switched on from its label; strength enabled', await page.isChecked('#grading') && await page.isEnabled('#strength'));
+    await page.fill('#strength', '30');
+    check('grading strength changed and shown as a percentage', (await page.textContent('#strength-value')) === '30 %', await page.textContent('#strength-value'));
     check('"Replace product" enabled', await page.isEnabled('#replace'));
     await shot(page, '09-product-and-settings');
 
     // Replace.
+    const replaceBodies = await captureRequests(page, '**/replace_product');
+    const sliderPercent = Number(await page.inputValue('#strength'));
     const replResp = page.waitForResponse((r) => r.url().endsWith('/replace_product'), { timeout: 120_000 });
     await page.click('#replace');
     const rr = await replResp;
     const fields = await page.evaluate(() => window.__formFields);
+    const wireFields = checkReplaceBody('desktop', replaceBodies, sliderPercent);
+    check('the FormData the page built and the body on the wire agree', wireFields &&
+      Object.entries(fields).every(([k, v]) => v.startsWith('[file ') || wireFields[k] === v),
+      `FormData ${JSON.stringify(fields)} | wire ${JSON.stringify(wireFields)}`);
     check('replace sends the chosen settings',
       fields.scale_factor === '1.20' && fields.feather_amount === '20' && fields.use_blending === 'true' &&
       fields.enable_color_grading === 'true' && fields.grading_method === 'Match Entire Image',
@@ -426,34 +564,51 @@ async function phonePass(browser) {
     await shot(page, 'm02-main-empty');
     await checkNoOverflow(page, 'phone empty page');
 
-    // Upload by drag-and-drop onto the stage.
+    // Upload by drag-and-drop onto the stage: a photo wider than 1280 px, so the working image
+    // (what the box is measured in) is smaller than the photo.
+    const big = { width: 600 * BIG_FACTOR, height: 400 * BIG_FACTOR };
+    const bigJpeg = await makeBigScene(page, BIG_FACTOR);
     const [upResp] = await Promise.all([
       page.waitForResponse((r) => r.url().endsWith('/upload_image')),
-      dropFile(page, '#stage', fs.readFileSync(SCENE), 'coffee.png', 'image/png'),
+      dropFile(page, '#stage', bigJpeg, 'coffee-big.jpg', 'image/jpeg'),
     ]);
     const up = await upResp.json();
-    must('phone: upload by drag-and-drop', upResp.status() === 200 && up.width === 600, JSON.stringify(up));
+    const wantH = (big.height * MAX_IMAGE_WIDTH) / big.width;
+    must('phone: upload by drag-and-drop', upResp.status() === 200 && up.width === MAX_IMAGE_WIDTH && Math.abs(up.height - wantH) <= 1,
+      `${big.width}x${big.height} JPEG (${bigJpeg.length} bytes) -> ${JSON.stringify(up)}`);
+    checkUploadWire('phone', up, big);
     await page.waitForSelector('#figure', { state: 'visible' });
     await page.waitForFunction(() => document.getElementById('stage-img').complete);
     const shownW = await page.evaluate(() => document.getElementById('box-canvas').getBoundingClientRect().width);
     check('phone: photo scaled down to fit the screen', shownW < 375 && shownW > 300, `${shownW.toFixed(1)} CSS px wide`);
+    const sceneInfo = (await page.textContent('#scene-info')).trim();
+    check('phone: scene info shows the working size and the photo\'s own size',
+      sceneInfo.includes(`${up.width} × ${up.height} px`) && sceneInfo.includes(`resized from ${big.width} × ${big.height}`), sceneInfo);
     await checkNoOverflow(page, 'phone with photo');
 
     // Draw the box with a finger.
     await page.evaluate(() => document.getElementById('box-canvas').scrollIntoView({ block: 'center' }));
-    const toScreen = await imageToScreen(page, { width: up.width, height: up.height });
+    const workSize = { width: up.width, height: up.height };
+    const toScreen = await imageToScreen(page, workSize);
+    const k = up.width / 600; // coffee.png pixels -> working-image pixels
+    const cupBox = { x_min: CUP_BOX.x_min * k, y_min: CUP_BOX.y_min * k, x_max: CUP_BOX.x_max * k, y_max: CUP_BOX.y_max * k };
     const scrollBefore = await page.evaluate(() => window.scrollY);
     await page.evaluate(() => {
       window.__pointerTypes = new Set();
       document.getElementById('box-canvas').addEventListener('pointerdown', (e) => window.__pointerTypes.add(e.pointerType));
     });
-    await dragTouch(page, cdp, toScreen(CUP_BOX.x_min, CUP_BOX.y_min), toScreen(CUP_BOX.x_max, CUP_BOX.y_max));
+    const cupFrom = toScreen(cupBox.x_min, cupBox.y_min);
+    const cupTo = toScreen(cupBox.x_max, cupBox.y_max);
+    const drawnRect = await canvasRect(page);
+    await dragTouch(page, cdp, cupFrom, cupTo);
     // A finger lifts before it taps again: Chrome drops a tap that follows a drag within ~0.5 s.
     await page.waitForTimeout(800);
     const pointerTypes = await page.evaluate(() => [...window.__pointerTypes]);
     const scrollAfter = await page.evaluate(() => window.scrollY);
     check('phone: box drawn with touch pointer events', pointerTypes.includes('touch') && await page.isEnabled('#generate-mask'), `pointer types ${JSON.stringify(pointerTypes)}`);
     check('phone: dragging on the canvas does not scroll the page', scrollAfter === scrollBefore, `scrollY ${scrollBefore} -> ${scrollAfter}`);
+    const drawn = boxFromDrag(drawnRect, cupFrom, cupTo, workSize);
+    await checkOutlineDrawn(page, 'phone', drawn, workSize);
     await shot(page, 'm03-box');
 
     // Mask. The first answer is a fake "busy" 503 with Retry-After: the page must wait and retry.
@@ -471,7 +626,9 @@ async function phonePass(browser) {
     const maskResp = page.waitForResponse((r) => r.url().endsWith('/generate_mask'), { timeout: MASK_TIMEOUT_MS });
     await page.tap('#generate-mask');
     const sent = (await maskReq).postDataJSON();
-    check('phone: box mapped to working-image pixels', boxClose(sent, CUP_BOX, 4), JSON.stringify(sent));
+    const phoneTol = 2 * (up.width / drawnRect.width); // two CSS px: touch points land on whole CSS px
+    check('phone: box mapped to working-image pixels', boxClose(sent, cupBox, phoneTol), `${JSON.stringify(sent)} vs ${fmtBox(cupBox)} ± ${phoneTol.toFixed(1)}`);
+    checkBoxOnWire('phone', sent, up, drawn, drawnRect);
     await page.waitForFunction(() => window.__busyTexts.some((t) => /Server busy, retrying in/.test(t)));
     await shot(page, 'm04-busy-retrying');
     let mr = await maskResp;
@@ -495,10 +652,15 @@ async function phonePass(browser) {
     await page.evaluate(() => document.getElementById('step-product').scrollIntoView({ block: 'start' }));
     await shot(page, 'm06-product-settings');
     await checkNoOverflow(page, 'phone with product and settings');
+    const replaceBodies = await captureRequests(page, '**/replace_product');
+    const sliderPercent = Number(await page.inputValue('#strength'));
     const replResp = page.waitForResponse((r) => r.url().endsWith('/replace_product'), { timeout: 120_000 });
     await page.tap('#replace');
     const rr = await replResp;
     must('phone: replace_product succeeds', rr.status() === 200, `${rr.status()} ${await rr.text()}`);
+    const wireFields = checkReplaceBody('phone', replaceBodies, sliderPercent);
+    check('phone: default grading strength goes out as "0.5" (the Flask client\'s default)', wireFields && wireFields.color_grade_strength === '0.5',
+      wireFields ? `sent "${wireFields.color_grade_strength}"` : 'no body');
     await page.waitForFunction(() => document.querySelector('[data-view="result"]').getAttribute('aria-pressed') === 'true');
     await page.waitForFunction(() => document.getElementById('stage-img').complete);
     await page.evaluate(() => window.scrollTo(0, 0));

@@ -1,24 +1,32 @@
-//! Typed configuration: `Rocket.toml` profiles, then the environment (which wins).
+//! Typed configuration: `Rocket.toml` profiles, then the environment (which wins, in
+//! every profile), then nothing else.
 //!
 //! Rocket reads `ROCKET_*` variables itself; the bare names that Railway and the old
 //! Flask deployment use (`PORT`, `SECRET_KEY`, `APP_PASSWORD`, `TEMP_DIR`, ...) are merged
-//! here. A bad value stops the launch with one line naming the variable.
+//! here, into figment's global profile, which outranks every `Rocket.toml` profile. A
+//! Flask deployment's `.env` file is read by `main` (see [`load_env_file`]). A bad value
+//! stops the launch with one line naming the variable.
+
+mod secret;
 
 use std::path::{Path, PathBuf};
 
 use rocket::fairing::AdHoc;
-use rocket::figment::providers::{Env, Format, Serialized, Toml};
+use rocket::figment::providers::{Env, Serialized};
 use rocket::figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// Password used when `APP_PASSWORD` is unset outside production. Loudly flagged.
 pub const DEFAULT_PASSWORD: &str = "drishya";
 
+pub use secret::{KeySource, MIN_CHARS as SECRET_KEY_MIN_CHARS};
+
 /// Bare environment variables we accept, mapped to config keys (lower-cased by figment).
+/// `SECRET_KEY` is not among them: it is interpreted (see `secret`) before it reaches Rocket.
 const BARE_ENV: &[&str] = &[
     "PORT",
-    "SECRET_KEY",
     "APP_PASSWORD",
+    "PUBLIC_ORIGIN",
     "TEMP_DIR",
     "MAX_IMAGE_WIDTH",
     "MAX_UPLOAD_MB",
@@ -82,6 +90,13 @@ pub struct AppConfig {
     /// Size of the global rayon pool (0 = one per available CPU).
     pub rayon_threads: usize,
     pub download_timeout_secs: u64,
+    /// Comma-separated origins (`https://host[:port]`) a reverse proxy serves the app
+    /// under, for proxies that rewrite `Host` (see `auth::is_cross_origin`).
+    pub public_origin: String,
+    /// How `SECRET_KEY` became Rocket's key; `None` when it is not set. Set by [`figment`].
+    pub secret_key_source: Option<KeySource>,
+    /// `SECRET_KEY` is an example file's placeholder (accepted, flagged). Set by [`figment`].
+    pub secret_key_placeholder: bool,
 }
 
 impl Default for AppConfig {
@@ -107,6 +122,9 @@ impl Default for AppConfig {
             temp_max_mb: 128,
             rayon_threads: 1,
             download_timeout_secs: 300,
+            public_origin: String::new(),
+            secret_key_source: None,
+            secret_key_placeholder: false,
         }
     }
 }
@@ -123,6 +141,23 @@ pub enum ConfigError {
          with the default password; set APP_PASSWORD"
     )]
     DefaultPasswordInProduction { marker: String },
+    #[error(
+        "SECRET_KEY is not set and this looks like production ({marker}): sessions would not \
+         survive a restart; set SECRET_KEY to any string of at least {min} characters (e.g. the \
+         output of `openssl rand -base64 48`)",
+        min = secret::MIN_CHARS
+    )]
+    SecretKeyMissing { marker: String },
+    #[error(
+        "SECRET_KEY is too short for production ({marker}): use at least {min} characters (e.g. \
+         the output of `openssl rand -base64 48`)",
+        min = secret::MIN_CHARS
+    )]
+    SecretKeyTooShort { marker: String },
+    #[error("{file} line {line}: {why}")]
+    EnvFile { file: String, line: usize, why: String },
+    #[error("{file} could not be read: {why}")]
+    EnvFileUnreadable { file: String, why: String },
 }
 
 impl AppConfig {
@@ -175,12 +210,28 @@ impl AppConfig {
         if sums.iter().flatten().any(|s| s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit())) {
             return invalid("MODEL_SHA256", "entries must be 64 hex digits (or empty)");
         }
+        for origin in self.public_origins() {
+            let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.trim_start_matches("http://").trim_start_matches("https://").contains('/');
+            if !ok {
+                return invalid("PUBLIC_ORIGIN", "entries must look like https://host[:port] (no path)");
+            }
+        }
         if let Some(marker) = production {
+            let marker = marker.to_string();
             if self.app_password.is_none() {
-                return Err(ConfigError::DefaultPasswordInProduction { marker: marker.to_string() });
+                return Err(ConfigError::DefaultPasswordInProduction { marker });
+            }
+            if self.secret_key_source == Some(KeySource::TooShort) {
+                return Err(ConfigError::SecretKeyTooShort { marker });
             }
         }
         Ok(())
+    }
+
+    /// Origins a reverse proxy serves the app under, without a trailing slash.
+    pub fn public_origins(&self) -> Vec<String> {
+        split_list(&self.public_origin).into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect()
     }
 
     /// The model locations in the order they are tried.
@@ -259,22 +310,86 @@ pub fn environment_name(profile: &str) -> String {
     }
 }
 
-/// Rocket's figment (Rocket.toml + `ROCKET_*`), plus the bare variables above.
+/// Rocket's figment (Rocket.toml + `ROCKET_*`), plus the bare variables above and the
+/// key made from `SECRET_KEY`.
 ///
-/// The upload size limit is applied to Rocket's `data-form` and `file` limits so that
-/// a 16 MB upload is not cut at Rocket's 2 MiB / 1 MiB defaults.
+/// The bare variables go to figment's global profile: a selected profile (e.g.
+/// `[release]` in Rocket.toml) outranks the default profile, the global one outranks
+/// both, so the environment wins in every profile.
 pub fn figment() -> Figment {
-    let base = rocket::Config::figment().merge(Toml::file(Env::var_or("ROCKET_CONFIG", "Rocket.toml")).nested());
     // TEMP_DIR is ours (artefacts), not Rocket's `temp_dir` (uploads in flight).
     // (figment hands `map` the variable's own case: compare without it.)
-    let env = Env::raw().only(BARE_ENV).map(|key| {
-        if key.as_str().eq_ignore_ascii_case("temp_dir") {
-            "artefact_dir".into()
-        } else {
-            key.into()
+    let env = Env::raw()
+        .only(BARE_ENV)
+        .map(|key| if key.as_str().eq_ignore_ascii_case("temp_dir") { "artefact_dir".into() } else { key.into() })
+        .global();
+    let figment = rocket::Config::figment().merge(env);
+    let figment = with_secret_key(figment, std::env::var("SECRET_KEY").ok().as_deref());
+    with_upload_limits(with_address_fallback(figment))
+}
+
+/// Gives Rocket a key for `text` (see `secret`) and records how it was made.
+pub fn with_secret_key(figment: Figment, text: Option<&str>) -> Figment {
+    let Some(text) = text.filter(|t| !t.is_empty()) else {
+        return figment;
+    };
+    let (key, source) = secret::interpret(text);
+    let figment = figment
+        .merge(Serialized::global("secret_key_source", source))
+        .merge(Serialized::global("secret_key_placeholder", secret::is_placeholder(text)));
+    match key {
+        secret::Interpreted::AsIs => figment.merge(Serialized::global("secret_key", text)),
+        secret::Interpreted::Derived(bytes) => figment.merge(Serialized::global("secret_key", bytes.to_vec())),
+    }
+}
+
+/// `::` (IPv6, and IPv4 too on a dual-stack kernel) where the kernel has IPv6; a kernel
+/// without it cannot bind `::`, and `0.0.0.0` is the closest it can do.
+fn with_address_fallback(figment: Figment) -> Figment {
+    let address: Option<std::net::IpAddr> = figment.extract_inner("address").ok();
+    if address != Some(std::net::Ipv6Addr::UNSPECIFIED.into()) {
+        return figment;
+    }
+    if std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_ok() {
+        return figment;
+    }
+    eprintln!("drishya: this kernel has no IPv6: listening on 0.0.0.0 instead of ::");
+    figment.merge(Serialized::global("address", std::net::Ipv4Addr::UNSPECIFIED.to_string()))
+}
+
+/// Reads `KEY=value` lines from `file` into the environment, as a Flask deployment's
+/// `.env` is read by python-dotenv: variables already set win; a missing file is no
+/// error. Call it before any thread starts (it sets environment variables).
+pub fn load_env_file(file: &Path) -> Result<usize, ConfigError> {
+    let iter = match dotenvy::from_path_iter(file) {
+        Ok(iter) => iter,
+        Err(e) if e.not_found() => return Ok(0),
+        Err(e) => return Err(ConfigError::EnvFileUnreadable { file: file.display().to_string(), why: e.to_string() }),
+    };
+    let mut set = 0;
+    for item in iter {
+        let (key, value) = item.map_err(|e| env_file_error(file, &e))?;
+        if std::env::var_os(&key).is_none() {
+            std::env::set_var(&key, value);
+            set += 1;
         }
-    });
-    with_upload_limits(base.merge(env))
+    }
+    Ok(set)
+}
+
+/// One line naming the file, the line number and the variable, never the value (it may
+/// be a secret; dotenvy's own message quotes the whole line).
+fn env_file_error(file: &Path, error: &dotenvy::Error) -> ConfigError {
+    let name = file.display().to_string();
+    let dotenvy::Error::LineParse(bad, column) = error else {
+        return ConfigError::EnvFileUnreadable { file: name, why: "not a KEY=value file".into() };
+    };
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let first = bad.lines().next().unwrap_or("");
+    let line = text.lines().position(|l| l == first).map_or(0, |i| i + 1);
+    let var = first.trim_start_matches("export ").split('=').next().unwrap_or("").trim();
+    let why = format!("{var}: cannot be parsed at column {} (check its quotes and escapes)", column + 1);
+    ConfigError::EnvFile { file: name, line, why }
 }
 
 /// Sets `limits.data-form`/`limits.file` from `max_upload_mb` (plus multipart overhead).
@@ -282,27 +397,21 @@ pub fn with_upload_limits(figment: Figment) -> Figment {
     let mb: u64 = figment.extract_inner("max_upload_mb").unwrap_or(16);
     let file = mb.saturating_mul(1024 * 1024);
     let form = file.saturating_add(1024 * 1024);
+    // Global: MAX_UPLOAD_MB is the one knob, whatever a Rocket.toml profile says.
     figment
-        .merge(Serialized::default("limits.file", file))
-        .merge(Serialized::default("limits.data-form", form))
-        .merge(Serialized::default("limits.json", 64 * 1024))
+        .merge(Serialized::global("limits.file", file))
+        .merge(Serialized::global("limits.data-form", form))
+        .merge(Serialized::global("limits.json", 64 * 1024))
 }
 
 /// Extracts and validates [`AppConfig`]; a failure aborts the launch with one line.
+/// Runs before Rocket reads its own settings (fairings come first), so Rocket's own bad
+/// values are named here too instead of "failed to extract configuration".
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Drishya configuration", |rocket| async move {
-        let extracted =
-            rocket.figment().extract::<AppConfig>().map_err(|e| ConfigError::Extract(describe_figment_error(&e)));
-        let production = production_marker(rocket.figment().profile().as_str().as_str());
-        match extracted.and_then(|cfg| cfg.validate(production.as_deref()).map(|()| cfg)) {
+        match checked(rocket.figment()) {
             Ok(cfg) => {
-                if cfg.uses_default_password() {
-                    log::warn!(
-                        "APP_PASSWORD is not set: the DEFAULT password '{}' is in use. \
-                         Set APP_PASSWORD before exposing this server.",
-                        DEFAULT_PASSWORD
-                    );
-                }
+                warn_about(&cfg);
                 Ok(rocket.manage(cfg))
             }
             Err(e) => {
@@ -314,13 +423,90 @@ pub fn stage() -> AdHoc {
     })
 }
 
-/// Turns figment's error into one line naming the variable.
+/// Rocket's settings and ours from `figment`, or the first problem, naming its variable.
+pub fn checked(figment: &Figment) -> Result<AppConfig, ConfigError> {
+    let extract = |e: rocket::figment::Error| ConfigError::Extract(describe_figment_error(&e));
+    let rocket_config = rocket::Config::try_from(figment).map_err(extract)?;
+    let cfg: AppConfig = figment.extract().map_err(extract)?;
+    let production = production_marker(figment.profile().as_str().as_str());
+    cfg.validate(production.as_deref())?;
+    let assets = crate::web::static_dir();
+    if !assets.is_dir() {
+        let why = format!(
+            "{} is not a directory: start Drishya from the folder that holds static/ and templates/ \
+             (the repository, or /app in the image), or set STATIC_DIR",
+            assets.display()
+        );
+        return Err(ConfigError::Invalid { var: "STATIC_DIR", why });
+    }
+    if let Some(marker) = production {
+        if !rocket_config.secret_key.is_provided() {
+            return Err(ConfigError::SecretKeyMissing { marker });
+        }
+    }
+    Ok(cfg)
+}
+
+fn warn_about(cfg: &AppConfig) {
+    if cfg.uses_default_password() {
+        log::warn!(
+            "APP_PASSWORD is not set: the DEFAULT password '{DEFAULT_PASSWORD}' is in use. \
+             Set APP_PASSWORD before exposing this server."
+        );
+    }
+    match cfg.secret_key_source {
+        Some(KeySource::Derived) => {
+            log::info!("SECRET_KEY is not a base64/hex key: the cookie key was derived from it (HKDF-SHA-512)")
+        }
+        Some(KeySource::TooShort) => {
+            log::warn!("SECRET_KEY is shorter than {} characters: accepted outside production only", secret::MIN_CHARS)
+        }
+        _ => {}
+    }
+    if cfg.secret_key_placeholder {
+        log::warn!(
+            "SECRET_KEY is an example file's placeholder: anyone who has read that file can forge \
+             sessions. Set it to a random string (openssl rand -base64 48)."
+        );
+    }
+}
+
+/// The variable a config key is set by: the bare name where there is one.
+fn variable_for(key: &str) -> String {
+    match key {
+        "artefact_dir" => "TEMP_DIR".into(),
+        // SECRET_KEY itself always becomes a usable key: a bad one came from here.
+        "secret_key" => "ROCKET_SECRET_KEY (or secret_key in Rocket.toml)".into(),
+        _ => {
+            let upper = key.to_ascii_uppercase().replace(['.', '-'], "_");
+            if BARE_ENV.contains(&upper.as_str()) {
+                upper
+            } else {
+                format!("ROCKET_{upper}")
+            }
+        }
+    }
+}
+
+/// Turns figment's error into one line naming the variable (never a secret's value).
 fn describe_figment_error(error: &rocket::figment::Error) -> String {
     let key = error.path.join(".");
-    let var = key.to_ascii_uppercase().replace('.', "_");
     if key.is_empty() {
-        error.kind.to_string()
-    } else {
-        format!("{var}: {}", error.kind)
+        return error.kind.to_string();
+    }
+    let var = variable_for(&key);
+    if key == "secret_key" || key == "app_password" {
+        return format!("{var}: not a usable value ({})", kind_without_value(&error.kind));
+    }
+    format!("{var}: {}", error.kind)
+}
+
+/// What was wrong, without quoting the value (for secrets).
+fn kind_without_value(kind: &rocket::figment::error::Kind) -> String {
+    use rocket::figment::error::Kind;
+    match kind {
+        Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => format!("expected {expected}"),
+        Kind::InvalidLength(len, expected) => format!("length {len}, expected {expected}"),
+        _ => "invalid".into(),
     }
 }
