@@ -64,20 +64,11 @@ fn derive(text: &str) -> [u8; 64] {
     key
 }
 
-/// The strings Rocket's own `secret_key` parser accepts: base64 of 32 or 64 bytes
-/// (44 or 88 characters, standard alphabet, padded) or hex of 32 bytes (64 characters).
+/// Whether Rocket's own `secret_key` parser takes `text` as a (non-zero) key: base64 of
+/// 32 or 64 bytes, or 64 hex digits. Asked of Rocket itself, so the two never disagree.
 fn is_rocket_key(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    match bytes.len() {
-        44 => is_base64(&bytes[..43]) && bytes[43] == b'=',
-        88 => is_base64(&bytes[..86]) && &bytes[86..] == b"==",
-        64 => bytes.iter().all(u8::is_ascii_hexdigit),
-        _ => false,
-    }
-}
-
-fn is_base64(bytes: &[u8]) -> bool {
-    bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+    let value = serde_json::Value::String(text.to_string());
+    serde_json::from_value::<rocket::config::SecretKey>(value).is_ok_and(|key| !key.is_zero())
 }
 
 #[cfg(test)]
@@ -89,6 +80,7 @@ mod tests {
         let base64_32 = "3jJ6hjl9ftmxR81BChdy4afjyecN4YOdXIZzdpgCblo=";
         let base64_64 = "8THwKIiC1oMRlgp2DM8L5jmclJX3U5092sr6to5eUvqjWAOjeRzSyy71bJzZI8C6DjcbYZD87gQ71PN4BUbIgQ==";
         let hex_32 = "4e2a8c1f9b7d3e5a6c0b1d2f3e4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a";
+        // (Test vectors, never used as keys anywhere.)
         for key in [base64_32, base64_64, hex_32] {
             assert!(matches!(interpret(key), (Interpreted::AsIs, KeySource::Rocket)), "{key}");
         }
@@ -99,6 +91,8 @@ mod tests {
             assert!(matches!(interpret(key), (Interpreted::Derived(_), KeySource::Derived)), "{key}");
         }
         assert_eq!(interpret("short").1, KeySource::TooShort);
+        // A key of zeros is no key: Rocket would treat it as unset.
+        assert_eq!(interpret(&"0".repeat(64)).1, KeySource::Derived);
     }
 
     #[test]
