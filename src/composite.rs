@@ -735,9 +735,8 @@ mod tests {
 
     #[test]
     fn photo_product_with_all_options() {
-        let product = image::open("/work/shared/images/coffee.png")
-            .map(|i| i.to_rgba8())
-            .unwrap_or_else(|_| RgbaImage::from_fn(600, 400, |x, y| Rgba([x as u8, y as u8, 90, 255])));
+        // A photo-sized, textured product (unit tests need no fixtures; tests/ use photos).
+        let product = image::DynamicImage::ImageRgb8(textured(600, 400, 7)).to_rgba8();
         let (scene, mask) = (textured(320, 240, 4), ellipse_mask(320, 240));
         let b = mask_bbox(&mask).unwrap();
         for target in [GradeTarget::MaskedArea, GradeTarget::WholeImage] {
@@ -764,7 +763,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_1280x853() {
-        let product = image::open("/work/shared/images/coffee.png").unwrap().to_rgba8();
+        let product = image::DynamicImage::ImageRgb8(textured(600, 400, 7)).to_rgba8();
         let (scene, mask) = (textured(1280, 853, 6), ellipse_mask(1280, 853));
         let grading = Some(Grading { target: GradeTarget::MaskedArea, strength: 0.5 });
         let s = Settings { scale_factor: 1.0, use_blending: true, feather_amount: 15, grading };

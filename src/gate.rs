@@ -46,6 +46,11 @@ impl Gate {
         Ok(Admitted { admission, running: self.running.clone() })
     }
 
+    /// Queue places free now (running or waiting), for `/health`-style figures and tests.
+    pub fn free_places(&self) -> usize {
+        self.admission.available_permits()
+    }
+
     /// `admit` then wait for a running place.
     pub async fn enter(&self, retry_after: u64) -> Result<Pass, Busy> {
         self.admit(retry_after)?.run().await.ok_or(Busy { retry_after })

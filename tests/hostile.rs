@@ -309,11 +309,7 @@ fn cross_site_posts_are_refused() {
 
 /// A POST from the page as a browser sends it through a reverse proxy that rewrote
 /// `Host` to the upstream's (nginx's default `proxy_pass`).
-fn proxied_post<'c>(
-    client: &'c rocket::local::blocking::Client,
-    origin: &str,
-    extra: Option<Header<'static>>,
-) -> Status {
+fn proxied_post(client: &rocket::local::blocking::Client, origin: &str, extra: Option<Header<'static>>) -> Status {
     let mut request = client
         .post("/generate_mask")
         .header(Header::new("Origin", origin.to_string()))

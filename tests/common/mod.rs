@@ -11,10 +11,26 @@ use rocket::local::blocking::{Client, LocalResponse};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
-/// `../shared`, beside the repository. Missing shared files fail the tests loudly.
+/// The fixture root: `DRISHYA_SHARED` (relative to the repository, like the scripts), else
+/// `../shared` beside the repository.
+pub fn shared_root() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match std::env::var_os("DRISHYA_SHARED") {
+        Some(dir) if !dir.is_empty() => repo.join(dir),
+        _ => repo.join("../shared"),
+    }
+}
+
+/// A file under the fixture root. A missing fixture fails the test loudly, never skips it:
+/// `scripts/test` decides which tests not to run (and says so) when fixtures are missing.
 pub fn shared(rel: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel);
-    assert!(path.exists(), "test fixture {} is missing: ../shared must sit beside the repository", path.display());
+    let path = shared_root().join(rel);
+    assert!(
+        path.exists(),
+        "test fixture {} is missing: put ../shared beside the repository or point DRISHYA_SHARED at a copy \
+         (scripts/fetch-fixtures DIR fetches the photos and U2-Net-p; the MobileSAM graphs and references come only with ../shared)",
+        path.display()
+    );
     path
 }
 
