@@ -173,6 +173,8 @@ async fn upload_image(
 ) -> ApiResult<Json<Value>> {
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let file = file_field(&form.image, "image", cfg)?;
+    // This session is not evicted for the byte cap while its request runs.
+    let _pin = store.pin(&user.session);
     // The upload stays on disk until this job may run: only admitted jobs hold pixels.
     let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
@@ -223,6 +225,7 @@ async fn generate_mask(
         return Err(InputError::MalformedJson("the body is larger than 64 KiB".into()).into());
     }
     let coords = params::parse_box(&body)?;
+    let _pin = store.pin(&user.session);
     // One queue place from here to the end: a computed mask is never thrown away for
     // want of a place to encode it (the running place is given back during inference).
     let pass = ImageJobs::run(jobs.admit()?).await?;
@@ -311,6 +314,7 @@ async fn replace_product(
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let settings = form.settings()?;
     let file = file_field(&form.product_image, "product_image", cfg)?;
+    let _pin = store.pin(&user.session);
     let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
     let store = store.inner().clone();

@@ -84,6 +84,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Segment(e) => e.retry_after(),
+            ApiError::Storage(e) => e.retry_after(),
             ApiError::Busy(busy) => Some(busy.retry_after),
             _ => None,
         }

@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const MIB: u64 = 1024 * 1024;
 /// v1 reports "no limit" as a huge number (page-aligned i64::MAX).
@@ -133,10 +134,19 @@ impl std::fmt::Display for BudgetSource {
 }
 
 /// MiB the process may still add, and why: budget minus current RSS.
+/// Bytes of artefacts held in RAM (TEMP_DIR on tmpfs), kept current by the store.
+static ARTEFACT_RAM: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_artefact_ram(bytes: u64) {
+    ARTEFACT_RAM.store(bytes, Ordering::Relaxed);
+}
+
 pub fn headroom_mb(budget_mb: Option<u64>) -> (u64, BudgetSource) {
     let (rss, _) = process_rss();
     if let Some(budget) = budget_mb {
-        return ((budget * MIB).saturating_sub(rss) / MIB, BudgetSource::MemoryBudgetMb);
+        // Artefacts on tmpfs are RAM too, outside the RSS (a cgroup's usage has them).
+        let used = rss.saturating_add(ARTEFACT_RAM.load(Ordering::Relaxed));
+        return ((budget * MIB).saturating_sub(used) / MIB, BudgetSource::MemoryBudgetMb);
     }
     if let Some((limit, usage)) = cgroup_memory() {
         return (limit.saturating_sub(usage) / MIB, BudgetSource::CgroupLimit);

@@ -105,3 +105,45 @@ fn a_deleted_temp_dir_is_recreated() {
     assert_eq!(upload(&app.client, "coffee.png", &coffee()).status(), Status::Ok);
     assert!(root.is_dir());
 }
+
+/// Bytes in use on the filesystem holding `dir` (tmpfs: RAM).
+fn used_bytes(dir: &Path) -> u64 {
+    let out = Command::new("df").args(["--block-size=1", "--output=used"]).arg(dir).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
+}
+
+#[test]
+fn on_tmpfs_the_artefact_cap_holds_through_hundreds_of_sessions() {
+    let root = tempfile::tempdir().unwrap();
+    let mount = root.path().join("shm");
+    let _tmpfs = Tmpfs::mount(&mount, "size=64m");
+    // A 2 MB cap: about four working images. The box is the mask (no model) so the test
+    // is about storage alone.
+    let cap = 2 * 1024 * 1024;
+    let app = app(&[("artefact_dir", &mount.display().to_string()), ("temp_max_mb", "2"), ("models", "")]);
+    let coffee = coffee();
+    let mut first: Option<rocket::http::Cookie<'static>> = None;
+    let mut peak = 0;
+    for i in 0..200 {
+        // A new session each time, as a stream of new users makes (login starts one).
+        login(&app.client);
+        assert_eq!(upload(&app.client, "coffee.png", &coffee).status(), Status::Ok, "session {i}");
+        assert_eq!(generate_mask(&app.client, [165, 10, 415, 300]).status(), Status::Ok, "session {i}");
+        peak = peak.max(used_bytes(&mount));
+        assert!(used_bytes(&mount) <= cap, "session {i}: {} bytes on tmpfs over the {cap} cap", used_bytes(&mount));
+        if first.is_none() {
+            first = app.client.cookies().get_private(drishya::auth::SESSION_COOKIE);
+        }
+    }
+    let health = json_of(app.client.get("/health").dispatch());
+    let dirs = &health["directories"];
+    assert_eq!(dirs["temp_dir_in_memory"], true, "{dirs}");
+    assert!(dirs["artefact_mb"].as_f64().unwrap() <= 2.0, "{dirs}");
+    assert!(peak > cap / 2, "the test filled the cap ({peak} bytes)");
+    // The first user's session was evicted long ago: a clear 404 that says to upload again.
+    assert_eq!(app.client.get("/get_image").dispatch().status(), Status::Ok, "the last session is there");
+    app.client.get("/logout").dispatch();
+    let first = first.expect("the first session's cookie");
+    let msg = expect_error(app.client.get("/get_image").private_cookie(first).dispatch(), Status::NotFound);
+    assert!(msg.contains("upload it again"), "{msg}");
+}
