@@ -9,7 +9,7 @@ use rocket::serde::json::{json, Json, Value};
 use rocket::{Route, State};
 
 use crate::config::{environment_name, AppConfig};
-use crate::models::ModelManager;
+use crate::models::{ModelManager, Probe};
 use crate::storage::TempStore;
 use crate::sysmem;
 
@@ -45,7 +45,7 @@ async fn health(
 ) -> Json<Value> {
     let (total, available) = sysmem::container_memory();
     let (rss, peak) = sysmem::process_rss();
-    let readiness = models.readiness(false).await;
+    let readiness = models.readiness(Probe::Liveness).await;
     let model = models.status();
     let dirs = store.health();
     let mut reasons = Vec::new();
@@ -92,7 +92,7 @@ async fn health(
 /// starts its download here.
 #[get("/ready")]
 async fn ready(models: &State<Arc<ModelManager>>, store: &State<Arc<TempStore>>) -> (Status, Json<Value>) {
-    let readiness = models.readiness(true).await;
+    let readiness = models.readiness(Probe::Readiness).await;
     let writable = store.health().temp_dir_writable;
     let ok = readiness.ready() && writable;
     let reason = if !writable { Some("the temp dir is not writable".to_string()) } else { readiness.reason.clone() };

@@ -135,6 +135,13 @@ pub struct Readiness {
     pub reason: Option<String>,
 }
 
+/// Who asks: `/health` (liveness, must stay cheap) or `/ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Liveness,
+    Readiness,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadyState {
@@ -227,11 +234,13 @@ impl ModelManager {
         }
     }
 
-    /// Whether a mask could be served now. Loads nothing; with `warm_up`, a chain that
-    /// starts with a URL model not yet downloaded starts its load in the background
-    /// (only a download can tell whether it serves; a readiness probe must not wait
-    /// for the first user to find out).
-    pub async fn readiness(self: &Arc<Self>, warm_up: bool) -> Readiness {
+    /// Whether a mask could be served now. Loads nothing. A [`Probe::Readiness`] also
+    /// reads the model files' graphs to check their kind (once per file version), and a
+    /// chain that starts with a URL model not yet downloaded starts its load in the
+    /// background (only a download can tell whether it serves; a readiness probe must
+    /// not wait for the first user to find out). A [`Probe::Liveness`] stays cheap: file
+    /// checks only, and the kind checks a readiness probe has already made.
+    pub async fn readiness(self: &Arc<Self>, probe: Probe) -> Readiness {
         let status = self.status();
         match status.state {
             LoadState::None => {
@@ -246,10 +255,10 @@ impl ModelManager {
             LoadState::NotLoaded | LoadState::Unloaded => {}
         }
         let me = self.clone();
-        let verdict = spawn_blocking(move || me.preflight())
+        let verdict = spawn_blocking(move || me.preflight(probe))
             .await
             .unwrap_or_else(|e| Readiness::new(ReadyState::Unavailable, None, Some(format!("check failed: {e}"))));
-        if verdict.state == ReadyState::PendingDownload && warm_up {
+        if verdict.state == ReadyState::PendingDownload && probe == Probe::Readiness {
             let me = self.clone();
             rocket::tokio::spawn(async move {
                 // The outcome lands in the status; a failure is logged by the loader.
@@ -261,7 +270,7 @@ impl ModelManager {
     }
 
     /// The chain as the loader would walk it, without loading or downloading.
-    fn preflight(&self) -> Readiness {
+    fn preflight(&self, probe: Probe) -> Readiness {
         let settings = &self.settings;
         let mut skipped = Vec::new();
         for location in &settings.locations {
@@ -280,7 +289,7 @@ impl ModelManager {
             let checked = candidate.and_then(|c| {
                 check_size(settings, &c)?;
                 check_memory(settings, &c)?;
-                self.check_kind(&c)?;
+                self.check_kind(&c, probe)?;
                 Ok(c)
             });
             match checked {
@@ -297,8 +306,8 @@ impl ModelManager {
     }
 
     /// Reads the graph(s) of `candidate` once per version of its files and checks that
-    /// they are a kind we serve.
-    fn check_kind(&self, candidate: &Candidate) -> Result<(), LoadError> {
+    /// they are a kind we serve; a liveness probe only uses a verdict already made.
+    fn check_kind(&self, candidate: &Candidate, probe: Probe) -> Result<(), LoadError> {
         let files = if candidate.sam {
             vec![candidate.path.join("encoder.onnx"), candidate.path.join("decoder.onnx")]
         } else {
@@ -310,11 +319,18 @@ impl ModelManager {
             .collect();
         let mut checks = self.kind_checks.lock().unwrap_or_else(|e| e.into_inner());
         let known = checks.get(&candidate.path).filter(|c| c.fingerprint == fingerprint).map(|c| c.verdict.clone());
-        let verdict = known.unwrap_or_else(|| {
-            let verdict = read_kind(candidate).map_err(|e| e.to_string());
-            checks.insert(candidate.path.clone(), KindCheck { fingerprint, verdict: verdict.clone() });
-            verdict
-        });
+        let verdict = match (known, probe) {
+            (Some(verdict), _) => verdict,
+            (None, Probe::Liveness) => Ok(()),
+            (None, Probe::Readiness) => {
+                let verdict = read_kind(candidate).map_err(|e| e.to_string());
+                // The parsed graph held as much as the file's size: hand it back, or
+                // an idle server keeps it resident (measured: 12.3 -> 18.7 MB RSS).
+                sysmem::release_free_memory();
+                checks.insert(candidate.path.clone(), KindCheck { fingerprint, verdict: verdict.clone() });
+                verdict
+            }
+        };
         verdict.map_err(LoadError::Remembered)
     }
 

@@ -147,6 +147,15 @@ fn login(port: u16, password: &str) -> String {
     reply.cookie().expect("a session cookie")
 }
 
+/// `POST /upload_image` with coffee.png, in the session of `cookie`.
+fn upload_coffee(port: u16, cookie: &str) -> Reply {
+    let bytes = read(&shared("images/coffee.png"));
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "coffee.png", content_type: "image/png", bytes: &bytes }]);
+    let ct = ct.to_string();
+    request(port, "POST", "/upload_image", &[("Content-Type", &ct), ("Cookie", cookie)], &body).expect("upload answers")
+}
+
 fn healthcheck(dir: &Path, env: &[(&str, String)], ready: bool) -> bool {
     let mut command = command(dir, env);
     command.arg("healthcheck");
@@ -191,16 +200,7 @@ fn a_flask_deployments_env_file_starts_it_and_the_environment_still_wins() {
     let cookie = login(port, PASSWORD);
     let page = get(port, "/", Some(&cookie)).unwrap();
     assert!(page.text().contains("/logout"), "logged in with a cookie sealed by the derived key");
-    let up = {
-        let (ct, body) = multipart(&[Part::File {
-            name: "image",
-            filename: "coffee.png",
-            content_type: "image/png",
-            bytes: &read(&shared("images/coffee.png")),
-        }]);
-        let ct = ct.to_string();
-        request(port, "POST", "/upload_image", &[("Content-Type", &ct), ("Cookie", &cookie)], &body).unwrap()
-    };
+    let up = upload_coffee(port, &cookie);
     assert_eq!(up.status, 200, "{}", up.text());
 }
 
@@ -256,14 +256,7 @@ fn box_fallback_from_the_environment_beats_the_release_profile() {
     let ready = get(port, "/ready", None).unwrap();
     assert_eq!((ready.status, ready.json()["state"].as_str()), (200, Some("box_fallback")), "{}", ready.text());
     let cookie = login(port, PASSWORD);
-    let (ct, body) = multipart(&[Part::File {
-        name: "image",
-        filename: "coffee.png",
-        content_type: "image/png",
-        bytes: &read(&shared("images/coffee.png")),
-    }]);
-    let ct = ct.to_string();
-    let up = request(port, "POST", "/upload_image", &[("Content-Type", &ct), ("Cookie", &cookie)], &body).unwrap();
+    let up = upload_coffee(port, &cookie);
     assert_eq!(up.status, 200, "{}", up.text());
     let b = br#"{"x_min": 165, "y_min": 10, "x_max": 415, "y_max": 300}"#;
     let mask = request(port, "POST", "/generate_mask", &[("Content-Type", "application/json"), ("Cookie", &cookie)], b)
