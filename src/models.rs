@@ -274,7 +274,7 @@ impl ModelManager {
         let settings = &self.settings;
         let mut skipped = Vec::new();
         for location in &settings.locations {
-            let remote = location.starts_with("http://") || location.starts_with("https://");
+            let remote = is_url(location);
             let cached = settings.cache_dir.join(cache_name(location));
             if remote && !cached.is_file() {
                 return Readiness::new(ReadyState::PendingDownload, Some(redact(location)), None);
@@ -536,37 +536,37 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
         kind: if candidate.sam { ModelKind::Sam } else { ModelKind::Salient },
         file_size_bytes: candidate.bytes,
     };
-    let invalid = |e: tract_onnx::prelude::TractError| LoadError::Invalid {
-        location: candidate.location.clone(),
-        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
-    };
+    let invalid = invalid_at(&candidate.location);
     if candidate.sam {
         let protos = read_sam_folder(&candidate)?;
         let segmenter = SamSegmenter::from_protos(protos, info).map_err(invalid)?;
         return Ok(Arc::new(segmenter));
     }
-    let graph = onnx::read_graph(&candidate.path).map_err(invalid)?;
-    match onnx::classify(&graph) {
-        GraphKind::Salient { height, width } => {
-            let segmenter = SalientSegmenter::load(graph, (height, width), info).map_err(invalid)?;
-            Ok(Arc::new(segmenter))
-        }
-        other => Err(not_salient(&candidate, other)),
+    let graph = onnx::read_graph(&candidate.path).map_err(&invalid)?;
+    let input = salient_input(&candidate, onnx::classify(&graph))?;
+    Ok(Arc::new(SalientSegmenter::load(graph, input, info).map_err(invalid)?))
+}
+
+/// tract's error for the model at `location`, as its first line.
+fn invalid_at(location: &str) -> impl Fn(tract_onnx::prelude::TractError) -> LoadError + '_ {
+    move |e| LoadError::Invalid {
+        location: location.to_string(),
+        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
     }
 }
 
-/// Why a single .onnx file that is not a salient model cannot be used.
-fn not_salient(candidate: &Candidate, kind: GraphKind) -> LoadError {
+/// The input size of a single .onnx file that is a salient model, or why it is not one.
+fn salient_input(candidate: &Candidate, kind: GraphKind) -> Result<(usize, usize), LoadError> {
     let location = candidate.location.clone();
     match kind {
-        GraphKind::SamEncoder | GraphKind::SamDecoder => LoadError::WrongKind {
+        GraphKind::Salient { height, width } => Ok((height, width)),
+        GraphKind::SamEncoder | GraphKind::SamDecoder => Err(LoadError::WrongKind {
             location,
             detail: "is one half of a Segment Anything export: put encoder.onnx and decoder.onnx in one folder and configure the folder".into(),
-        },
+        }),
         GraphKind::Unknown { inputs, outputs } => {
-            LoadError::WrongKind { location, detail: onnx::describe_unknown(&inputs, &outputs) }
+            Err(LoadError::WrongKind { location, detail: onnx::describe_unknown(&inputs, &outputs) })
         }
-        GraphKind::Salient { .. } => LoadError::Invalid { location, detail: "classified twice".into() },
     }
 }
 
@@ -575,14 +575,8 @@ fn read_kind(candidate: &Candidate) -> Result<(), LoadError> {
     if candidate.sam {
         return read_sam_folder(candidate).map(drop);
     }
-    let proto = onnx::read_proto(&candidate.path).map_err(|e| LoadError::Invalid {
-        location: candidate.location.clone(),
-        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
-    })?;
-    match onnx::classify_proto(&proto) {
-        GraphKind::Salient { .. } => Ok(()),
-        other => Err(not_salient(candidate, other)),
-    }
+    let proto = onnx::read_proto(&candidate.path).map_err(invalid_at(&candidate.location))?;
+    salient_input(candidate, onnx::classify_proto(&proto)).map(drop)
 }
 
 /// Reads both halves of a SAM folder once, checking each is what its name says.
@@ -594,11 +588,8 @@ fn read_sam_folder(candidate: &Candidate) -> Result<[ModelProto; 2], LoadError> 
 
 /// Reads one half of a SAM folder, checking by its graph that it is that half.
 fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Result<ModelProto, LoadError> {
-    let invalid = |e: tract_onnx::prelude::TractError| LoadError::Invalid {
-        location: format!("{}/{file}", candidate.location),
-        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
-    };
-    let proto = onnx::read_proto(&candidate.path.join(file)).map_err(invalid)?;
+    let location = format!("{}/{file}", candidate.location);
+    let proto = onnx::read_proto(&candidate.path.join(file)).map_err(invalid_at(&location))?;
     let kind = onnx::classify_proto(&proto);
     if kind != expected {
         let detail = match kind {
@@ -615,9 +606,14 @@ fn model_name(path: &Path) -> String {
     name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }
 
+/// A model location that is downloaded rather than read from disk.
+fn is_url(location: &str) -> bool {
+    location.starts_with("http://") || location.starts_with("https://")
+}
+
 /// Finds the model on disk, downloading URL models into the cache first.
 fn locate(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> Result<Candidate, LoadError> {
-    if location.starts_with("http://") || location.starts_with("https://") {
+    if is_url(location) {
         return fetch(settings, location, checksum);
     }
     let path = PathBuf::from(location);

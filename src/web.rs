@@ -97,7 +97,7 @@ pub fn healthcheck(ready: bool) -> std::process::ExitCode {
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
     use std::time::Duration;
-    let port = crate::config::figment().extract_inner::<u16>("port").unwrap_or(8000);
+    let port = crate::config::configured_port().unwrap_or(8000);
     let path = if ready { "/ready" } else { "/health" };
     let check = |addr: SocketAddr| -> std::io::Result<bool> {
         let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;

@@ -30,27 +30,18 @@ fn flask_canvas(up: &Value) -> (f64, f64) {
     (canvas_width, canvas_width * height / width)
 }
 
-/// The box the Flask client sends for a rectangle drawn on its canvas.
-fn flask_box(up: &Value, drawn: [f64; 4]) -> Value {
+/// The box the Flask client sends for a rectangle drawn on its canvas (`Math.round`ed).
+fn flask_box(up: &Value, drawn: [f64; 4]) -> [i64; 4] {
     let (canvas_width, canvas_height) = flask_canvas(up);
     let sx = up["original_width"].as_f64().unwrap() / canvas_width;
     let sy = up["original_height"].as_f64().unwrap() / canvas_height;
-    json!({
-        "x_min": (drawn[0] * sx).round(),
-        "y_min": (drawn[1] * sy).round(),
-        "x_max": (drawn[2] * sx).round(),
-        "y_max": (drawn[3] * sy).round(),
-    })
+    [drawn[0] * sx, drawn[1] * sy, drawn[2] * sx, drawn[3] * sy].map(|v| v.round() as i64)
 }
 
 /// The user draws around the cup on the Flask canvas (which shows the working image).
 fn draw_around_cup(up: &Value, photo_width: f64) -> [f64; 4] {
     let (canvas_width, _) = flask_canvas(up);
     CUP.map(|v| v * canvas_width / photo_width)
-}
-
-fn post_box<'c>(client: &'c rocket::local::blocking::Client, b: &Value) -> rocket::local::blocking::LocalResponse<'c> {
-    client.post("/generate_mask").header(rocket::http::ContentType::JSON).body(b.to_string()).dispatch()
 }
 
 #[test]
@@ -62,8 +53,7 @@ fn the_flask_clients_box_on_a_phone_sized_photo_lands_on_the_cup() {
     assert_eq!((up["width"].as_u64(), up["height"].as_u64()), (Some(1280), Some(853)), "{up}");
     assert_eq!((up["source_width"].as_u64(), up["source_height"].as_u64()), (Some(2400), Some(1600)), "{up}");
 
-    let sent = flask_box(&up, draw_around_cup(&up, 600.0));
-    let mask = post_box(client, &sent);
+    let mask = generate_mask(client, flask_box(&up, draw_around_cup(&up, 600.0)));
     assert_eq!(mask.status(), Status::Ok);
     let mask = json_of(mask);
     // The cup in working-image pixels (coffee.png scaled by 1280/600).
@@ -121,7 +111,7 @@ fn the_flask_clients_strength_fraction_grades_visibly_and_more_at_one() {
     login(client);
     assert_eq!(upload(client, "coffee.png", &png_bytes(&coffee())).status(), Status::Ok);
     let up = json!({"width": 600, "height": 400, "original_width": 600, "original_height": 400});
-    assert_eq!(post_box(client, &flask_box(&up, draw_around_cup(&up, 600.0))).status(), Status::Ok);
+    assert_eq!(generate_mask(client, flask_box(&up, draw_around_cup(&up, 600.0))).status(), Status::Ok);
     // A real photo as the product: grading needs colour variation (a flat colour has no
     // spread to match and is left alone).
     let product = read(&shared("images/rocket.jpg"));
@@ -166,7 +156,7 @@ fn a_mask_finished_while_the_image_queue_is_full_is_delivered() {
             }
         });
         let up = json!({"width": 600, "height": 400, "original_width": 600, "original_height": 400});
-        let response = post_box(client, &flask_box(&up, draw_around_cup(&up, 600.0)));
+        let response = generate_mask(client, flask_box(&up, draw_around_cup(&up, 600.0)));
         let answer = (response.status(), response.into_string().unwrap_or_default());
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         // (Once answered, the request's place is free and may be taken: not counted.)

@@ -317,15 +317,24 @@ pub fn environment_name(profile: &str) -> String {
 /// `[release]` in Rocket.toml) outranks the default profile, the global one outranks
 /// both, so the environment wins in every profile.
 pub fn figment() -> Figment {
+    let figment = with_secret_key(settings(), std::env::var("SECRET_KEY").ok().as_deref());
+    with_upload_limits(with_address_fallback(figment))
+}
+
+/// Rocket.toml, `ROCKET_*` and the bare variables: no key derivation, no address probe.
+fn settings() -> Figment {
     // TEMP_DIR is ours (artefacts), not Rocket's `temp_dir` (uploads in flight).
     // (figment hands `map` the variable's own case: compare without it.)
     let env = Env::raw()
         .only(BARE_ENV)
         .map(|key| if key.as_str().eq_ignore_ascii_case("temp_dir") { "artefact_dir".into() } else { key.into() })
         .global();
-    let figment = rocket::Config::figment().merge(env);
-    let figment = with_secret_key(figment, std::env::var("SECRET_KEY").ok().as_deref());
-    with_upload_limits(with_address_fallback(figment))
+    rocket::Config::figment().merge(env)
+}
+
+/// The port the server listens on, as configured (for `drishya healthcheck`).
+pub fn configured_port() -> Option<u16> {
+    settings().extract_inner("port").ok()
 }
 
 /// Gives Rocket a key for `text` (see `secret`) and records how it was made.
