@@ -27,9 +27,9 @@ use crate::imaging;
 use crate::models::ModelManager;
 use crate::params::{self, ReplaceFields};
 use crate::segment::{self, BoxPrompt};
-use crate::storage::{self, Artefact, SessionId, StorageError, TempStore};
+use crate::storage::{self, Artefact, Artefacts, SessionId, StorageError};
 
-type Store = State<Arc<TempStore>>;
+type Store = State<Arc<Artefacts>>;
 
 /// Seconds a client is told to wait when the image queue is full.
 const IMAGE_RETRY_SECS: u64 = 2;
@@ -185,7 +185,7 @@ async fn upload_image(
         let scene = imaging::decode_scene(&bytes, max_width)?;
         drop(bytes);
         let png = imaging::encode_png(&scene.image)?;
-        store.remove(&session, &[Artefact::Mask, Artefact::MaskOverlay, Artefact::Result]);
+        store.remove(&session, &[Artefact::Mask, Artefact::MaskOverlay, Artefact::Result])?;
         store.write(&session, Artefact::Image, &png)?;
         let (width, height) = scene.image.dimensions();
         // `original_*` is the size the box is drawn in, as the Flask server meant it: its
@@ -205,9 +205,19 @@ async fn upload_image(
 }
 
 /// Loads the session's working image.
-fn load_scene(store: &TempStore, session: &SessionId) -> ApiResult<RgbImage> {
-    let bytes = store.read(session, Artefact::Image)?;
-    Ok(imaging::decode_png(&bytes)?.into_rgb8())
+fn load_scene(store: &Artefacts, session: &SessionId) -> ApiResult<RgbImage> {
+    Ok(decode_scene(&store.read(session, Artefact::Image)?)?)
+}
+
+fn decode_scene(png: &[u8]) -> Result<RgbImage, imaging::ImageError> {
+    Ok(imaging::decode_png(png)?.into_rgb8())
+}
+
+/// A key for the model's per-image cache (the SAM embedding): the working image's
+/// content, so that the same scene read on any replica, from any store, finds it.
+fn content_key(png: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(png).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[post("/generate_mask", data = "<body>")]
@@ -233,8 +243,8 @@ async fn generate_mask(
         let store = store.inner().clone();
         let session = user.session.clone();
         blocking(move || {
-            let key = store.version_key(&session, Artefact::Image)?;
-            Ok((load_scene(&store, &session)?, key))
+            let png = store.read(&session, Artefact::Image)?;
+            Ok((decode_scene(&png)?, content_key(&png)))
         })
         .await?
     };
@@ -251,7 +261,7 @@ async fn generate_mask(
         store.write(&session, Artefact::Mask, &imaging::encode_png(&outcome.mask)?)?;
         let overlay = imaging::mask_overlay(&scene, &outcome.mask);
         store.write(&session, Artefact::MaskOverlay, &imaging::encode_png(&overlay)?)?;
-        store.remove(&session, &[Artefact::Result]);
+        store.remove(&session, &[Artefact::Result])?;
         Ok((area, bbox.map(|r| (r, outcome.model))))
     })
     .await?;

@@ -19,7 +19,7 @@ use rocket_dyn_templates::{context, Template};
 use subtle::ConstantTimeEq;
 
 use crate::config::AppConfig;
-use crate::storage::{SessionId, TempStore};
+use crate::storage::{Artefacts, SessionId};
 use crate::web::AssetVersion;
 
 pub const SESSION_COOKIE: &str = "drishya_session";
@@ -205,9 +205,16 @@ fn login(
 }
 
 #[get("/logout")]
-fn logout(_origin: SameOrigin, user: Option<User>, jar: &CookieJar<'_>, store: &State<Arc<TempStore>>) -> Redirect {
+async fn logout(
+    _origin: SameOrigin,
+    user: Option<User>,
+    jar: &CookieJar<'_>,
+    store: &State<Arc<Artefacts>>,
+) -> Redirect {
     if let Some(user) = user {
-        store.remove_session(&user.session);
+        // A shared store is a network call: off the async workers.
+        let store = store.inner().clone();
+        let _ = rocket::tokio::task::spawn_blocking(move || store.remove_session(&user.session)).await;
     }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
     Redirect::to("/")

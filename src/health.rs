@@ -10,7 +10,7 @@ use rocket::{Route, State};
 
 use crate::config::{environment_name, AppConfig};
 use crate::models::{ModelManager, Probe};
-use crate::storage::TempStore;
+use crate::storage::{Artefacts, DirHealth};
 use crate::sysmem;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -39,7 +39,7 @@ fn disk_usage_percent(dir: &Path) -> Option<f64> {
 #[get("/health")]
 async fn health(
     cfg: &State<AppConfig>,
-    store: &State<Arc<TempStore>>,
+    store: &State<Arc<Artefacts>>,
     models: &State<Arc<ModelManager>>,
     rocket_cfg: &rocket::Config,
 ) -> Json<Value> {
@@ -47,10 +47,10 @@ async fn health(
     let (rss, peak) = sysmem::process_rss();
     let readiness = models.readiness(Probe::Liveness).await;
     let model = models.status();
-    let dirs = store.health();
+    let dirs = store_health(store).await;
     let mut reasons = Vec::new();
-    if !dirs.temp_dir_writable {
-        reasons.push("the temp dir is not writable".to_string());
+    if let Some(problem) = &dirs.store_problem {
+        reasons.push(problem.clone());
     }
     if readiness.broken() {
         let why = readiness.reason.clone().unwrap_or_else(|| "no model can be loaded".into());
@@ -80,7 +80,8 @@ async fn health(
             "process_rss_mb": round(rss as f64 / MIB, 1),
             "process_peak_rss_mb": round(peak as f64 / MIB, 1),
             "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            "disk_usage_percent": disk_usage_percent(store.root()),
+            // The artefacts' disk, or (with a bucket) the one uploads in flight use.
+            "disk_usage_percent": disk_usage_percent(store.root().unwrap_or(&std::env::temp_dir())),
         },
         "directories": dirs,
     }))
@@ -91,13 +92,20 @@ async fn health(
 /// deploy whose model is missing never goes live. A chain that starts with a URL model
 /// starts its download here.
 #[get("/ready")]
-async fn ready(models: &State<Arc<ModelManager>>, store: &State<Arc<TempStore>>) -> (Status, Json<Value>) {
+async fn ready(models: &State<Arc<ModelManager>>, store: &State<Arc<Artefacts>>) -> (Status, Json<Value>) {
     let readiness = models.readiness(Probe::Readiness).await;
-    let writable = store.health().temp_dir_writable;
-    let ok = readiness.ready() && writable;
-    let reason = if !writable { Some("the temp dir is not writable".to_string()) } else { readiness.reason.clone() };
+    let store_problem = store_health(store).await.store_problem;
+    let ok = readiness.ready() && store_problem.is_none();
+    let reason = store_problem.or_else(|| readiness.reason.clone());
     let status = if ok { Status::Ok } else { Status::ServiceUnavailable };
     (status, Json(json!({ "ready": ok, "state": readiness.state, "model": readiness.model, "reason": reason })))
+}
+
+/// The artefact store's state, asked off the async workers (a bucket is a network call).
+async fn store_health(store: &State<Arc<Artefacts>>) -> DirHealth {
+    let store = store.inner().clone();
+    let asked = rocket::tokio::task::spawn_blocking(move || store.health()).await;
+    asked.unwrap_or_else(|_| DirHealth::unknown())
 }
 
 pub fn routes() -> Vec<Route> {

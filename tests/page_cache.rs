@@ -1,10 +1,8 @@
 //! Artefacts do not stay in the page cache after they are written or read: page cache is
 //! charged to the container's memory cgroup (docs/performance.md §4).
 
+use drishya::storage::{Artefact, Backend, LocalDir, SessionId};
 use std::path::Path;
-use std::time::Duration;
-
-use drishya::storage::{Artefact, SessionId, TempStore};
 
 /// Pages of `path` resident in the page cache (mincore over a read-only mapping).
 fn resident_pages(path: &Path) -> usize {
@@ -37,11 +35,11 @@ fn artefacts_written_and_read_leave_no_page_cache_behind() {
     drishya::storage::uncache(&control).unwrap();
     assert_eq!(resident_pages(&control), 0, "after uncache");
 
-    let store = TempStore::new(root.path().to_path_buf(), Duration::from_secs(3600), 1 << 30);
+    let store = LocalDir::new(root.path().to_path_buf());
     let session = SessionId::random();
-    store.write(&session, Artefact::Result, &bytes).unwrap();
+    store.put(session.as_str(), Artefact::Result, &bytes).unwrap();
     let path = store.path(&session, Artefact::Result);
     assert_eq!(resident_pages(&path), 0, "after write");
-    assert_eq!(store.read(&session, Artefact::Result).unwrap(), bytes);
+    assert_eq!(store.get(session.as_str(), Artefact::Result).unwrap(), bytes);
     assert_eq!(resident_pages(&path), 0, "after read");
 }

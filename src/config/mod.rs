@@ -46,6 +46,15 @@ const BARE_ENV: &[&str] = &[
     "TEMP_MAX_MB",
     "RAYON_THREADS",
     "DOWNLOAD_TIMEOUT_SECS",
+    "STORAGE_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ALLOW_HTTP",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
 ];
 
 /// Variables that mark a production deployment (seed 002).
@@ -93,6 +102,20 @@ pub struct AppConfig {
     /// Comma-separated origins (`https://host[:port]`) a reverse proxy serves the app
     /// under, for proxies that rewrite `Host` (see `auth::is_cross_origin`).
     pub public_origin: String,
+    /// Where artefacts live: empty (the artefact dir), `file:///PATH`, or
+    /// `s3://BUCKET[/PREFIX]` (shared by replicas; see `storage::S3Bucket`).
+    pub storage_url: String,
+    /// The standard AWS variables, read for an `s3://` store.
+    pub aws_endpoint_url: Option<String>,
+    pub aws_access_key_id: Option<String>,
+    #[serde(skip_serializing)]
+    pub aws_secret_access_key: Redacted,
+    #[serde(skip_serializing)]
+    pub aws_session_token: Redacted,
+    pub aws_region: Option<String>,
+    pub aws_default_region: Option<String>,
+    pub aws_allow_http: bool,
+    pub aws_virtual_hosted_style_request: bool,
     /// How `SECRET_KEY` became Rocket's key; `None` when it is not set. Set by [`figment`].
     pub secret_key_source: Option<KeySource>,
     /// `SECRET_KEY` is an example file's placeholder (accepted, flagged). Set by [`figment`].
@@ -123,6 +146,15 @@ impl Default for AppConfig {
             rayon_threads: 1,
             download_timeout_secs: 300,
             public_origin: String::new(),
+            storage_url: String::new(),
+            aws_endpoint_url: None,
+            aws_access_key_id: None,
+            aws_secret_access_key: Redacted::default(),
+            aws_session_token: Redacted::default(),
+            aws_region: None,
+            aws_default_region: None,
+            aws_allow_http: false,
+            aws_virtual_hosted_style_request: false,
             secret_key_source: None,
             secret_key_placeholder: false,
         }
@@ -194,6 +226,15 @@ impl AppConfig {
         }
         if self.temp_max_mb == 0 {
             return invalid("TEMP_MAX_MB", "must be at least 1");
+        }
+        match crate::storage::StorageUrl::parse(&self.storage_url) {
+            Err(why) => return invalid("STORAGE_URL", &why),
+            Ok(crate::storage::StorageUrl::S3 { bucket, prefix }) => {
+                if let Err(e) = crate::storage::S3Bucket::new(self.s3_settings(bucket, prefix)) {
+                    return Err(ConfigError::Invalid { var: e.var, why: e.why });
+                }
+            }
+            Ok(_) => {}
         }
         if matches!(&self.app_password, Some(p) if p.is_empty()) {
             return invalid("APP_PASSWORD", "must not be empty when set");
@@ -269,8 +310,37 @@ impl AppConfig {
         }
     }
 
+    /// The bucket settings for `STORAGE_URL=s3://BUCKET/PREFIX`, from the `AWS_*` variables.
+    pub fn s3_settings(&self, bucket: String, prefix: String) -> crate::storage::S3Settings {
+        let text = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
+        crate::storage::S3Settings {
+            bucket,
+            prefix,
+            endpoint: text(&self.aws_endpoint_url),
+            region: text(&self.aws_region)
+                .or_else(|| text(&self.aws_default_region))
+                .unwrap_or_else(|| "us-east-1".into()),
+            access_key_id: text(&self.aws_access_key_id).unwrap_or_default(),
+            secret_access_key: self.aws_secret_access_key.0.clone().unwrap_or_default(),
+            session_token: self.aws_session_token.0.clone().filter(|t| !t.is_empty()),
+            allow_http: self.aws_allow_http,
+            virtual_hosted: self.aws_virtual_hosted_style_request,
+        }
+    }
+
     pub fn upload_limit_bytes(&self) -> u64 {
         self.max_upload_mb * 1024 * 1024
+    }
+}
+
+/// A secret setting: never printed (`Debug` says so), never serialised.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(Option<String>);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "(set, not shown)" } else { "(unset)" })
     }
 }
 

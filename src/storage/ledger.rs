@@ -35,8 +35,9 @@ impl Entry {
     }
 }
 
-/// What the disk holds for one session (from a scan).
-pub struct Scanned {
+/// What the store holds for one session (from a listing), and when it was last used.
+#[derive(Debug, Clone)]
+pub struct SessionUsage {
     pub id: String,
     pub bytes: [u64; FILES],
     pub last_used: SystemTime,
@@ -57,21 +58,38 @@ impl Ledger {
         self.total
     }
 
-    /// Replaces what is known of the disk by `scan`, keeping the pins (and the sessions
-    /// pinned but not yet on disk).
-    pub fn resync(&mut self, scan: Vec<Scanned>) {
+    /// Replaces what is known of the store by `listing`, keeping the pins and the later
+    /// of the two last-use times. The listing may be taken before a write of a request
+    /// in flight finished: a pinned session keeps the larger of its known and listed
+    /// sizes per file (counting a deleted file a little longer is safe for the cap,
+    /// missing a written one is not).
+    pub fn resync(&mut self, listing: Vec<SessionUsage>) {
         let mut sessions: HashMap<String, Entry> =
-            scan.into_iter().map(|s| (s.id, Entry { bytes: s.bytes, last_used: s.last_used, pins: 0 })).collect();
+            listing.into_iter().map(|s| (s.id, Entry { bytes: s.bytes, last_used: s.last_used, pins: 0 })).collect();
         for (id, old) in self.sessions.drain() {
-            if old.pins == 0 {
-                continue;
+            match sessions.get_mut(&id) {
+                Some(entry) => {
+                    entry.last_used = entry.last_used.max(old.last_used);
+                    entry.pins = old.pins;
+                    if old.pins > 0 {
+                        for (new, old) in entry.bytes.iter_mut().zip(old.bytes) {
+                            *new = (*new).max(old);
+                        }
+                    }
+                }
+                None if old.pins > 0 => {
+                    sessions.insert(id, old);
+                }
+                None => {}
             }
-            let entry = sessions.entry(id).or_insert_with(|| Entry { bytes: [0; FILES], ..old.clone() });
-            entry.pins = old.pins;
-            entry.last_used = entry.last_used.max(old.last_used);
         }
         self.sessions = sessions;
         self.total = self.sessions.values().map(Entry::total).sum();
+    }
+
+    /// Bytes `file` of session `id` is known to take.
+    pub fn bytes_of(&self, id: &str, file: usize) -> u64 {
+        self.sessions.get(id).map_or(0, |e| e.bytes[file])
     }
 
     pub fn pin(&mut self, id: &str, now: SystemTime) {
@@ -216,7 +234,8 @@ mod tests {
     fn a_resync_keeps_pins_and_trim_brings_a_grown_disk_back_under_the_cap() {
         let mut ledger = Ledger::default();
         ledger.pin("pinned", at(0));
-        let scan = |id: &str, bytes: u64, t: u64| Scanned { id: id.into(), bytes: [bytes, 0, 0, 0], last_used: at(t) };
+        let scan =
+            |id: &str, bytes: u64, t: u64| SessionUsage { id: id.into(), bytes: [bytes, 0, 0, 0], last_used: at(t) };
         ledger.resync(vec![scan("old", 100, 1), scan("pinned", 100, 2), scan("new", 100, 3)]);
         assert_eq!(ledger.total(), 300);
         assert_eq!(ledger.trim(150), vec!["old".to_string(), "new".to_string()], "the pinned one stays");

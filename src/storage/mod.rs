@@ -1,19 +1,27 @@
-//! Per-session artefacts under `TEMP_DIR`: atomic writes, random names, a byte cap that
-//! holds (see `ledger`), TTL sweep.
+//! Per-session artefacts (scene, mask, overlay, result PNGs) behind one small trait,
+//! [`Backend`] (put, get, delete, list by session with last-use times), with a byte cap
+//! that holds at every write (see `ledger`) and a TTL sweep, both written once here for
+//! every backend.
 //!
-//! Layout: `<root>/sessions/<session id>/<artefact>.png`. The session id is random,
-//! server-generated and carried in an encrypted cookie, so no path is ever built from
-//! user input. Files are written to a random temporary name and renamed into place.
+//! Backends: [`LocalDir`] (a directory on this machine, the default: nothing else to run)
+//! and [`S3Bucket`] (an S3-compatible bucket that several replicas share; any replica can
+//! then serve any request of a flow). Keys are `sessions/<session id>/<artefact>.png`: the
+//! session id is random, server-generated and carried in an encrypted cookie, so no key
+//! is ever built from user input.
 
 mod ledger;
+mod local;
+mod s3;
 
-use std::fs;
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use ledger::{footprint, Ledger, Scanned};
+pub use ledger::SessionUsage;
+use ledger::{footprint, Ledger};
+pub use local::{uncache, LocalDir};
+pub use s3::{S3Bucket, S3Settings, S3SettingsError};
 
 use rand::Rng;
 use rocket::fairing::AdHoc;
@@ -25,11 +33,9 @@ const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
 const EDQUOT: i32 = 122;
 
-/// Seconds a client is told to wait when every session under the cap is in use.
-const CAP_RETRY_SECS: u64 = 5;
-
-/// tmpfs's `f_type` (statfs): artefacts there are RAM.
-const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// Seconds a client is told to wait when every session under the cap is in use, or the
+/// shared store is unreachable.
+const RETRY_SECS: u64 = 5;
 
 /// The files a session can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +84,15 @@ pub enum StorageError {
     CapReached,
     #[error("temporary storage failed: {0}")]
     Io(#[from] io::Error),
+    /// The shared store cannot be reached, or is overloaded (waiting helps).
+    #[error("the artefact store is unreachable: {0}")]
+    Unavailable(String),
+    /// The shared store refused our credentials.
+    #[error("the artefact store refused access: {0}")]
+    Denied(String),
+    /// The shared store refused a request otherwise (no such bucket, ...).
+    #[error("the artefact store refused a request: {0}")]
+    Rejected(String),
 }
 
 impl StorageError {
@@ -85,12 +100,14 @@ impl StorageError {
         match self {
             StorageError::NotFound(_) => Status::NotFound,
             StorageError::Full(_) => Status::InsufficientStorage,
-            StorageError::CapReached => Status::ServiceUnavailable,
-            StorageError::ReadOnly(_) | StorageError::Io(_) => Status::InternalServerError,
+            StorageError::CapReached | StorageError::Unavailable(_) => Status::ServiceUnavailable,
+            StorageError::ReadOnly(_) | StorageError::Io(_) | StorageError::Denied(_) | StorageError::Rejected(_) => {
+                Status::InternalServerError
+            }
         }
     }
 
-    /// What the client is told (no paths, no OS detail).
+    /// What the client is told (no paths, no keys, no OS detail).
     pub fn public_message(&self) -> &'static str {
         match self {
             StorageError::NotFound(artefact) => artefact.missing(),
@@ -98,15 +115,18 @@ impl StorageError {
             StorageError::CapReached => "the server is holding as many images as it may; try again in a few seconds",
             StorageError::ReadOnly(_) => "the server's temporary storage is read-only; tell the operator",
             StorageError::Io(_) => "the server's temporary storage is unavailable; tell the operator",
+            StorageError::Unavailable(_) => "the image store cannot be reached just now; try again in a few seconds",
+            StorageError::Denied(_) => "the image store refused the server's credentials; tell the operator",
+            StorageError::Rejected(_) => "the image store refused a request; tell the operator",
         }
     }
 
     /// Seconds to wait before trying again, where waiting helps.
     pub fn retry_after(&self) -> Option<u64> {
-        matches!(self, StorageError::CapReached).then_some(CAP_RETRY_SECS)
+        matches!(self, StorageError::CapReached | StorageError::Unavailable(_)).then_some(RETRY_SECS)
     }
 
-    /// Classifies a failed write: full (507), read-only or other (500).
+    /// Classifies a failed local write: full (507), read-only or other (500).
     pub fn from_write(error: io::Error) -> Self {
         use io::ErrorKind::{QuotaExceeded, ReadOnlyFilesystem, StorageFull};
         match (error.raw_os_error(), error.kind()) {
@@ -138,16 +158,69 @@ impl SessionId {
     }
 }
 
-/// Directory state for `/health`.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+/// The artefact-store abstraction: what a place that keeps sessions' artefacts must do.
+/// Calls block (they run on the blocking pool); each object is small and whole.
+pub trait Backend: Send + Sync {
+    /// "local" or "s3", for `/health` and the logs.
+    fn kind(&self) -> &'static str;
+    /// Whether the bytes are RAM (a tmpfs): then they count in the memory budget.
+    fn in_memory(&self) -> bool {
+        false
+    }
+    /// Stores an artefact atomically: a reader sees the old bytes or the new, never a part.
+    fn put(&self, session: &str, artefact: Artefact, bytes: &[u8]) -> Result<(), StorageError>;
+    fn get(&self, session: &str, artefact: Artefact) -> Result<Vec<u8>, StorageError>;
+    /// Deleting what is not there succeeds.
+    fn delete(&self, session: &str, artefact: Artefact) -> Result<(), StorageError>;
+    fn delete_session(&self, session: &str) -> Result<(), StorageError>;
+    /// Every session held, with its artefacts' sizes and its last use.
+    fn list(&self) -> Result<Vec<SessionUsage>, StorageError>;
+    fn health(&self) -> BackendHealth;
+    /// The directory, for a store on this machine's disk.
+    fn root(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// A backend's state for `/health` and `/ready`.
+#[derive(Debug, Clone)]
+pub struct BackendHealth {
+    pub kind: &'static str,
+    pub reachable: bool,
+    pub writable: bool,
+    /// What is wrong, in words fit for an operator (no paths or keys).
+    pub problem: Option<String>,
+}
+
+/// Artefact state for `/health` (`directories`). The Flask app's `temp_dir_*` keys say
+/// whether the store (local directory or bucket) can be reached and written.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DirHealth {
     pub temp_dir_exists: bool,
     pub temp_dir_writable: bool,
-    /// Bytes the artefacts take, and the cap they are held under.
+    /// "local" or "s3".
+    pub store: &'static str,
+    pub store_problem: Option<String>,
+    /// Bytes the artefacts take (as this replica knows them), and the cap they are held under.
     pub artefact_mb: f64,
     pub artefact_cap_mb: f64,
     /// On tmpfs: the artefacts are RAM (counted in the model's memory budget).
     pub temp_dir_in_memory: bool,
+}
+
+impl DirHealth {
+    /// When the store could not even be asked.
+    pub fn unknown() -> Self {
+        DirHealth {
+            temp_dir_exists: false,
+            temp_dir_writable: false,
+            store: "unknown",
+            store_problem: Some("the artefact store's state could not be read".into()),
+            artefact_mb: 0.0,
+            artefact_cap_mb: 0.0,
+            temp_dir_in_memory: false,
+        }
+    }
 }
 
 /// What a sweep removed.
@@ -157,8 +230,10 @@ pub struct SweepReport {
     pub evicted: usize,
 }
 
-pub struct TempStore {
-    root: PathBuf,
+/// The artefacts of every session: a backend, and the cap, expiry and pins that hold for
+/// any backend.
+pub struct Artefacts {
+    backend: Box<dyn Backend>,
     ttl: Duration,
     max_bytes: u64,
     in_memory: bool,
@@ -167,7 +242,7 @@ pub struct TempStore {
 
 /// A request using a session: while it lives, the session is not evicted.
 pub struct Pin {
-    store: Arc<TempStore>,
+    store: Arc<Artefacts>,
     session: SessionId,
 }
 
@@ -177,22 +252,26 @@ impl Drop for Pin {
     }
 }
 
-impl TempStore {
-    /// Uses `root` (created if missing). A failure here is reported, not fatal:
-    /// `/health` and each request say what is wrong.
-    pub fn new(root: PathBuf, ttl: Duration, max_bytes: u64) -> Self {
-        let in_memory = on_tmpfs(&root);
-        let store = TempStore { root, ttl, max_bytes, in_memory, ledger: Mutex::new(Ledger::default()) };
-        if let Err(e) = store.ensure_root() {
-            log::error!("temporary directory {} is not usable: {e}", store.root.display());
+impl Artefacts {
+    /// Takes stock of what `backend` holds already (an unreachable store is reported by
+    /// `/health`; the first sweep that reaches it takes stock).
+    pub fn new(backend: Box<dyn Backend>, ttl: Duration, max_bytes: u64) -> Self {
+        let in_memory = backend.in_memory();
+        let store = Artefacts { backend, ttl, max_bytes, in_memory, ledger: Mutex::new(Ledger::default()) };
+        match store.backend.list() {
+            Ok(listing) => store.ledger().resync(listing),
+            Err(e) => log::warn!("artefact store ({}): cannot list it yet: {e}", store.backend.kind()),
         }
-        let scan = store.scan();
-        store.ledger().resync(scan);
         store
     }
 
+    /// A local directory store (the default).
+    pub fn local(root: PathBuf, ttl: Duration, max_bytes: u64) -> Self {
+        Artefacts::new(Box::new(LocalDir::new(root)), ttl, max_bytes)
+    }
+
     /// The ledger; a panic elsewhere while it was held leaves numbers that the next
-    /// sweep's scan corrects, so a poisoned lock is used as it is.
+    /// sweep's listing corrects, so a poisoned lock is used as it is.
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -201,6 +280,11 @@ impl TempStore {
     pub fn pin(self: &Arc<Self>, session: &SessionId) -> Pin {
         self.ledger().pin(session.as_str(), SystemTime::now());
         Pin { store: self.clone(), session: session.clone() }
+    }
+
+    /// The directory of a store on this machine's disk.
+    pub fn root(&self) -> Option<&Path> {
+        self.backend.root()
     }
 
     /// Bytes the artefacts take now.
@@ -215,288 +299,209 @@ impl TempStore {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Deletes evicted or expired sessions. Called with the ledger held: a request for
+    /// one of them that starts now must not have its new artefacts deleted by this. A
+    /// failure leaves objects the ledger no longer counts; the next listing finds them.
+    fn discard(&self, sessions: &[String], why: &str) {
+        for id in sessions {
+            if let Err(e) = self.backend.delete_session(id) {
+                log::warn!("artefact store: could not delete a session ({why}): {e}");
+            }
+        }
     }
 
-    fn sessions_dir(&self) -> PathBuf {
-        self.root.join("sessions")
-    }
-
-    fn ensure_root(&self) -> io::Result<()> {
-        fs::create_dir_all(self.sessions_dir())?;
-        set_private(&self.root);
-        Ok(())
-    }
-
-    fn session_dir(&self, session: &SessionId) -> PathBuf {
-        self.sessions_dir().join(session.as_str())
-    }
-
-    /// Where an artefact lives (it may not exist).
-    pub fn path(&self, session: &SessionId, artefact: Artefact) -> PathBuf {
-        self.session_dir(session).join(artefact.file_name())
-    }
-
-    /// Writes atomically (random temporary name, fsync, rename) within the byte cap:
-    /// room is made first by evicting idle sessions, or the write is refused.
+    /// Stores an artefact within the byte cap: room is made first by evicting idle
+    /// sessions, or the write is refused.
     pub fn write(&self, session: &SessionId, artefact: Artefact, bytes: &[u8]) -> Result<(), StorageError> {
         let now = SystemTime::now();
-        let size = footprint(bytes.len() as u64);
-        {
+        let (id, file) = (session.as_str(), artefact.index());
+        let before = {
             let mut ledger = self.ledger();
-            let evicted = ledger.reserve(session.as_str(), artefact.index(), size, self.max_bytes, now);
+            let before = ledger.bytes_of(id, file);
+            let evicted = ledger.reserve(id, file, footprint(bytes.len() as u64), self.max_bytes, now);
             let evicted = evicted.map_err(|_| StorageError::CapReached)?;
-            // Deleted under the lock: a request for an evicted session that starts now
-            // must not have its new files deleted by this.
-            for id in &evicted {
-                let _ = fs::remove_dir_all(self.sessions_dir().join(id));
-            }
             if !evicted.is_empty() {
+                self.discard(&evicted, "cap");
                 log::info!("artefact cap: evicted {} idle session(s)", evicted.len());
             }
             self.report(&ledger);
-        }
-        let dir = self.session_dir(session);
-        let written = fs::create_dir_all(&dir).and_then(|()| {
-            let suffix: u64 = rand::rng().random();
-            let tmp = dir.join(format!(".{}.{suffix:016x}.tmp", artefact.file_name()));
-            let renamed = write_synced(&tmp, bytes).and_then(|()| fs::rename(&tmp, dir.join(artefact.file_name())));
-            if renamed.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            renamed
-        });
-        if let Err(e) = written {
-            let on_disk = fs::metadata(self.path(session, artefact)).map_or(0, |m| footprint(m.len()));
+            before
+        };
+        if let Err(e) = self.backend.put(id, artefact, bytes) {
+            // A failed put leaves the previous object (puts are atomic).
             let mut ledger = self.ledger();
-            ledger.set(session.as_str(), artefact.index(), on_disk, now);
+            ledger.set(id, file, before, now);
             self.report(&ledger);
-            return Err(StorageError::from_write(e));
+            return Err(e);
         }
-        touch(&dir);
         Ok(())
     }
 
     /// Reads an artefact whole (they are small PNGs); marks the session as in use.
     pub fn read(&self, session: &SessionId, artefact: Artefact) -> Result<Vec<u8>, StorageError> {
-        let path = self.path(session, artefact);
-        match read_uncached(&path) {
-            Ok(bytes) => {
-                touch(&self.session_dir(session));
-                self.ledger().touch(session.as_str(), SystemTime::now());
-                Ok(bytes)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound(artefact)),
-            Err(e) => Err(StorageError::Io(e)),
-        }
+        let bytes = self.backend.get(session.as_str(), artefact)?;
+        self.ledger().touch(session.as_str(), SystemTime::now());
+        Ok(bytes)
     }
 
-    /// A key that changes whenever the artefact is rewritten (for caches).
-    pub fn version_key(&self, session: &SessionId, artefact: Artefact) -> Result<String, StorageError> {
-        let meta = fs::metadata(self.path(session, artefact)).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StorageError::NotFound(artefact),
-            _ => StorageError::Io(e),
-        })?;
-        let stamp =
-            meta.modified().ok().and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok()).unwrap_or_default();
-        Ok(format!("{}:{}:{}", session.as_str(), stamp.as_nanos(), meta.len()))
-    }
-
-    /// Removes artefacts that a newer upload makes stale.
-    pub fn remove(&self, session: &SessionId, artefacts: &[Artefact]) {
-        let mut ledger = self.ledger();
+    /// Removes artefacts that a newer upload or mask makes stale. Fails if they may
+    /// still be there: a stale mask must never meet a new scene.
+    pub fn remove(&self, session: &SessionId, artefacts: &[Artefact]) -> Result<(), StorageError> {
         for artefact in artefacts {
-            let _ = fs::remove_file(self.path(session, *artefact));
+            self.backend.delete(session.as_str(), *artefact)?;
+            let mut ledger = self.ledger();
             ledger.set(session.as_str(), artefact.index(), 0, SystemTime::now());
+            self.report(&ledger);
         }
-        self.report(&ledger);
+        Ok(())
     }
 
-    /// Removes the whole session (logout).
+    /// Removes the whole session (logout). Best effort: what is left expires.
     pub fn remove_session(&self, session: &SessionId) {
         let mut ledger = self.ledger();
-        let _ = fs::remove_dir_all(self.session_dir(session));
+        self.discard(&[session.as_str().to_string()], "logout");
         ledger.forget(session.as_str());
         self.report(&ledger);
     }
 
+    /// The store's state; may ask a remote store (call it off the async workers).
     pub fn health(&self) -> DirHealth {
-        let exists = self.root.is_dir();
-        let writable = exists && {
-            let probe = self.root.join(format!(".health-{}", std::process::id()));
-            let ok = fs::write(&probe, b"ok").is_ok();
-            let _ = fs::remove_file(&probe);
-            ok
-        };
+        let backend = self.backend.health();
         let mb = |bytes: u64| (bytes as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0;
         DirHealth {
-            temp_dir_exists: exists,
-            temp_dir_writable: writable,
+            temp_dir_exists: backend.reachable,
+            temp_dir_writable: backend.writable,
+            store: backend.kind,
+            store_problem: backend.problem,
             artefact_mb: mb(self.bytes()),
             artefact_cap_mb: mb(self.max_bytes),
             temp_dir_in_memory: self.in_memory,
         }
     }
 
-    /// Re-reads the disk (it is the truth; the ledger is its summary), removes sessions
+    /// Lists the store (it is the truth; the ledger is its summary), removes sessions
     /// idle for longer than the TTL, and evicts least recently used idle ones should the
-    /// disk hold more than the cap (files left from an earlier run, a lowered cap).
-    /// Sessions in use are never removed. Also recreates a missing root.
+    /// store hold more than the cap (files left from an earlier run, a lowered cap, other
+    /// replicas' sessions). Sessions in use here are never removed. Safe to run on every
+    /// replica at once: deleting what another replica deleted first succeeds.
     pub fn sweep(&self) -> SweepReport {
-        let _ = self.ensure_root();
+        let listing = match self.backend.list() {
+            Ok(listing) => listing,
+            Err(e) => {
+                log::warn!("artefact sweep skipped: {e}");
+                return SweepReport::default();
+            }
+        };
         let mut ledger = self.ledger();
-        ledger.resync(self.scan());
+        ledger.resync(listing);
         let expired = ledger.expire(SystemTime::now(), self.ttl);
         let evicted = ledger.trim(self.max_bytes);
-        for id in expired.iter().chain(&evicted) {
-            let _ = fs::remove_dir_all(self.sessions_dir().join(id));
-        }
+        self.discard(&expired, "expired");
+        self.discard(&evicted, "cap");
         self.report(&ledger);
         SweepReport { expired: expired.len(), evicted: evicted.len() }
     }
-
-    /// Every session on disk: its files' sizes and when it was last used.
-    fn scan(&self) -> Vec<Scanned> {
-        let Ok(entries) = fs::read_dir(self.sessions_dir()) else {
-            return Vec::new();
-        };
-        entries.flatten().filter_map(|e| session_usage(&e.path())).collect()
-    }
 }
 
-fn session_usage(dir: &Path) -> Option<Scanned> {
-    let meta = fs::metadata(dir).ok()?;
-    let id = dir.file_name()?.to_str()?;
-    if !meta.is_dir() || SessionId::parse(id).is_none() {
-        return None;
-    }
-    let mut last_used = meta.modified().ok()?;
-    let mut bytes = [0; ledger::FILES];
-    for entry in fs::read_dir(dir).ok()?.flatten() {
-        let Ok(m) = entry.metadata() else { continue };
-        if let Ok(t) = m.modified() {
-            last_used = last_used.max(t);
+/// Where artefacts live, from `STORAGE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageUrl {
+    /// Unset: `TEMP_DIR` (or its default); `file://PATH`: that directory.
+    Local(Option<PathBuf>),
+    /// `s3://BUCKET[/PREFIX]`.
+    S3 { bucket: String, prefix: String },
+}
+
+impl StorageUrl {
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Ok(StorageUrl::Local(None));
         }
-        // A temporary file of a write in flight counts with the artefact it becomes.
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let slot = Artefact::ALL.iter().find(|a| name.trim_start_matches('.').starts_with(a.file_name()));
-        if let Some(artefact) = slot {
-            bytes[artefact.index()] += footprint(m.len());
+        if let Some(path) = value.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err("file:// needs an absolute path (file:///var/drishya)".into());
+            }
+            return Ok(StorageUrl::Local(Some(PathBuf::from(path))));
         }
-    }
-    Some(Scanned { id: id.to_string(), bytes, last_used })
-}
-
-/// Whether `dir` is on tmpfs (its pages are RAM, charged to the container).
-fn on_tmpfs(dir: &Path) -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        // The nearest existing ancestor: the folder itself may not exist yet.
-        let Some(existing) = dir.ancestors().find(|p| p.exists()) else { return false };
-        let Ok(path) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else { return false };
-        let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid NUL-terminated path and a zeroed out-parameter of the right type.
-        if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-            return false;
+        if let Some(rest) = value.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let valid = (3..=63).contains(&bucket.len())
+                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            if !valid {
+                return Err("the bucket name must be 3-63 lowercase letters, digits, '-' or '.'".into());
+            }
+            let prefix = prefix.trim_matches('/');
+            if prefix.split('/').any(|part| part == "." || part == "..") || prefix.contains("//") {
+                return Err("the prefix must not contain '.', '..' or empty parts".into());
+            }
+            return Ok(StorageUrl::S3 { bucket: bucket.to_string(), prefix: prefix.to_string() });
         }
-        #[allow(clippy::unnecessary_cast)]
-        return stat.f_type as i64 == TMPFS_MAGIC;
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = dir;
-        false
+        Err("must be empty, file:///PATH or s3://BUCKET[/PREFIX]".into())
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_data()?;
-    drop_cached_pages(&file);
-    Ok(())
-}
-
-/// Flushes a file and drops it from the page cache (an upload waiting for its turn).
-pub fn uncache(path: &Path) -> io::Result<()> {
-    let file = fs::File::open(path)?;
-    file.sync_data()?;
-    drop_cached_pages(&file);
-    Ok(())
-}
-
-fn read_uncached(path: &Path) -> io::Result<Vec<u8>> {
-    let mut file = fs::File::open(path)?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    drop_cached_pages(&file);
-    Ok(bytes)
-}
-
-/// Asks the kernel to drop the file's (clean) pages from the page cache. The page cache
-/// counts against a container's memory limit: 64 sessions' artefacts kept the 512 MB
-/// cgroup's usage ~200 MB above the server's own RSS (docs/performance.md §4). Each
-/// artefact is read once per request, so caching it buys little. No effect on tmpfs.
-fn drop_cached_pages(file: &fs::File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: advice on an open descriptor; never changes the file's contents.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
-}
-
-/// Marks a session directory as used now (the sweep looks at this time).
-fn touch(dir: &Path) {
-    if let Ok(file) = fs::File::open(dir) {
-        let _ = file.set_modified(SystemTime::now());
-    }
-}
-
-fn set_private(dir: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-    }
-}
-
-/// Manages the [`TempStore`] and runs the sweep every minute after liftoff.
-pub fn stage() -> AdHoc {
-    AdHoc::on_ignite("Temporary storage", |rocket| async move {
-        let Some(cfg) = rocket.state::<AppConfig>() else {
-            return rocket;
-        };
-        let root = cfg.resolved_temp_dir();
-        let ttl = Duration::from_secs(cfg.temp_ttl_secs);
-        let max_bytes = cfg.temp_max_mb * 1024 * 1024;
-        log::info!("temporary files under {}", root.display());
-        rocket.manage(std::sync::Arc::new(TempStore::new(root, ttl, max_bytes))).attach(AdHoc::on_liftoff(
-            "Temporary file sweep",
-            |rocket| {
-                Box::pin(async move {
-                    if let Some(store) = rocket.state::<std::sync::Arc<TempStore>>().cloned() {
-                        rocket::tokio::spawn(sweep_forever(store));
-                    }
-                })
-            },
-        ))
+/// The backend the configuration names (a bad one stops the launch).
+fn backend(cfg: &AppConfig) -> Result<Box<dyn Backend>, String> {
+    let url = StorageUrl::parse(&cfg.storage_url).map_err(|why| format!("STORAGE_URL {why}"))?;
+    Ok(match url {
+        StorageUrl::Local(path) => {
+            let root = path.unwrap_or_else(|| cfg.resolved_temp_dir());
+            log::info!("artefacts under {}", root.display());
+            Box::new(LocalDir::new(root))
+        }
+        StorageUrl::S3 { bucket, prefix } => {
+            let settings = cfg.s3_settings(bucket, prefix);
+            log::info!(
+                "artefacts in the bucket {} (prefix {:?}) at {}",
+                settings.bucket,
+                settings.prefix,
+                settings.endpoint.as_deref().unwrap_or("AWS")
+            );
+            Box::new(S3Bucket::new(settings).map_err(|e| e.to_string())?)
+        }
     })
 }
 
-async fn sweep_forever(store: std::sync::Arc<TempStore>) {
+/// Manages the [`Artefacts`] store and runs the sweep every minute after liftoff.
+pub fn stage() -> AdHoc {
+    AdHoc::try_on_ignite("Artefact storage", |rocket| async move {
+        let Some(cfg) = rocket.state::<AppConfig>().cloned() else {
+            return Ok(rocket);
+        };
+        let backend = match backend(&cfg) {
+            Ok(backend) => backend,
+            Err(e) => {
+                log::error!("{e}");
+                return Err(rocket);
+            }
+        };
+        let ttl = Duration::from_secs(cfg.temp_ttl_secs);
+        let max_bytes = cfg.temp_max_mb * 1024 * 1024;
+        let store =
+            rocket::tokio::task::spawn_blocking(move || Arc::new(Artefacts::new(backend, ttl, max_bytes))).await;
+        let Ok(store) = store else {
+            log::error!("the artefact store could not be set up");
+            return Err(rocket);
+        };
+        Ok(rocket.manage(store).attach(AdHoc::on_liftoff("Artefact sweep", |rocket| {
+            Box::pin(async move {
+                if let Some(store) = rocket.state::<Arc<Artefacts>>().cloned() {
+                    rocket::tokio::spawn(sweep_forever(store));
+                }
+            })
+        })))
+    })
+}
+
+async fn sweep_forever(store: Arc<Artefacts>) {
     let mut tick = rocket::tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
         let store = store.clone();
         if let Ok(report) = rocket::tokio::task::spawn_blocking(move || store.sweep()).await {
             if report != SweepReport::default() {
-                log::info!("temp sweep: {} expired, {} evicted", report.expired, report.evicted);
+                log::info!("artefact sweep: {} expired, {} evicted", report.expired, report.evicted);
             }
         }
     }
@@ -505,15 +510,20 @@ async fn sweep_forever(store: std::sync::Arc<TempStore>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+
+    fn session_dir(root: &Path, sid: &SessionId) -> PathBuf {
+        root.join("sessions").join(sid.as_str())
+    }
 
     #[test]
     fn writes_are_atomic_and_readable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TempStore::new(dir.path().to_path_buf(), Duration::from_secs(3600), 1 << 30);
+        let store = Artefacts::local(dir.path().to_path_buf(), Duration::from_secs(3600), 1 << 30);
         let sid = SessionId::random();
         store.write(&sid, Artefact::Image, b"abc").unwrap();
         assert_eq!(store.read(&sid, Artefact::Image).unwrap(), b"abc");
-        let leftovers: Vec<_> = fs::read_dir(store.session_dir(&sid)).unwrap().flatten().collect();
+        let leftovers: Vec<_> = fs::read_dir(session_dir(dir.path(), &sid)).unwrap().flatten().collect();
         assert_eq!(leftovers.len(), 1, "no temporary files remain");
         assert!(matches!(store.read(&sid, Artefact::Mask), Err(StorageError::NotFound(Artefact::Mask))));
     }
@@ -526,42 +536,64 @@ mod tests {
     }
 
     #[test]
+    fn storage_urls_name_a_directory_or_a_bucket_and_nothing_else() {
+        assert_eq!(StorageUrl::parse(""), Ok(StorageUrl::Local(None)));
+        assert_eq!(StorageUrl::parse("file:///var/drishya"), Ok(StorageUrl::Local(Some("/var/drishya".into()))));
+        assert_eq!(
+            StorageUrl::parse("s3://my-bucket/drishya/prod/"),
+            Ok(StorageUrl::S3 { bucket: "my-bucket".into(), prefix: "drishya/prod".into() })
+        );
+        assert_eq!(
+            StorageUrl::parse("s3://my-bucket"),
+            Ok(StorageUrl::S3 { bucket: "my-bucket".into(), prefix: "".into() })
+        );
+        for bad in ["file://relative", "s3://", "s3://Bad_Bucket", "s3://bucket/../x", "gs://bucket", "/tmp/x"] {
+            assert!(StorageUrl::parse(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
     fn the_cap_holds_at_every_write_evicting_idle_sessions_and_never_busy_ones() {
         const PAGE: u64 = 4096;
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(TempStore::new(dir.path().to_path_buf(), Duration::from_secs(3600), 2 * PAGE));
+        let root = dir.path();
+        let store = Arc::new(Artefacts::local(root.to_path_buf(), Duration::from_secs(3600), 2 * PAGE));
         let [a, b, c, d] = [(); 4].map(|()| SessionId::random());
         store.write(&a, Artefact::Image, &[0; 100]).unwrap();
         store.write(&b, Artefact::Image, &[0; 100]).unwrap();
         let age = |sid: &SessionId, secs: u64| {
             let t = SystemTime::now() - Duration::from_secs(secs);
-            for p in [store.path(sid, Artefact::Image), store.session_dir(sid)] {
+            for p in [session_dir(root, sid).join("image.png"), session_dir(root, sid)] {
                 fs::File::open(p).unwrap().set_modified(t).unwrap();
             }
         };
         age(&a, 1200);
         age(&b, 600);
+        // (A fresh store takes its times from the disk.)
+        let store = Arc::new(Artefacts::local(root.to_path_buf(), Duration::from_secs(3600), 2 * PAGE));
         assert_eq!(store.sweep(), SweepReport::default(), "within the TTL and the cap");
         // A third session does not fit: the least recently used goes at once, not a
         // minute later.
         store.write(&c, Artefact::Image, &[0; 100]).unwrap();
-        assert!(!store.session_dir(&a).exists() && store.session_dir(&b).exists() && store.session_dir(&c).exists());
+        let exists = |sid: &SessionId| session_dir(root, sid).exists();
+        assert!(!exists(&a) && exists(&b) && exists(&c));
         assert_eq!(store.bytes(), 2 * PAGE);
         assert!(matches!(store.read(&a, Artefact::Image), Err(StorageError::NotFound(Artefact::Image))));
         // Both sessions in use: a fourth is refused (503, Retry-After), nothing is lost.
         let pins = (store.pin(&b), store.pin(&c));
         let refused = store.write(&d, Artefact::Image, &[0; 100]).unwrap_err();
-        assert_eq!((refused.status(), refused.retry_after()), (Status::ServiceUnavailable, Some(CAP_RETRY_SECS)));
-        assert!(!store.session_dir(&d).exists() && store.session_dir(&b).exists() && store.session_dir(&c).exists());
+        assert_eq!((refused.status(), refused.retry_after()), (Status::ServiceUnavailable, Some(RETRY_SECS)));
+        assert!(!exists(&d) && exists(&b) && exists(&c));
         drop(pins);
         store.write(&d, Artefact::Image, &[0; 100]).unwrap();
-        assert!(!store.session_dir(&b).exists(), "b was used before c");
+        assert!(!exists(&b), "b was used before c");
         // Idle past the TTL: swept.
         age(&c, 7200);
+        let store = Artefacts::local(root.to_path_buf(), Duration::from_secs(3600), 2 * PAGE);
         assert_eq!(store.sweep(), SweepReport { expired: 1, evicted: 0 });
         assert_eq!(store.bytes(), PAGE);
         // Files left on disk beyond the cap (an earlier run, a lowered cap) are trimmed.
-        let smaller = TempStore::new(dir.path().to_path_buf(), Duration::from_secs(3600), 1);
+        let smaller = Artefacts::local(root.to_path_buf(), Duration::from_secs(3600), 1);
         assert_eq!(smaller.sweep(), SweepReport { expired: 0, evicted: 1 });
     }
 }

@@ -2,6 +2,9 @@
 //! multipart bodies, the shared photos and models.
 #![allow(dead_code)]
 
+pub mod process;
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;

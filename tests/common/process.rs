@@ -1,0 +1,148 @@
+//! Real processes on real sockets: the binary started as deployments start it, and a
+//! tiny HTTP/1.1 client (one request per connection) to talk to it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{multipart, read, shared, Part};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+pub fn binary() -> PathBuf {
+    std::env::var_os("DRISHYA_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_drishya").into())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A working directory laid out like the image's /app: templates, static, Rocket.toml,
+/// models/u2netp.onnx.
+pub fn app_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["templates", "static"] {
+        std::os::unix::fs::symlink(Path::new(REPO).join(name), dir.path().join(name)).unwrap();
+    }
+    std::fs::copy(Path::new(REPO).join("Rocket.toml"), dir.path().join("Rocket.toml")).unwrap();
+    std::fs::create_dir(dir.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(shared("models/u2netp.onnx"), dir.path().join("models/u2netp.onnx")).unwrap();
+    dir
+}
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `command` with nothing of this process's environment but PATH, run in `dir`.
+pub fn command(dir: &Path, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(binary());
+    command.current_dir(dir).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command.env("ROCKET_PROFILE", "release");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
+pub fn start(dir: &Path, env: &[(&str, String)], port: u16) -> Server {
+    let child = command(dir, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("the binary starts");
+    Server { child, port }
+}
+
+/// How long until `/health` answers 200 (polled every 10 ms), if within `limit`.
+pub fn health_within(server: &mut Server, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("the server exited: {status}");
+        }
+        if get(server.port, "/health", None).is_some_and(|r| r.status == 200) {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn cookie(&self) -> Option<String> {
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix("Set-Cookie: ").or_else(|| l.strip_prefix("set-cookie: ")))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string)
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), or `None` when the
+/// server does not answer.
+pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<Reply> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (key, value) in headers {
+        head.push_str(&format!("{key}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).ok()?;
+    stream.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Reply { status, head, body: raw[split + 4..].to_vec() })
+}
+
+pub fn get(port: u16, path: &str, cookie: Option<&str>) -> Option<Reply> {
+    let headers: Vec<(&str, &str)> = cookie.map(|c| vec![("Cookie", c)]).unwrap_or_default();
+    request(port, "GET", path, &headers, b"")
+}
+
+pub fn login_at(port: u16, password: &str) -> String {
+    let body = format!("password={password}");
+    let reply =
+        request(port, "POST", "/login", &[("Content-Type", "application/x-www-form-urlencoded")], body.as_bytes())
+            .expect("login answers");
+    assert_eq!(reply.status, 303, "login: {}", reply.text());
+    reply.cookie().expect("a session cookie")
+}
+
+/// `POST /upload_image` with coffee.png, in the session of `cookie`.
+pub fn upload_coffee(port: u16, cookie: &str) -> Reply {
+    let bytes = read(&shared("images/coffee.png"));
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "coffee.png", content_type: "image/png", bytes: &bytes }]);
+    let ct = ct.to_string();
+    request(port, "POST", "/upload_image", &[("Content-Type", &ct), ("Cookie", cookie)], &body).expect("upload answers")
+}
