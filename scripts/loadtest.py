@@ -17,11 +17,29 @@ cache), the sampled peak of its RSS alone, the server's own VmHWM, memory.failcn
 OOM kills (memory.oom_control oom_kill), the time from process start to the first
 /health 200, the idle RSS after start, and the time to the first mask answered.
 
+A flow whose session was evicted under the artefact cap (a 404 "upload it again" after
+its upload) starts again from the upload, as a user would; those restarts are counted.
+Every scenario also samples the artefacts: the size of TEMP_DIR/sessions on disk (sum of
+file sizes, and of whole pages as tmpfs charges them) every 0.2 s, and /health's
+directories.artefact_mb every 0.2 s; the maxima are reported beside the cap.
+
+--cap-check is the artefact-cap scenario (CI): U2-Net-p, TEMP_DIR on tmpfs (/dev/shm)
+inside the cgroup, TEMP_MAX_MB = --cap-mb (default 128, the app's default), N = 3
+clients x 67 flows = 201 new sessions (each flow logs in anew), the same 12 MP JPEG
+(~5.4 MB of artefacts a session: 128 MB holds about 24). With --strict it fails
+unless: 0 OOM kills; every flow completed; no 5xx other than 503; every 503 carried
+Retry-After; /health reports the cap and tmpfs; both measures of the artefacts stayed
+within the cap + one job's in-flight writes (the most one upload, mask or replace was
+seen to take on disk); and the disk reached the cap less one session (the cap was
+pressed). LOADTEST_CAP_SERVER_MB=M starts the server with TEMP_MAX_MB=M while the check
+still holds it to --cap-mb: a server whose cap does not hold, to prove the check fails.
+
 Standard library only. Needs root and a writable cgroup v1 memory hierarchy (or v2).
 
-usage: loadtest.py [--quick] [--bin PATH] [--models u2netp,sam] [--n 1,4,16,64]
-                   [--flows-per-client K] [--time-limit S] [--max-requests R]
-                   [--limit-mb 512] [--shm] [--strict] [--json PATH] [--workdir DIR] [--shared DIR]
+usage: loadtest.py [--quick | --cap-check] [--bin PATH] [--models u2netp,sam] [--n 1,4,16,64]
+                   [--flows-per-client K] [--time-limit S] [--max-requests R] [--cap-mb MB]
+                   [--upload PATH] [--limit-mb 512] [--shm] [--strict] [--json PATH]
+                   [--workdir DIR] [--shared DIR]
 """
 
 import argparse
@@ -45,6 +63,11 @@ CG_V1 = "/sys/fs/cgroup/memory"
 CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # the product's box as a fraction of the image (as bench.rs)
 ROUTES = ["login", "upload_image", "generate_mask", "replace_product", "download_result"]
 MIB = 1024 * 1024
+PAGE = 4096
+# What one job writes into a session (upload; mask; replace), by file name; the temporary
+# file of a write in flight (".mask.png.<random>.tmp") counts with the file it becomes.
+JOB_FILES = {"image.png": "upload", "mask.png": "mask", "mask_overlay.png": "mask", "result.png": "replace"}
+MAX_RESTARTS = 5  # per flow: more evictions of one flow than that is a failure
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,14 +213,35 @@ class Budget(Exception):
     pass
 
 
+class Evicted(Exception):
+    """A 404 after the upload: the session's artefacts are gone (evicted under the cap)."""
+
+
 class Scenario:
-    def __init__(self, args, model_name, model_path, n, jpeg, product):
+    def __init__(self, args, model_name, model_path, n, jpeg, product, upload_name="scene_12mp.jpg"):
         self.args = args
         self.model_name = model_name
         self.model_path = model_path
         self.n = n
         self.jpeg = jpeg
         self.product = product
+        self.upload_name = upload_name
+        self.restarts = 0
+        self.restart_reasons = {}
+        self.no_retry_after = 0
+        # Artefact samples: TEMP_DIR/sessions on disk, and /health's own figure.
+        self.disk_samples = 0
+        self.disk_max_bytes = 0  # sum of file sizes
+        self.disk_max_pages = 0  # the same in whole pages (what tmpfs and the app's ledger count)
+        self.disk_max_session_pages = 0  # the largest one session ever took
+        self.disk_max_job_pages = 0  # the most one job's files ever took (one session's upload, mask or replace)
+        self.disk_max_dirs = 0
+        self.sessions_seen = set()
+        self.health_samples = 0
+        self.health_errors = 0
+        self.health_max_mb = None
+        self.health_cap_mb = set()
+        self.health_in_memory = set()
         self.lock = threading.Lock()
         self.statuses = {}
         self.latencies = {r: [] for r in ROUTES}
@@ -239,10 +283,12 @@ class Scenario:
                 if route == "generate_mask" and status == 200 and self.first_mask_at is None:
                     self.first_mask_at = time.monotonic()
             if status == 503:
-                retry = dict((k.lower(), v) for k, v in hdrs).get("retry-after", "1")
-                wait = float(retry) if retry.replace(".", "", 1).isdigit() else 1.0
+                retry = dict((k.lower(), v) for k, v in hdrs).get("retry-after")
+                wait = float(retry) if retry and retry.replace(".", "", 1).isdigit() else 1.0
                 with self.lock:
                     self.retries_503 += 1
+                    if retry is None:
+                        self.no_retry_after += 1
                 wait += random.uniform(0, 0.5)
                 if time.monotonic() + wait > self.deadline:
                     raise Budget("time limit while waiting for Retry-After")
@@ -265,6 +311,33 @@ class Scenario:
         if status != 303 or not cookie:
             raise RuntimeError(f"login answered {status}")
         client.cookie = cookie.split(";", 1)[0]
+        restarts = 0
+        while True:
+            try:
+                self.steps(client)
+                break
+            except Evicted as e:
+                # The session was evicted between two requests: upload it again, as the
+                # message says (same login), a bounded number of times.
+                restarts += 1
+                with self.lock:
+                    self.restarts += 1
+                    self.restart_reasons[str(e)] = self.restart_reasons.get(str(e), 0) + 1
+                if restarts > MAX_RESTARTS:
+                    raise RuntimeError(f"evicted {restarts} times in one flow (last: {e})")
+        with self.lock:
+            self.flows_done += 1
+            self.flow_times.append(time.monotonic() - t0)
+
+    def steps(self, client):
+        """Upload, mask, replace, download; a 404 after the upload raises Evicted."""
+
+        def check(route, status, data):
+            if status == 404:
+                raise Evicted(f"{route} 404: {data[:120].decode('utf-8', 'replace')}")
+            if status != 200:
+                raise RuntimeError(f"{route} answered {status}: {data[:200]!r}")
+
         body, ctype = self.upload_body
         status, _, data = self.call(client, "upload_image", "POST", "/upload_image", body, {"Content-Type": ctype})
         if status != 200:
@@ -275,18 +348,14 @@ class Scenario:
         status, _, data = self.call(
             client, "generate_mask", "POST", "/generate_mask", json.dumps(box).encode(), {"Content-Type": "application/json"}
         )
-        if status != 200:
-            raise RuntimeError(f"generate_mask answered {status}: {data[:200]!r}")
+        check("generate_mask", status, data)
         body, ctype = self.replace_body
         status, _, data = self.call(client, "replace_product", "POST", "/replace_product", body, {"Content-Type": ctype})
-        if status != 200:
-            raise RuntimeError(f"replace_product answered {status}: {data[:200]!r}")
+        check("replace_product", status, data)
         status, _, data = self.call(client, "download_result", "GET", "/download_result")
-        if status != 200 or not data.startswith(b"\x89PNG"):
-            raise RuntimeError(f"download_result answered {status}")
-        with self.lock:
-            self.flows_done += 1
-            self.flow_times.append(time.monotonic() - t0)
+        check("download_result", status, data)
+        if not data.startswith(b"\x89PNG"):
+            raise RuntimeError("download_result answered 200 without a PNG")
 
     def worker(self, index):
         for k in range(self.args.flows_per_client):
@@ -326,6 +395,69 @@ class Scenario:
                 self.server_hwm = max(self.server_hwm, vm["VmHWM"])
             time.sleep(0.05)
 
+    def sample_disk(self, sessions_dir):
+        """The artefacts on disk, independently of the app's ledger: every 0.2 s, the sum of
+        the sizes of the files under TEMP_DIR/sessions (temporary files of writes in flight
+        included). Files that vanish mid-walk are skipped."""
+        while not self.stop.is_set():
+            total = pages = biggest = biggest_job = dirs = 0
+            try:
+                entries = list(os.scandir(sessions_dir))
+            except OSError:
+                entries = []
+            for d in entries:
+                if not d.is_dir(follow_symlinks=False):
+                    continue
+                dirs += 1
+                self.sessions_seen.add(d.name)
+                in_session = 0
+                jobs = {}
+                try:
+                    files = list(os.scandir(d.path))
+                except OSError:
+                    continue
+                for f in files:
+                    try:
+                        size = f.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+                    total += size
+                    footprint = -(-size // PAGE) * PAGE
+                    in_session += footprint
+                    name = f.name.lstrip(".")
+                    job = next((j for k, j in JOB_FILES.items() if name == k or name.startswith(k + ".")), name)
+                    jobs[job] = jobs.get(job, 0) + footprint
+                pages += in_session
+                biggest = max(biggest, in_session)
+                biggest_job = max([biggest_job, *jobs.values()])
+            with self.lock:
+                self.disk_samples += 1
+                self.disk_max_bytes = max(self.disk_max_bytes, total)
+                self.disk_max_pages = max(self.disk_max_pages, pages)
+                self.disk_max_session_pages = max(self.disk_max_session_pages, biggest)
+                self.disk_max_job_pages = max(self.disk_max_job_pages, biggest_job)
+                self.disk_max_dirs = max(self.disk_max_dirs, dirs)
+            self.stop.wait(0.2)
+
+    def sample_health(self):
+        """/health's directories.artefact_mb (the app's own ledger) every 0.2 s."""
+        while not self.stop.is_set():
+            try:
+                status, _, data = Client(self.port, 5).request("GET", "/health")
+                d = json.loads(data).get("directories", {}) if status == 200 else None
+            except (OSError, http.client.HTTPException, ValueError, AttributeError):
+                d = None
+            with self.lock:
+                if isinstance(d, dict) and "artefact_mb" in d:
+                    self.health_samples += 1
+                    mb = d["artefact_mb"]
+                    self.health_max_mb = mb if self.health_max_mb is None else max(self.health_max_mb, mb)
+                    self.health_cap_mb.add(d.get("artefact_cap_mb"))
+                    self.health_in_memory.add(d.get("temp_dir_in_memory"))
+                else:
+                    self.health_errors += 1
+            self.stop.wait(0.2)
+
     # -- the whole scenario ---------------------------------------------------------------
 
     def run(self):
@@ -333,7 +465,8 @@ class Scenario:
         self.password = base64.urlsafe_b64encode(os.urandom(12)).decode().rstrip("=")
         secret = base64.b64encode(os.urandom(32)).decode()
         self.port = free_port()
-        self.upload_body = multipart({}, {"image": ("scene_12mp.jpg", "image/jpeg", self.jpeg)})
+        ctype = "image/png" if self.upload_name.endswith(".png") else "image/jpeg"
+        self.upload_body = multipart({}, {"image": (self.upload_name, ctype, self.jpeg)})
         self.replace_body = multipart(
             {
                 "scale_factor": "1.0",
@@ -368,6 +501,8 @@ class Scenario:
         for k in ("INFERENCE_QUEUE", "INFERENCE_CONCURRENCY"):
             if getattr(args, k.lower()) is not None:
                 env[k] = str(getattr(args, k.lower()))
+        if args.cap_mb is not None:
+            env["TEMP_MAX_MB"] = str(args.server_cap_mb)
         log_path = os.path.join(tempfile.gettempdir(), os.path.basename(temp_dir) + ".log")
         log = open(log_path, "wb")
         # The wrapper joins the cgroup first, then execs the server (same pid).
@@ -379,6 +514,10 @@ class Scenario:
         )
         result = {"model": self.model_name, "n": self.n, "port": self.port}
         mon = threading.Thread(target=self.monitor, daemon=True)
+        samplers = [
+            threading.Thread(target=self.sample_disk, args=(os.path.join(temp_dir, "sessions"),), daemon=True),
+            threading.Thread(target=self.sample_health, daemon=True),
+        ]
         try:
             health_ms = wait_health(self.port, self.proc, timeout=30)
             result["start_to_health_ms"] = health_ms
@@ -391,6 +530,8 @@ class Scenario:
             result["idle_rss_file_mb"] = round(vm.get("RssFile", 0) / MIB, 1)
             result["idle_cgroup_usage_mb"] = round(self.cg.usage() / MIB, 1)
             mon.start()
+            for t in samplers:
+                t.start()
             self.deadline = time.monotonic() + args.time_limit
             t_flows = time.monotonic()
             threads = [threading.Thread(target=self.worker, args=(i,), daemon=True) for i in range(self.n)]
@@ -420,6 +561,9 @@ class Scenario:
             result["model_status"] = (health or {}).get("model") if isinstance(health, dict) else None
         finally:
             self.stop.set()
+            for t in samplers:
+                if t.is_alive():
+                    t.join(10)
             alive = self.proc.poll() is None
             result["server_alive_at_end"] = alive
             result["server_exit"] = self.proc.returncode
@@ -446,6 +590,9 @@ class Scenario:
                 "flows_failed": self.flows_failed,
                 "requests": self.requests,
                 "retries_after_503": self.retries_503,
+                "http_503_without_retry_after": self.no_retry_after,
+                "flow_restarts_after_eviction": self.restarts,
+                "restart_reasons": self.restart_reasons,
                 "status_counts": dict(sorted(self.statuses.items())),
                 "http_5xx_other_than_503": sum(
                     c for s, c in self.statuses.items() if s.isdigit() and int(s) >= 500 and s != "503"
@@ -462,6 +609,23 @@ class Scenario:
                 "memsw_failcnt": summary.get("memsw_failcnt"),
                 "oom_kills": summary["oom_kills"],
                 "failures": self.failures[:10],
+                "artefacts": {
+                    "cap_mb": args.cap_mb,
+                    "server_temp_max_mb": args.server_cap_mb if args.cap_mb is not None else None,
+                    "temp_dir_on_tmpfs": args.shm,
+                    "disk_samples": self.disk_samples,
+                    "disk_max_mb": round(self.disk_max_bytes / MIB, 2),
+                    "disk_max_pages_mb": round(self.disk_max_pages / MIB, 2),
+                    "disk_max_session_mb": round(self.disk_max_session_pages / MIB, 2),
+                    "disk_max_job_mb": round(self.disk_max_job_pages / MIB, 2),
+                    "disk_max_session_dirs": self.disk_max_dirs,
+                    "sessions_seen_on_disk": len(self.sessions_seen),
+                    "health_samples": self.health_samples,
+                    "health_errors": self.health_errors,
+                    "health_max_artefact_mb": self.health_max_mb,
+                    "health_artefact_cap_mb": sorted(self.health_cap_mb, key=str),
+                    "health_temp_dir_in_memory": sorted(self.health_in_memory, key=str),
+                },
             }
         )
         if not result["server_alive_at_end"] or result["oom_kills"]:
@@ -549,15 +713,78 @@ def print_table(results):
             cells.append(f"{fmt(l.get('p50_ms')) + ' / ' + fmt(l.get('p95_ms')):>21}")
         flow = f"{fmt(r.get('flow_p50_s'))} / {fmt(r.get('flow_p95_s'))}"
         print(f"{r['model']:<7} {r['n']:>3} " + " ".join(cells) + f" {flow:>15}")
+    print("\nartefacts (TEMP_DIR/sessions on disk every 0.2 s: file sizes / whole pages; /health's artefact_mb), MB:")
+    print(
+        f"{'model':<7} {'N':>3} {'restarts':>8} {'503s':>5} {'cap':>5} {'disk max':>8} {'pages max':>9} "
+        f"{'/health max':>11} {'1 job':>5} {'1 session':>9} {'dirs max':>8} {'sessions':>8} {'samples disk/health':>19}"
+    )
+    for r in results:
+        a = r.get("artefacts", {})
+        cap = a.get("cap_mb") or (a.get("health_artefact_cap_mb") or [None])[0]
+        samples = f"{a.get('disk_samples')}/{a.get('health_samples')}"
+        print(
+            f"{r['model']:<7} {r['n']:>3} {fmt(r.get('flow_restarts_after_eviction')):>8} "
+            f"{fmt(r.get('retries_after_503')):>5} {fmt(cap):>5} {fmt(a.get('disk_max_mb')):>8} "
+            f"{fmt(a.get('disk_max_pages_mb')):>9} {fmt(a.get('health_max_artefact_mb')):>11} "
+            f"{fmt(a.get('disk_max_job_mb')):>5} {fmt(a.get('disk_max_session_mb')):>9} "
+            f"{fmt(a.get('disk_max_session_dirs')):>8} {fmt(a.get('sessions_seen_on_disk')):>8} {samples:>19}"
+        )
+
+
+def cap_failures(r, args):
+    """Why the artefact cap did not hold in scenario r (empty when it held)."""
+    a = r["artefacts"]
+    cap = args.cap_mb
+    # One job's in-flight writes: the most that one upload (image), mask (mask + overlay)
+    # or replace (result) was seen to take on disk. The cap may be passed by that much: by
+    # the temporary file of a rewrite beside the file it replaces, or by a sample that saw
+    # an evicted session's files before they went and the new ones after they came.
+    slack = a["disk_max_job_mb"]
+    a["slack_mb"] = slack
+    session = a["disk_max_session_mb"]
+    out = []
+    if a["disk_samples"] < 10:
+        out.append(f"only {a['disk_samples']} samples of TEMP_DIR/sessions")
+    if a["health_samples"] < 10:
+        out.append(f"only {a['health_samples']} /health samples ({a['health_errors']} failed)")
+    if a["health_artefact_cap_mb"] != [cap]:
+        out.append(f"/health's artefact_cap_mb is {a['health_artefact_cap_mb']}, the check holds it to {cap} MB")
+    if args.shm and a["health_temp_dir_in_memory"] != [True]:
+        out.append(f"/health's temp_dir_in_memory is {a['health_temp_dir_in_memory']}: not tmpfs to the app")
+    if a["disk_max_pages_mb"] > cap + slack:
+        out.append(
+            f"artefacts on disk reached {a['disk_max_pages_mb']} MB ({a['disk_max_mb']} MB of file sizes): "
+            f"over the cap {cap} MB + {slack} MB of one job's writes"
+        )
+    if (a["health_max_artefact_mb"] or 0) > cap + slack:
+        out.append(f"/health's artefact_mb reached {a['health_max_artefact_mb']} MB: over the cap {cap} MB + {slack} MB")
+    if a["disk_max_pages_mb"] < cap - session:
+        out.append(
+            f"artefacts on disk peaked at {a['disk_max_pages_mb']} MB, below the cap {cap} MB less one session "
+            f"({session} MB): the scenario did not press the cap (more flows, or larger uploads)"
+        )
+    if r["http_503_without_retry_after"]:
+        out.append(f"{r['http_503_without_retry_after']} answers 503 without Retry-After")
+    return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N = 1, 4 on U2-Net-p only (CI)")
+    p.add_argument(
+        "--cap-check",
+        action="store_true",
+        help="the artefact-cap scenario (CI): U2-Net-p, --shm, N = 3 x 67 new-session flows, "
+        "TEMP_MAX_MB = --cap-mb; --strict fails unless the cap held",
+    )
+    p.add_argument(
+        "--cap-mb", type=int, default=None, help="TEMP_MAX_MB for the server (default: the app's; 128 with --cap-check)"
+    )
+    p.add_argument("--upload", default=None, help="the scene photo to upload (default WORKDIR/scene_12mp.jpg)")
     p.add_argument("--bin", default=os.path.join(REPO, "target", "release", "drishya"))
     p.add_argument("--models", default=None, help="comma list of u2netp, sam")
     p.add_argument("--n", default=None, help="comma list of concurrent clients")
-    p.add_argument("--flows-per-client", type=int, default=1)
+    p.add_argument("--flows-per-client", type=int, default=None, help="default 1 (67 with --cap-check)")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per scenario")
     p.add_argument("--max-requests", type=int, default=None, help="per scenario (default 20 + 40 per flow)")
     p.add_argument("--request-timeout", type=float, default=120.0)
@@ -565,11 +792,25 @@ def main():
     p.add_argument("--inference-queue", type=int, default=None)
     p.add_argument("--inference-concurrency", type=int, default=None)
     p.add_argument("--shm", action="store_true", help="TEMP_DIR on /dev/shm (the app's default) instead of /tmp")
-    p.add_argument("--strict", action="store_true", help="exit 1 on an OOM kill, a 5xx other than 503 or an unfinished flow")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 on an OOM kill, a 5xx other than 503, a 503 without Retry-After or an unfinished flow "
+        "(and, with --cap-check, when the artefact cap did not hold)",
+    )
     p.add_argument("--json")
     p.add_argument("--workdir", default=os.path.join(REPO, "target", "bench", "work"))
     p.add_argument("--shared", default=os.environ.get("DRISHYA_SHARED", os.path.join(REPO, "..", "shared")))
     args = p.parse_args()
+    if args.cap_check:
+        args.shm = True
+        args.cap_mb = args.cap_mb or 128
+        args.models = args.models or "u2netp"
+        args.n = args.n or "3"
+        args.flows_per_client = args.flows_per_client or 67
+    args.flows_per_client = args.flows_per_client or 1
+    # For proving the check can fail: the server gets another cap than the one checked.
+    args.server_cap_mb = int(os.environ.get("LOADTEST_CAP_SERVER_MB") or args.cap_mb or 0)
     models_all = {
         "u2netp": os.path.abspath(os.path.join(args.shared, "models", "u2netp.onnx")),
         "sam": os.path.abspath(os.path.join(args.shared, "models", "mobile_sam")),
@@ -580,28 +821,66 @@ def main():
         raise SystemExit("loadtest: needs root to create a memory cgroup")
     if not os.access(args.bin, os.X_OK):
         raise SystemExit(f"loadtest: {args.bin} not found: build it with cargo build --release")
-    with open(os.path.join(args.workdir, "scene_12mp.jpg"), "rb") as f:
+    upload = args.upload or os.path.join(args.workdir, "scene_12mp.jpg")
+    with open(upload, "rb") as f:
         jpeg = f.read()
     with open(os.path.join(args.workdir, "product.png"), "rb") as f:
         product = f.read()
-    print(f"loadtest: 12 MP JPEG {len(jpeg) / MIB:.1f} MB, limit {args.limit_mb} MB, models {models}, N {ns}", file=sys.stderr)
+    print(
+        f"loadtest: upload {os.path.basename(upload)} {len(jpeg) / MIB:.1f} MB, limit {args.limit_mb} MB, "
+        f"models {models}, N {ns}, {args.flows_per_client} flow(s) per client, TEMP_DIR on "
+        f"{'/dev/shm (tmpfs)' if args.shm else tempfile.gettempdir()}"
+        + (f", TEMP_MAX_MB {args.server_cap_mb}" if args.cap_mb else ""),
+        file=sys.stderr,
+    )
+    if args.cap_mb and args.server_cap_mb != args.cap_mb:
+        print(
+            f"loadtest: LOADTEST_CAP_SERVER_MB: the server gets TEMP_MAX_MB={args.server_cap_mb}, "
+            f"the check holds it to {args.cap_mb} MB (this run is meant to fail)",
+            file=sys.stderr,
+        )
     results = []
     for model in models:
         for n in ns:
             print(f"loadtest: {model} N={n} ...", file=sys.stderr)
-            r = Scenario(args, model, models_all[model], n, jpeg, product).run()
+            r = Scenario(args, model, models_all[model], n, jpeg, product, os.path.basename(upload)).run()
             results.append(r)
+            a = r["artefacts"]
             print(
-                f"loadtest: {model} N={n}: {r['flows_completed']}/{r['flows_planned']} flows, "
+                f"loadtest: {model} N={n}: {r['flows_completed']}/{r['flows_planned']} flows "
+                f"({r['flow_restarts_after_eviction']} restarted after eviction), "
                 f"statuses {r['status_counts']}, cgroup peak {r['cgroup_max_usage_mb']} MB, "
-                f"oom kills {r['oom_kills']}, {r.get('wall_s')} s",
+                f"oom kills {r['oom_kills']}, artefacts max {a['disk_max_pages_mb']} MB on disk / "
+                f"{a['health_max_artefact_mb']} MB /health, {r.get('wall_s')} s",
                 file=sys.stderr,
             )
     print_table(results)
+    cap_bad = []
+    if args.cap_check:
+        for r in results:
+            why = cap_failures(r, args)
+            r["cap_check_failures"] = why
+            a = r["artefacts"]
+            print(
+                f"\ncap check, {r['model']} N={r['n']}: cap {args.cap_mb} MB (+ {a['slack_mb']} MB, one job's writes); "
+                f"max on disk {a['disk_max_pages_mb']} MB in pages ({a['disk_max_mb']} MB of file sizes, "
+                f"{a['disk_samples']} samples), max /health artefact_mb {a['health_max_artefact_mb']} MB "
+                f"({a['health_samples']} samples); {r['flows_completed']}/{r['flows_planned']} flows, "
+                f"{r['flow_restarts_after_eviction']} restarted after eviction, {r['retries_after_503']} x 503 retried, "
+                f"{a['sessions_seen_on_disk']} sessions seen on disk; cgroup peak {r['cgroup_max_usage_mb']} MB; "
+                f"OOM kills {r['oom_kills']}"
+            )
+            for w in why:
+                print(f"cap check FAILED: {w}")
+            if not why:
+                print("cap check: the artefact cap held")
+            cap_bad += why
     report = {
         "tool": "drishya loadtest",
         "quick": args.quick,
+        "cap_check": args.cap_check,
         "limit_mb": args.limit_mb,
+        "upload": os.path.basename(upload),
         "jpeg_bytes": len(jpeg),
         "flows_per_client": args.flows_per_client,
         "time_limit_s": args.time_limit,
@@ -613,8 +892,22 @@ def main():
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"loadtest: wrote {args.json}", file=sys.stderr)
-    bad = [r for r in results if r["oom_kills"] or r["http_5xx_other_than_503"] or r["flows_completed"] < r["flows_planned"]]
-    if bad and args.strict:
+    bad = [
+        r
+        for r in results
+        if r["oom_kills"]
+        or r["http_5xx_other_than_503"]
+        or r["http_503_without_retry_after"]
+        or r["flows_completed"] < r["flows_planned"]
+    ]
+    if (bad or cap_bad) and args.strict:
+        for r in bad:
+            print(
+                f"loadtest FAILED: {r['model']} N={r['n']}: {r['flows_completed']}/{r['flows_planned']} flows, "
+                f"{r['oom_kills']} OOM kills, {r['http_5xx_other_than_503']} 5xx other than 503, "
+                f"{r['http_503_without_retry_after']} 503 without Retry-After; failures {r['failures'][:3]}",
+                file=sys.stderr,
+            )
         raise SystemExit(1)
 
 
