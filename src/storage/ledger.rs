@@ -241,4 +241,25 @@ mod tests {
         assert_eq!(ledger.trim(150), vec!["old".to_string(), "new".to_string()], "the pinned one stays");
         assert_eq!(ledger.total(), 100);
     }
+
+    #[test]
+    fn a_listing_older_than_a_write_in_flight_never_hides_its_bytes() {
+        let mut ledger = Ledger::default();
+        let listed =
+            |id: &str, bytes: u64, t: u64| SessionUsage { id: id.into(), bytes: [bytes, 0, 0, 0], last_used: at(t) };
+        ledger.pin("busy", at(0));
+        ledger.set("busy", 0, 300, at(5));
+        ledger.set("busy", 1, 200, at(5));
+        ledger.touch("busy", at(9));
+        // Listed before the mask landed, and with the old scene's size.
+        ledger.resync(vec![listed("busy", 100, 4), listed("idle", 100, 1)]);
+        assert_eq!(ledger.bytes_of("busy", 0), 300);
+        assert_eq!(ledger.bytes_of("busy", 1), 200);
+        assert_eq!(ledger.total(), 600);
+        // The later use stays the session's last use; an idle one takes the listed size.
+        assert_eq!(ledger.trim(500), vec!["idle".to_string()]);
+        ledger.unpin("busy");
+        assert_eq!(ledger.expire(at(3608), Duration::from_secs(3600)), Vec::<String>::new(), "used at 9, not 4");
+        assert_eq!(ledger.expire(at(3610), Duration::from_secs(3600)), vec!["busy".to_string()]);
+    }
 }
