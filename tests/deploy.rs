@@ -158,6 +158,22 @@ fn configuration_errors_name_the_variable_in_one_line() {
     let stderr = refusal(dir.path(), &no_key);
     assert!(stderr.contains("SECRET_KEY is not set"), "{stderr}");
 
+    let stderr = refusal(dir.path(), &with("STORAGE_URL", "gs://somewhere"));
+    assert!(stderr.contains("STORAGE_URL is invalid"), "{stderr}");
+    assert_eq!(lines(&stderr), 1, "{stderr}");
+    // A bucket without credentials; then a plain-http endpoint not allowed.
+    let stderr = refusal(dir.path(), &with("STORAGE_URL", "s3://artefacts"));
+    assert!(stderr.contains("AWS_ACCESS_KEY_ID") && stderr.contains("AWS_SECRET_ACCESS_KEY"), "{stderr}");
+    let mut bucket = with("STORAGE_URL", "s3://artefacts/drishya");
+    bucket.extend([
+        ("AWS_ACCESS_KEY_ID", "id".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "secret-value-never-printed".to_string()),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_string()),
+    ]);
+    let stderr = refusal(dir.path(), &bucket);
+    assert!(stderr.contains("AWS_ENDPOINT_URL") && stderr.contains("AWS_ALLOW_HTTP"), "{stderr}");
+    assert!(!stderr.contains("secret-value-never-printed"), "{stderr}");
+
     std::fs::write(dir.path().join(".env"), "APP_PASSWORD=fine\nSECRET_KEY=\"unterminated-secret-value\n").unwrap();
     let stderr = refusal(dir.path(), &no_key);
     assert!(stderr.contains(".env line 2") && stderr.contains("SECRET_KEY"), "{stderr}");
