@@ -13,6 +13,7 @@ pub mod composite;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod front;
 pub mod gate;
 pub mod health;
 pub mod imaging;
@@ -42,6 +43,8 @@ pub fn rocket() -> Rocket<Build> {
 
 /// The application for a given figment (tests pass their own).
 pub fn build(figment: Figment) -> Rocket<Build> {
+    // The client's address is what the front door says it is (see `front`).
+    let figment = figment.merge(("ip_header", front::PEER_HEADER));
     rocket::custom(figment)
         .attach(config::stage())
         .attach(web::threads())

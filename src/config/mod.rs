@@ -47,6 +47,8 @@ const BARE_ENV: &[&str] = &[
     "RAYON_THREADS",
     "DOWNLOAD_TIMEOUT_SECS",
     "STORAGE_URL",
+    "PROXY_IP_HEADER",
+    "MAX_CONNECTIONS",
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -102,6 +104,13 @@ pub struct AppConfig {
     /// Comma-separated origins (`https://host[:port]`) a reverse proxy serves the app
     /// under, for proxies that rewrite `Host` (see `auth::is_cross_origin`).
     pub public_origin: String,
+    /// The header a trusted reverse proxy puts the client's address in (`X-Real-IP`, or
+    /// `X-Forwarded-For`, whose right-most entry is then used). Empty: the socket peer,
+    /// and no forwarded header is believed (see `front`). Set, the proxy's
+    /// `X-Forwarded-Proto` is believed too.
+    pub proxy_ip_header: String,
+    /// Client connections open at once (see `front`); beyond it, new ones get a 503.
+    pub max_connections: usize,
     /// Where artefacts live: empty (the artefact dir), `file:///PATH`, or
     /// `s3://BUCKET[/PREFIX]` (shared by replicas; see `storage::S3Bucket`).
     pub storage_url: String,
@@ -146,6 +155,8 @@ impl Default for AppConfig {
             rayon_threads: 1,
             download_timeout_secs: 300,
             public_origin: String::new(),
+            proxy_ip_header: String::new(),
+            max_connections: 512,
             storage_url: String::new(),
             aws_endpoint_url: None,
             aws_access_key_id: None,
@@ -220,6 +231,13 @@ impl AppConfig {
         }
         if matches!(self.memory_budget_mb, Some(0)) {
             return invalid("MEMORY_BUDGET_MB", "must be at least 1 when set");
+        }
+        if !(16..=100_000).contains(&self.max_connections) {
+            return invalid("MAX_CONNECTIONS", "must be between 16 and 100000");
+        }
+        let header_ok = self.proxy_ip_header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !header_ok {
+            return invalid("PROXY_IP_HEADER", "must be a header name (letters, digits, '-'), e.g. X-Real-IP");
         }
         if self.temp_ttl_secs < 60 {
             return invalid("TEMP_TTL_SECS", "must be at least 60");
