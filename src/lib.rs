@@ -36,11 +36,6 @@ use rocket::figment::Figment;
 use rocket::{Build, Rocket};
 use rocket_dyn_templates::Template;
 
-/// The application with the configuration from Rocket.toml and the environment.
-pub fn rocket() -> Rocket<Build> {
-    build(config::figment())
-}
-
 /// The application for a given figment (tests pass their own).
 pub fn build(figment: Figment) -> Rocket<Build> {
     // The client's address is what the front door says it is (see `front`).

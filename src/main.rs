@@ -13,9 +13,24 @@ fn main() -> ExitCode {
     if args.next().as_deref() == Some("healthcheck") {
         return drishya::web::healthcheck(args.next().as_deref() == Some("--ready"));
     }
+    // A bad setting is one line naming the variable, before anything listens.
+    let figment = drishya::config::figment();
+    if let Err(error) = drishya::config::checked(&figment) {
+        eprintln!("drishya: {error}");
+        return ExitCode::FAILURE;
+    }
+    // The public port belongs to the front door; Rocket listens on loopback behind it.
+    let front = match drishya::front::Front::bind(&figment) {
+        Ok(front) => front,
+        Err(error) => {
+            eprintln!("drishya: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Before the runtime starts any thread.
     drishya::sysmem::tune_allocator();
-    match rocket::execute(drishya::rocket().launch()) {
+    let rocket = drishya::build(drishya::front::Front::inner(figment)).attach(front.stage());
+    match rocket::execute(rocket.launch()) {
         Ok(_) => ExitCode::SUCCESS,
         // The configuration stage has already said which variable and why, in one line.
         Err(error) if matches!(error.kind(), rocket::error::ErrorKind::FailedFairings(_)) => ExitCode::FAILURE,

@@ -92,11 +92,13 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The session cookie set by this answer (`name=value`), whatever else it sets.
     pub fn cookie(&self) -> Option<String> {
         self.head
             .lines()
-            .find_map(|l| l.strip_prefix("Set-Cookie: ").or_else(|| l.strip_prefix("set-cookie: ")))
-            .and_then(|c| c.split(';').next())
+            .filter_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("set-cookie")))
+            .filter_map(|(_, value)| value.trim().split(';').next())
+            .find(|c| c.starts_with(&format!("{}=", drishya::auth::SESSION_COOKIE)))
             .map(str::to_string)
     }
 }
