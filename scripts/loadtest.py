@@ -34,12 +34,28 @@ seen to take on disk); and the disk reached the cap less one session (the cap wa
 pressed). LOADTEST_CAP_SERVER_MB=M starts the server with TEMP_MAX_MB=M while the check
 still holds it to --cap-mb: a server whose cap does not hold, to prove the check fails.
 
+--store s3 keeps the artefacts in an S3 bucket instead of TEMP_DIR/sessions (the default,
+--store local): for each scenario a real S3 server, s3s-fs (--s3s-fs PATH, default
+$S3S_FS_BIN or target/tools/bin/s3s-fs, installed by scripts/install-s3s-fs), is started
+OUTSIDE the cgroup on a free loopback port over a fresh temporary root holding the bucket
+directory, and the server gets STORAGE_URL=s3://BUCKET/loadtest, AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (random), AWS_REGION=us-east-1 and
+AWS_ALLOW_HTTP=true (uploads in flight still go to TEMP_DIR). The disk sampler then reads
+ROOT/BUCKET/loadtest/sessions and counts only the artefact objects (image.png, mask.png,
+mask_overlay.png, result.png; any other file there is left out and named in the result).
+s3s-fs is stopped by its pid and its root removed at the end of the scenario; its peak RSS
+and CPU time are reported (it is outside the cgroup, but shares the CPUs). With --store
+local the server's STORAGE_URL and AWS_* variables are removed from its environment. The
+store is in the result JSON ("store", and /health's directories.store as seen) and in the
+printed tables. --store s3 does not combine with --cap-check (that measures artefacts on
+tmpfs inside the cgroup).
+
 Standard library only. Needs root and a writable cgroup v1 memory hierarchy (or v2).
 
 usage: loadtest.py [--quick | --cap-check] [--bin PATH] [--models u2netp,sam] [--n 1,4,16,64]
                    [--flows-per-client K] [--time-limit S] [--max-requests R] [--cap-mb MB]
                    [--upload PATH] [--limit-mb 512] [--shm] [--strict] [--json PATH]
-                   [--workdir DIR] [--shared DIR]
+                   [--workdir DIR] [--shared DIR] [--store local|s3] [--s3s-fs PATH]
 """
 
 import argparse
@@ -68,6 +84,22 @@ PAGE = 4096
 # file of a write in flight (".mask.png.<random>.tmp") counts with the file it becomes.
 JOB_FILES = {"image.png": "upload", "mask.png": "mask", "mask_overlay.png": "mask", "result.png": "replace"}
 MAX_RESTARTS = 5  # per flow: more evictions of one flow than that is a failure
+# --store s3: the bucket and key prefix the server is given (objects under
+# PREFIX/sessions/<id>/<file>.png), and the variables that select the store, removed from
+# the server's environment with --store local.
+S3_BUCKET = "drishya-loadtest"
+S3_PREFIX = "loadtest"
+STORE_VARS = (
+    "STORAGE_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ALLOW_HTTP",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +185,102 @@ class Cgroup:
             except OSError:
                 time.sleep(0.1)
         return False
+
+
+# ---------------------------------------------------------------------------------------
+# --store s3: a real S3 server (s3s-fs) over a temporary directory, outside the cgroup
+
+
+class S3Server:
+    """s3s-fs on a free loopback port over a fresh root holding the bucket directory.
+    Started by this process (so in its cgroup, not the server's); stopped by its pid."""
+
+    def __init__(self, binary):
+        self.binary = binary
+        self.root = tempfile.mkdtemp(prefix="drishya-s3-")
+        os.mkdir(os.path.join(self.root, S3_BUCKET))
+        self.port = free_port()
+        self.access_key = "loadtest-" + uuid.uuid4().hex[:12]
+        self.secret_key = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        self.log_path = self.root.rstrip("/") + ".log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+                "--access-key", self.access_key,
+                "--secret-key", self.secret_key,
+                self.root,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=self.log,
+        )
+        self.pid = self.proc.pid
+        self.hwm = 0
+        self.cpu_s = None
+        import socket
+
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"s3s-fs exited with {self.proc.returncode} before listening")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() - t0 > 10:
+                    self.stop()
+                    raise RuntimeError("s3s-fs did not listen within 10 s")
+                time.sleep(0.02)
+
+    def env(self):
+        return {
+            "STORAGE_URL": f"s3://{S3_BUCKET}/{S3_PREFIX}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def sessions_dir(self):
+        return os.path.join(self.root, S3_BUCKET, S3_PREFIX, "sessions")
+
+    def sample(self):
+        """Its peak RSS and CPU seconds so far (read before it is stopped)."""
+        vm = proc_status(self.pid)
+        if vm.get("VmHWM"):
+            self.hwm = max(self.hwm, vm["VmHWM"])
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            self.cpu_s = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+        except (OSError, IndexError, ValueError):
+            pass
+
+    def stop(self):
+        """SIGTERM to its pid (SIGKILL after 10 s), then its root and log are removed;
+        returns the tail of its log."""
+        if self.proc.poll() is None:
+            self.sample()
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        try:
+            with open(self.log_path, "rb") as f:
+                tail = f.read()[-2000:].decode("utf-8", "replace")
+            os.unlink(self.log_path)
+        except OSError:
+            tail = ""
+        shutil.rmtree(self.root, ignore_errors=True)
+        return tail
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,6 +370,8 @@ class Scenario:
         self.health_max_mb = None
         self.health_cap_mb = set()
         self.health_in_memory = set()
+        self.health_store = set()
+        self.disk_skipped = set()  # --store s3: names under the sessions that are not artefact objects
         self.lock = threading.Lock()
         self.statuses = {}
         self.latencies = {r: [] for r in ROUTES}
@@ -393,12 +523,17 @@ class Scenario:
             self.peak_cg_rss = max(self.peak_cg_rss, rss)
             if vm.get("VmHWM"):
                 self.server_hwm = max(self.server_hwm, vm["VmHWM"])
+            if self.s3:
+                self.s3.sample()
             time.sleep(0.05)
 
-    def sample_disk(self, sessions_dir):
+    def sample_disk(self, sessions_dir, objects_only=False):
         """The artefacts on disk, independently of the app's ledger: every 0.2 s, the sum of
         the sizes of the files under TEMP_DIR/sessions (temporary files of writes in flight
-        included). Files that vanish mid-walk are skipped."""
+        included). Files that vanish mid-walk are skipped. objects_only (--store s3, the
+        bucket's sessions directory): only the artefact objects count; s3s-fs writes an object
+        to a temporary file at its root and renames it into place, and any metadata file it
+        kept here would be left out (and named in the result)."""
         while not self.stop.is_set():
             total = pages = biggest = biggest_job = dirs = 0
             try:
@@ -417,6 +552,10 @@ class Scenario:
                 except OSError:
                     continue
                 for f in files:
+                    if objects_only and f.name not in JOB_FILES:
+                        with self.lock:
+                            self.disk_skipped.add(f.name if len(self.disk_skipped) < 20 else "...")
+                        continue
                     try:
                         size = f.stat(follow_symlinks=False).st_size
                     except OSError:
@@ -454,6 +593,7 @@ class Scenario:
                     self.health_max_mb = mb if self.health_max_mb is None else max(self.health_max_mb, mb)
                     self.health_cap_mb.add(d.get("artefact_cap_mb"))
                     self.health_in_memory.add(d.get("temp_dir_in_memory"))
+                    self.health_store.add(d.get("store"))
                 else:
                     self.health_errors += 1
             self.stop.wait(0.2)
@@ -482,8 +622,23 @@ class Scenario:
         # --shm on tmpfs like the app's default /dev/shm (tmpfs pages count against the
         # cgroup and cannot be reclaimed without swap).
         temp_dir = tempfile.mkdtemp(prefix="drishya-load-", dir="/dev/shm" if args.shm else None)
+        # --store s3: the bucket's server, started here (outside the cgroup) before the app.
+        s3 = None
+        if args.store == "s3":
+            try:
+                s3 = S3Server(args.s3s_fs)
+            except BaseException:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise
+        self.s3 = s3
         cg_name = f"drishya-load-{os.getpid()}-{self.model_name}-{self.n}"
-        self.cg = Cgroup(cg_name, args.limit_mb * MIB)
+        try:
+            self.cg = Cgroup(cg_name, args.limit_mb * MIB)
+        except BaseException:
+            if s3:
+                s3.stop()
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
         env = dict(os.environ)
         env.update(
             {
@@ -496,8 +651,10 @@ class Scenario:
                 "ROCKET_LOG_LEVEL": "critical",
             }
         )
-        for k in ("SECRET_KEY", "ROCKET_PORT"):
+        for k in ("SECRET_KEY", "ROCKET_PORT") + STORE_VARS:
             env.pop(k, None)
+        if s3:
+            env.update(s3.env())
         for k in ("INFERENCE_QUEUE", "INFERENCE_CONCURRENCY"):
             if getattr(args, k.lower()) is not None:
                 env[k] = str(getattr(args, k.lower()))
@@ -512,10 +669,11 @@ class Scenario:
         self.proc = subprocess.Popen(
             ["sh", "-c", wrapper, "sh", self.cg.path, args.bin], cwd=REPO, env=env, stdout=log, stderr=log
         )
-        result = {"model": self.model_name, "n": self.n, "port": self.port}
+        result = {"model": self.model_name, "n": self.n, "store": args.store, "port": self.port}
+        sessions_dir = s3.sessions_dir() if s3 else os.path.join(temp_dir, "sessions")
         mon = threading.Thread(target=self.monitor, daemon=True)
         samplers = [
-            threading.Thread(target=self.sample_disk, args=(os.path.join(temp_dir, "sessions"),), daemon=True),
+            threading.Thread(target=self.sample_disk, args=(sessions_dir, bool(s3)), daemon=True),
             threading.Thread(target=self.sample_health, daemon=True),
         ]
         try:
@@ -572,6 +730,18 @@ class Scenario:
             summary = self.cg.summary()
             result["cgroup_removed"] = self.cg.remove()
             shutil.rmtree(temp_dir, ignore_errors=True)
+            if s3:
+                s3_alive = s3.proc.poll() is None
+                s3_tail = s3.stop()
+                result["s3s_fs"] = {
+                    "port": s3.port,
+                    "alive_at_end": s3_alive,
+                    "vmhwm_mb": round(s3.hwm / MIB, 1),
+                    "cpu_s": s3.cpu_s,
+                    "root_removed": not os.path.exists(s3.root),
+                }
+                if not s3_alive:
+                    result["s3s_fs"]["log_tail"] = s3_tail
         with open(log_path, "rb") as f:
             tail = f.read()[-3000:].decode("utf-8", "replace")
         os.unlink(log_path)
@@ -625,6 +795,9 @@ class Scenario:
                     "health_max_artefact_mb": self.health_max_mb,
                     "health_artefact_cap_mb": sorted(self.health_cap_mb, key=str),
                     "health_temp_dir_in_memory": sorted(self.health_in_memory, key=str),
+                    "health_store": sorted(self.health_store, key=str),
+                    "sessions_dir": "ROOT/" + os.path.relpath(sessions_dir, s3.root) if s3 else "TEMP_DIR/sessions",
+                    "disk_skipped_names": sorted(self.disk_skipped),
                 },
             }
         )
@@ -692,30 +865,33 @@ def fmt(v):
 
 def print_table(results):
     print(
-        f"{'model':<7} {'N':>3} {'flows':>7} {'reqs':>5} {'statuses':<34} {'cg peak':>7} {'cg rss':>6} "
+        f"{'model':<7} {'N':>3} {'store':<5} {'flows':>7} {'reqs':>5} {'statuses':<34} {'cg peak':>7} {'cg rss':>6} "
         f"{'srv HWM':>7} {'fail':>4} {'oom':>3} {'health':>6} {'idle':>5} {'1st mask':>8} {'wall':>5}"
     )
     for r in results:
         statuses = " ".join(f"{k}x{v}" for k, v in r.get("status_counts", {}).items())
         print(
-            f"{r['model']:<7} {r['n']:>3} {str(r.get('flows_completed')) + '/' + str(r.get('flows_planned')):>7} "
+            f"{r['model']:<7} {r['n']:>3} {r.get('store', 'local'):<5} {str(r.get('flows_completed')) + '/' + str(r.get('flows_planned')):>7} "
             f"{fmt(r.get('requests')):>5} {statuses:<34} {fmt(r.get('cgroup_max_usage_mb')):>7} "
             f"{fmt(r.get('cgroup_peak_rss_sampled_mb')):>6} {fmt(r.get('server_vmhwm_mb')):>7} "
             f"{fmt(r.get('failcnt')):>4} {fmt(r.get('oom_kills')):>3} {fmt(r.get('start_to_health_ms')):>6} "
             f"{fmt(r.get('idle_rss_mb')):>5} {fmt(r.get('start_to_first_mask_ms')):>8} {fmt(r.get('wall_s')):>5}"
         )
     print("\nlatency p50 / p95 ms (successful answers):")
-    print(f"{'model':<7} {'N':>3} " + " ".join(f"{r:>21}" for r in ROUTES) + f" {'flow p50/p95 s':>15}")
+    print(f"{'model':<7} {'N':>3} {'store':<5} " + " ".join(f"{r:>21}" for r in ROUTES) + f" {'flow p50/p95 s':>15}")
     for r in results:
         cells = []
         for route in ROUTES:
             l = r.get("latency", {}).get(route, {})
             cells.append(f"{fmt(l.get('p50_ms')) + ' / ' + fmt(l.get('p95_ms')):>21}")
         flow = f"{fmt(r.get('flow_p50_s'))} / {fmt(r.get('flow_p95_s'))}"
-        print(f"{r['model']:<7} {r['n']:>3} " + " ".join(cells) + f" {flow:>15}")
-    print("\nartefacts (TEMP_DIR/sessions on disk every 0.2 s: file sizes / whole pages; /health's artefact_mb), MB:")
+        print(f"{r['model']:<7} {r['n']:>3} {r.get('store', 'local'):<5} " + " ".join(cells) + f" {flow:>15}")
     print(
-        f"{'model':<7} {'N':>3} {'restarts':>8} {'503s':>5} {'cap':>5} {'disk max':>8} {'pages max':>9} "
+        "\nartefacts (TEMP_DIR/sessions, or with --store s3 the bucket's sessions, on disk every 0.2 s: "
+        "file sizes / whole pages; /health's artefact_mb), MB:"
+    )
+    print(
+        f"{'model':<7} {'N':>3} {'store':<5} {'restarts':>8} {'503s':>5} {'cap':>5} {'disk max':>8} {'pages max':>9} "
         f"{'/health max':>11} {'1 job':>5} {'1 session':>9} {'dirs max':>8} {'sessions':>8} {'samples disk/health':>19}"
     )
     for r in results:
@@ -723,7 +899,7 @@ def print_table(results):
         cap = a.get("cap_mb") or (a.get("health_artefact_cap_mb") or [None])[0]
         samples = f"{a.get('disk_samples')}/{a.get('health_samples')}"
         print(
-            f"{r['model']:<7} {r['n']:>3} {fmt(r.get('flow_restarts_after_eviction')):>8} "
+            f"{r['model']:<7} {r['n']:>3} {r.get('store', 'local'):<5} {fmt(r.get('flow_restarts_after_eviction')):>8} "
             f"{fmt(r.get('retries_after_503')):>5} {fmt(cap):>5} {fmt(a.get('disk_max_mb')):>8} "
             f"{fmt(a.get('disk_max_pages_mb')):>9} {fmt(a.get('health_max_artefact_mb')):>11} "
             f"{fmt(a.get('disk_max_job_mb')):>5} {fmt(a.get('disk_max_session_mb')):>9} "
@@ -798,6 +974,18 @@ def main():
         help="exit 1 on an OOM kill, a 5xx other than 503, a 503 without Retry-After or an unfinished flow "
         "(and, with --cap-check, when the artefact cap did not hold)",
     )
+    p.add_argument(
+        "--store",
+        choices=("local", "s3"),
+        default="local",
+        help="where the server keeps artefacts: local (TEMP_DIR/sessions, the default) or s3 (a bucket on an "
+        "s3s-fs server started outside the cgroup for each scenario)",
+    )
+    p.add_argument(
+        "--s3s-fs",
+        default=os.environ.get("S3S_FS_BIN") or os.path.join(REPO, "target", "tools", "bin", "s3s-fs"),
+        help="the s3s-fs binary for --store s3 (default $S3S_FS_BIN or target/tools/bin/s3s-fs)",
+    )
     p.add_argument("--json")
     p.add_argument("--workdir", default=os.path.join(REPO, "target", "bench", "work"))
     p.add_argument("--shared", default=os.environ.get("DRISHYA_SHARED", os.path.join(REPO, "..", "shared")))
@@ -821,6 +1009,15 @@ def main():
         raise SystemExit("loadtest: needs root to create a memory cgroup")
     if not os.access(args.bin, os.X_OK):
         raise SystemExit(f"loadtest: {args.bin} not found: build it with cargo build --release")
+    if args.store == "s3":
+        if args.cap_check:
+            raise SystemExit(
+                "loadtest: --cap-check measures artefacts on tmpfs inside the cgroup; with --store s3 they are not there"
+            )
+        if not os.access(args.s3s_fs, os.X_OK):
+            raise SystemExit(
+                f"loadtest: {args.s3s_fs} not found: run scripts/install-s3s-fs, or pass --s3s-fs PATH (or S3S_FS_BIN)"
+            )
     upload = args.upload or os.path.join(args.workdir, "scene_12mp.jpg")
     with open(upload, "rb") as f:
         jpeg = f.read()
@@ -830,7 +1027,9 @@ def main():
         f"loadtest: upload {os.path.basename(upload)} {len(jpeg) / MIB:.1f} MB, limit {args.limit_mb} MB, "
         f"models {models}, N {ns}, {args.flows_per_client} flow(s) per client, TEMP_DIR on "
         f"{'/dev/shm (tmpfs)' if args.shm else tempfile.gettempdir()}"
-        + (f", TEMP_MAX_MB {args.server_cap_mb}" if args.cap_mb else ""),
+        + (f", TEMP_MAX_MB {args.server_cap_mb}" if args.cap_mb else "")
+        + f", store {args.store}"
+        + (f" (s3s-fs {args.s3s_fs}, outside the cgroup)" if args.store == "s3" else ""),
         file=sys.stderr,
     )
     if args.cap_mb and args.server_cap_mb != args.cap_mb:
@@ -847,7 +1046,7 @@ def main():
             results.append(r)
             a = r["artefacts"]
             print(
-                f"loadtest: {model} N={n}: {r['flows_completed']}/{r['flows_planned']} flows "
+                f"loadtest: {model} N={n} store {r['store']}: {r['flows_completed']}/{r['flows_planned']} flows "
                 f"({r['flow_restarts_after_eviction']} restarted after eviction), "
                 f"statuses {r['status_counts']}, cgroup peak {r['cgroup_max_usage_mb']} MB, "
                 f"oom kills {r['oom_kills']}, artefacts max {a['disk_max_pages_mb']} MB on disk / "
@@ -885,6 +1084,7 @@ def main():
         "flows_per_client": args.flows_per_client,
         "time_limit_s": args.time_limit,
         "temp_dir_on": "/dev/shm" if args.shm else tempfile.gettempdir(),
+        "store": args.store,
         "scenarios": results,
     }
     if args.json:
