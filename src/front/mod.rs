@@ -132,6 +132,8 @@ impl Front {
                 });
                 log::info!("listening on http://{public}");
                 println!("Drishya is listening on http://{public}");
+                // Start-up is over: its code need not stay resident.
+                rocket::tokio::task::spawn_blocking(crate::sysmem::drop_startup_code);
             })
         })
     }
