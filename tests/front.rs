@@ -104,18 +104,47 @@ fn four_stalled_upload_bodies_do_not_stop_a_fifth_users_upload() {
 }
 
 #[test]
-fn beyond_max_connections_new_ones_get_503_and_the_server_recovers() {
+fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away() {
     let dir = app_dir();
     let server = server(dir.path(), &[("MAX_CONNECTIONS", "16")]);
-    // Sixteen connections that say nothing hold every place (for up to the head timeout).
-    let holders: Vec<TcpStream> = (0..16).map(|_| connect(server.port)).collect();
+    // Sixteen connections that say nothing hold every place ...
+    let mut silent: Vec<TcpStream> = (0..16).map(|_| connect(server.port)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ... and a new client is served at once: the one that waited longest gives way.
+    let started = Instant::now();
+    assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
+    assert!(started.elapsed() < Duration::from_secs(3), "served after {:?}", started.elapsed());
+    // One of them (the first to start waiting) was closed without a word.
+    let closed = silent
+        .iter_mut()
+        .map(|stream| {
+            stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            matches!(stream.read(&mut [0u8; 64]), Ok(0))
+        })
+        .filter(|&eof| eof)
+        .count();
+    assert_eq!(closed, 1, "exactly one silent connection made room");
+    drop(silent);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Sixteen in the middle of a request (a body arriving slowly) are never cut for a
+    // newcomer: it is told to come back.
+    let busy: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut stream = connect(server.port);
+            stream
+                .write_all(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\npassword=")
+                .unwrap();
+            stream
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut extra = connect(server.port);
     let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
     let (answer, took) = read_until_closed(&mut extra);
     assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("Retry-After: 5"), "{answer}");
-    assert!(took < Duration::from_secs(2), "refused at once, not after {took:?}");
-    drop(holders);
+    assert!(took < Duration::from_secs(3), "refused at once, not after {took:?}");
+    drop(busy);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
 }

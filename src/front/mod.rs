@@ -6,7 +6,9 @@
 //! front reads request heads and bodies only far enough to know where each request ends.
 //!
 //! What holds for every connection:
-//! * at most `MAX_CONNECTIONS` open at once; beyond that a new one gets a 503 and is closed;
+//! * at most `MAX_CONNECTIONS` open at once; beyond that, a new one takes the place of the
+//!   connection that has waited longest for a request head, or, when every connection is
+//!   in the middle of a request, gets a 503 and is closed;
 //! * a request head must arrive whole within [`HEADER_TIMEOUT`] of its first byte (of the
 //!   connection's opening, for the first), at most [`http::MAX_HEAD`] long;
 //! * between requests, a connection idle for Rocket's `keep_alive` seconds is closed (no
@@ -34,7 +36,7 @@ use rocket::figment::Figment;
 use rocket::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use rocket::tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use rocket::tokio::net::{TcpListener, TcpStream};
-use rocket::tokio::sync::{watch, Mutex, Semaphore};
+use rocket::tokio::sync::{watch, Mutex, Notify, Semaphore};
 use rocket::tokio::task::JoinHandle;
 use rocket::tokio::time::timeout;
 use rocket::Request;
@@ -62,8 +64,9 @@ pub const WRITE_STALL: Duration = Duration::from_secs(30);
 pub const RESPONSE_LIMIT: Duration = Duration::from_secs(30 * 60);
 /// How long Rocket has to accept the front's connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Refusals (connection cap) in flight at once; beyond, sockets are just closed.
-const REFUSALS_AT_ONCE: usize = 64;
+/// New connections at the cap being given an evicted one's place or refused, at once;
+/// beyond, sockets are just closed.
+const OVERFLOW_AT_ONCE: usize = 64;
 const BUFFER: usize = 16 * 1024;
 
 /// Whether the client reached us over TLS: `PUBLIC_ORIGIN` is https, or the front
@@ -122,6 +125,7 @@ impl Front {
                     },
                     proxy_ip_header: (!header.is_empty()).then(|| header.to_string()),
                     https_origin: !origins.is_empty() && origins.iter().all(|o| o.starts_with("https://")),
+                    waiting: Waiting::default(),
                 });
                 let shutdown = rocket.shutdown();
                 rocket::tokio::spawn(async move {
@@ -146,6 +150,7 @@ struct Ctx {
     keep_alive: Option<Duration>,
     proxy_ip_header: Option<String>,
     https_origin: bool,
+    waiting: Waiting,
 }
 
 impl Ctx {
@@ -154,9 +159,50 @@ impl Ctx {
     }
 }
 
+/// Connections waiting for a request head (their first, or the next on a kept-alive
+/// connection), oldest wait first: at the cap, the oldest of them makes room for a new
+/// connection. A client mid-request is never cut for this; slow or idle clients holding
+/// every place cannot keep everyone else out.
+#[derive(Default)]
+struct Waiting {
+    next: AtomicU64,
+    queue: std::sync::Mutex<std::collections::BTreeMap<(Instant, u64), Arc<Notify>>>,
+}
+
+/// A connection's place in [`Waiting`] while it waits for a head.
+struct WaitTicket<'a> {
+    waiting: &'a Waiting,
+    key: (Instant, u64),
+}
+
+impl Waiting {
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(Instant, u64), Arc<Notify>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self, evict: &Arc<Notify>) -> WaitTicket<'_> {
+        let key = (Instant::now(), self.next.fetch_add(1, Ordering::Relaxed));
+        self.queue().insert(key, evict.clone());
+        WaitTicket { waiting: self, key }
+    }
+
+    /// Tells the connection that has waited longest to close; false if none waits.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.queue().pop_first();
+        oldest.map(|(_, evict)| evict.notify_one()).is_some()
+    }
+}
+
+impl Drop for WaitTicket<'_> {
+    fn drop(&mut self) {
+        self.waiting.queue().remove(&self.key);
+    }
+}
+
 async fn accept(listener: TcpListener, ctx: Arc<Ctx>, max_connections: usize) {
     let open = Arc::new(Semaphore::new(max_connections));
-    let refusing = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    // Connections at the cap waiting for an evicted one's place, or being refused.
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_AT_ONCE));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -168,25 +214,34 @@ async fn accept(listener: TcpListener, ctx: Arc<Ctx>, max_connections: usize) {
             }
         };
         let _ = socket.set_nodelay(true);
-        match open.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let ctx = ctx.clone();
-                rocket::tokio::spawn(async move {
+        let ctx = ctx.clone();
+        if let Ok(permit) = open.clone().try_acquire_owned() {
+            rocket::tokio::spawn(async move {
+                serve(socket, peer.ip(), ctx).await;
+                drop(permit);
+            });
+            continue;
+        }
+        let Ok(busy) = overflow.clone().try_acquire_owned() else { continue };
+        let open = open.clone();
+        rocket::tokio::spawn(async move {
+            let place = match ctx.waiting.evict_oldest() {
+                true => timeout(Duration::from_secs(1), open.acquire_owned()).await.ok().and_then(Result::ok),
+                false => None,
+            };
+            drop(busy);
+            match place {
+                Some(permit) => {
                     serve(socket, peer.ip(), ctx).await;
                     drop(permit);
-                });
-            }
-            Err(_) => {
-                if let Ok(permit) = refusing.clone().try_acquire_owned() {
-                    rocket::tokio::spawn(async move {
-                        let (_, mut writer) = socket.into_split();
-                        let _ = timeout(Duration::from_secs(1), writer.write_all(&answer(Refusal::Full))).await;
-                        let _ = writer.shutdown().await;
-                        drop(permit);
-                    });
+                }
+                None => {
+                    let (_, mut writer) = socket.into_split();
+                    let _ = timeout(Duration::from_secs(1), writer.write_all(&answer(Refusal::Full))).await;
+                    let _ = writer.shutdown().await;
                 }
             }
-        }
+        });
     }
 }
 
@@ -306,6 +361,9 @@ enum End {
     Quiet,
     /// The front says why (Rocket has not answered the request).
     Refuse(Refusal),
+    /// The client went in the middle of a request: it can never be completed, so Rocket's
+    /// side is closed at once (and whatever it held for the request freed).
+    Gone,
 }
 
 async fn serve(socket: TcpStream, peer: IpAddr, ctx: Arc<Ctx>) {
@@ -320,6 +378,11 @@ async fn serve(socket: TcpStream, peer: IpAddr, ctx: Arc<Ctx>) {
     let mut upstream: Option<Upstream> = None;
     let end = requests(&mut reader, &mut buf, &mut upstream, peer, &ctx, &link).await;
     match end {
+        End::Gone => {
+            if let Some(up) = upstream.take() {
+                up.relay.abort();
+            }
+        }
         End::Refuse(refusal) => {
             // Rocket must not answer a request whose body was cut: its side goes first.
             if let Some(up) = upstream.take() {
@@ -366,9 +429,13 @@ async fn requests(
     link: &Arc<Link>,
 ) -> End {
     let mut first = true;
+    let evict = Arc::new(Notify::new());
     loop {
         let closed = upstream.as_ref().map(|u| u.closed.clone());
-        let head_len = match read_head(reader, buf, link, ctx.keep_alive, first, closed).await {
+        let ticket = ctx.waiting.enter(&evict);
+        let head = read_head(reader, buf, link, ctx.keep_alive, first, closed, &evict).await;
+        drop(ticket);
+        let head_len = match head {
             Ok(Some(len)) => len,
             Ok(None) => return End::Quiet,
             Err(refusal) => return End::Refuse(refusal),
@@ -414,6 +481,7 @@ async fn read_head(
     keep_alive: Option<Duration>,
     first: bool,
     mut closed: Option<watch::Receiver<bool>>,
+    evict: &Notify,
 ) -> Result<Option<usize>, Refusal> {
     let mut head_deadline = (first || !buf.is_empty()).then(|| Instant::now() + HEADER_TIMEOUT);
     let mut chunk = [0u8; 4096];
@@ -440,6 +508,8 @@ async fn read_head(
         let read = rocket::tokio::select! {
             read = timeout(wait, reader.read(&mut chunk)) => read,
             _ = async { match closed.as_mut() { Some(c) => { let _ = c.changed().await; } None => std::future::pending().await } } => continue,
+            // Its place went to a new connection (see `Waiting`).
+            () = evict.notified() => return Ok(None),
         };
         match read {
             Err(_) => continue,
@@ -503,7 +573,7 @@ async fn forward_body(
         }
         match timeout(deadline - now, reader.read(&mut chunk)).await {
             Err(_) => return Err(too_slow()),
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(End::Quiet),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(End::Gone),
             Ok(Ok(n)) => {
                 buf.extend_from_slice(&chunk[..n]);
                 link.touch();
