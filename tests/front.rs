@@ -106,7 +106,8 @@ fn four_stalled_upload_bodies_do_not_stop_a_fifth_users_upload() {
 #[test]
 fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away() {
     let dir = app_dir();
-    let server = server(dir.path(), &[("MAX_CONNECTIONS", "16")]);
+    // Behind a proxy (every connection from one address, no share per address).
+    let server = server(dir.path(), &[("MAX_CONNECTIONS", "16"), ("PROXY_IP_HEADER", "X-Real-IP")]);
     // Sixteen connections that say nothing hold every place ...
     let mut silent: Vec<TcpStream> = (0..16).map(|_| connect(server.port)).collect();
     std::thread::sleep(Duration::from_millis(300));
@@ -129,21 +130,42 @@ fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away
 
     // Sixteen in the middle of a request (a body arriving slowly) are never cut for a
     // newcomer: it is told to come back.
-    let busy: Vec<TcpStream> = (0..16)
-        .map(|_| {
-            let mut stream = connect(server.port);
-            stream
-                .write_all(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\npassword=")
-                .unwrap();
-            stream
-        })
-        .collect();
+    let busy = slow_bodies(server.port, 16);
     std::thread::sleep(Duration::from_millis(300));
     let mut extra = connect(server.port);
     let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
     let (answer, took) = read_until_closed(&mut extra);
     assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("Retry-After: 5"), "{answer}");
     assert!(took < Duration::from_secs(3), "refused at once, not after {took:?}");
+    drop(busy);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
+}
+
+/// Connections in the middle of a request whose body comes slowly.
+fn slow_bodies(port: u16, count: usize) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| {
+            let mut stream = connect(port);
+            stream
+                .write_all(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\npassword=")
+                .unwrap();
+            stream
+        })
+        .collect()
+}
+
+#[test]
+fn one_directly_connected_address_holds_at_most_a_quarter_of_the_places() {
+    let dir = app_dir();
+    let server = server(dir.path(), &[("MAX_CONNECTIONS", "32")]);
+    let busy = slow_bodies(server.port, 8);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ninth = connect(server.port);
+    let _ = ninth.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (answer, took) = read_until_closed(&mut ninth);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
     drop(busy);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));

@@ -8,7 +8,8 @@
 //! What holds for every connection:
 //! * at most `MAX_CONNECTIONS` open at once; beyond that, a new one takes the place of the
 //!   connection that has waited longest for a request head, or, when every connection is
-//!   in the middle of a request, gets a 503 and is closed;
+//!   in the middle of a request, gets a 503 and is closed; a directly connected address
+//!   holds at most a quarter of them;
 //! * a request head must arrive whole within [`HEADER_TIMEOUT`] of its first byte (of the
 //!   connection's opening, for the first), at most [`http::MAX_HEAD`] long;
 //! * between requests, a connection idle for Rocket's `keep_alive` seconds is closed (no
@@ -67,6 +68,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// New connections at the cap being given an evicted one's place or refused, at once;
 /// beyond, sockets are just closed.
 const OVERFLOW_AT_ONCE: usize = 64;
+/// One directly connected address may hold this fraction of `MAX_CONNECTIONS` (128 of the
+/// default 512: a browser opens six, an office behind one NAT address a few dozen, the
+/// 64-client load test 66).
+const PEER_SHARE_DIVISOR: usize = 4;
 const BUFFER: usize = 16 * 1024;
 
 /// Whether the client reached us over TLS: `PUBLIC_ORIGIN` is https, or the front
@@ -126,6 +131,8 @@ impl Front {
                     proxy_ip_header: (!header.is_empty()).then(|| header.to_string()),
                     https_origin: !origins.is_empty() && origins.iter().all(|o| o.starts_with("https://")),
                     waiting: Waiting::default(),
+                    peers: Default::default(),
+                    per_peer: (cfg.max_connections / PEER_SHARE_DIVISOR).max(8),
                 });
                 let shutdown = rocket.shutdown();
                 rocket::tokio::spawn(async move {
@@ -151,6 +158,9 @@ struct Ctx {
     proxy_ip_header: Option<String>,
     https_origin: bool,
     waiting: Waiting,
+    /// Open connections per client address (direct clients only, see `PeerShare`).
+    peers: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    per_peer: usize,
 }
 
 impl Ctx {
@@ -199,6 +209,53 @@ impl Drop for WaitTicket<'_> {
     }
 }
 
+/// A 503 without waiting for anything (bounded by the overflow places).
+fn refuse_at_once(socket: TcpStream, overflow: &Arc<Semaphore>) {
+    let Ok(busy) = overflow.clone().try_acquire_owned() else { return };
+    rocket::tokio::spawn(async move {
+        let (_, mut writer) = socket.into_split();
+        let _ = timeout(Duration::from_secs(1), writer.write_all(&answer(Refusal::Full))).await;
+        let _ = writer.shutdown().await;
+        drop(busy);
+    });
+}
+
+/// Connections of one address, when clients reach us directly (no `PROXY_IP_HEADER`):
+/// one machine holding connections in the middle of requests (slow bodies) cannot take
+/// every place. Behind a proxy every connection comes from the proxy, so there is no
+/// such share: the proxy's own limits apply.
+struct PeerShare {
+    ctx: Arc<Ctx>,
+    ip: IpAddr,
+}
+
+impl PeerShare {
+    fn take(ctx: &Arc<Ctx>, ip: IpAddr) -> Option<Option<PeerShare>> {
+        if ctx.proxy_ip_header.is_some() {
+            return Some(None);
+        }
+        let mut peers = ctx.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let count = peers.entry(ip).or_insert(0);
+        if *count >= ctx.per_peer {
+            return None;
+        }
+        *count += 1;
+        Some(Some(PeerShare { ctx: ctx.clone(), ip }))
+    }
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut peers = self.ctx.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = peers.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn accept(listener: TcpListener, ctx: Arc<Ctx>, max_connections: usize) {
     let open = Arc::new(Semaphore::new(max_connections));
     // Connections at the cap waiting for an evicted one's place, or being refused.
@@ -214,16 +271,21 @@ async fn accept(listener: TcpListener, ctx: Arc<Ctx>, max_connections: usize) {
             }
         };
         let _ = socket.set_nodelay(true);
+        let Some(share) = PeerShare::take(&ctx, peer.ip()) else {
+            refuse_at_once(socket, &overflow);
+            continue;
+        };
         let ctx = ctx.clone();
         if let Ok(permit) = open.clone().try_acquire_owned() {
             rocket::tokio::spawn(async move {
-                serve(socket, peer.ip(), ctx).await;
-                drop(permit);
+                serve(socket, peer.ip(), ctx.clone()).await;
+                drop((permit, share));
             });
             continue;
         }
         let Ok(busy) = overflow.clone().try_acquire_owned() else { continue };
         let open = open.clone();
+        let ctx = ctx.clone();
         rocket::tokio::spawn(async move {
             let place = match ctx.waiting.evict_oldest() {
                 true => timeout(Duration::from_secs(1), open.acquire_owned()).await.ok().and_then(Result::ok),
@@ -232,8 +294,8 @@ async fn accept(listener: TcpListener, ctx: Arc<Ctx>, max_connections: usize) {
             drop(busy);
             match place {
                 Some(permit) => {
-                    serve(socket, peer.ip(), ctx).await;
-                    drop(permit);
+                    serve(socket, peer.ip(), ctx.clone()).await;
+                    drop((permit, share));
                 }
                 None => {
                     let (_, mut writer) = socket.into_split();
