@@ -1,4 +1,8 @@
 //! `GET /health`: cheap, honest, no login, never fails because of the model.
+//!
+//! Anonymous callers (load balancers, probes, anyone) see the model locations cut to
+//! their file names: the paths of this machine's folders (and a model URL's host and
+//! path) are shown to logged-in users only.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +12,7 @@ use rocket::http::Status;
 use rocket::serde::json::{json, Json, Value};
 use rocket::{Route, State};
 
+use crate::auth::User;
 use crate::config::{environment_name, AppConfig};
 use crate::models::{ModelManager, Probe};
 use crate::storage::{Artefacts, DirHealth};
@@ -42,6 +47,7 @@ async fn health(
     store: &State<Arc<Artefacts>>,
     models: &State<Arc<ModelManager>>,
     rocket_cfg: &rocket::Config,
+    user: Option<User>,
 ) -> Json<Value> {
     let (total, available) = sysmem::container_memory();
     let (rss, peak) = sysmem::process_rss();
@@ -61,7 +67,7 @@ async fn health(
     let rfc3339 = time::OffsetDateTime::from_unix_timestamp(timestamp as i64)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
-    Json(json!({
+    let mut answer = json!({
         "status": if healthy { "healthy" } else { "degraded" },
         "reasons": reasons,
         "ready": readiness.ready(),
@@ -84,7 +90,11 @@ async fn health(
             "disk_usage_percent": disk_usage_percent(store.root().unwrap_or(&std::env::temp_dir())),
         },
         "directories": dirs,
-    }))
+    });
+    if user.is_none() {
+        without_paths(&mut answer, cfg);
+    }
+    Json(answer)
 }
 
 /// Readiness: 200 when a mask could be served now (a model loaded, or present and
@@ -92,13 +102,62 @@ async fn health(
 /// deploy whose model is missing never goes live. A chain that starts with a URL model
 /// starts its download here.
 #[get("/ready")]
-async fn ready(models: &State<Arc<ModelManager>>, store: &State<Arc<Artefacts>>) -> (Status, Json<Value>) {
+async fn ready(
+    models: &State<Arc<ModelManager>>,
+    store: &State<Arc<Artefacts>>,
+    cfg: &State<AppConfig>,
+    user: Option<User>,
+) -> (Status, Json<Value>) {
     let readiness = models.readiness(Probe::Readiness).await;
     let store_problem = store_health(store).await.store_problem;
     let ok = readiness.ready() && store_problem.is_none();
     let reason = store_problem.or_else(|| readiness.reason.clone());
     let status = if ok { Status::Ok } else { Status::ServiceUnavailable };
-    (status, Json(json!({ "ready": ok, "state": readiness.state, "model": readiness.model, "reason": reason })))
+    let mut answer = json!({ "ready": ok, "state": readiness.state, "model": readiness.model, "reason": reason });
+    if user.is_none() {
+        without_paths(&mut answer, cfg);
+    }
+    (status, Json(answer))
+}
+
+/// The last part of a path or URL, without a URL's query (`/models/mobile_sam/` ->
+/// `mobile_sam`, `https://host/m/x.onnx?***` -> `x.onnx`).
+fn file_name(location: &str) -> &str {
+    let path = if location.contains("://") { location.split(['?', '#']).next().unwrap_or(location) } else { location };
+    let trimmed = path.trim_end_matches('/');
+    trimmed.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or(trimmed)
+}
+
+/// Replaces, in every string of `answer`, each configured model location (as configured
+/// and as shown, URLs redacted) by its file name, and the model cache folder by its
+/// variable's name. Longest first, so that a location inside another is not cut twice.
+fn without_paths(answer: &mut Value, cfg: &AppConfig) {
+    let mut replacements: Vec<(String, String)> = Vec::new();
+    for location in cfg.model_locations() {
+        let shown = crate::models::redact(&location);
+        let name = file_name(&shown).to_string();
+        replacements.push((location, name.clone()));
+        replacements.push((shown, name));
+    }
+    replacements.push((cfg.model_cache_dir.display().to_string(), "MODEL_CACHE_DIR".into()));
+    replacements.retain(|(from, to)| !from.is_empty() && from != to);
+    replacements.sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
+    replace_in_strings(answer, &replacements);
+}
+
+fn replace_in_strings(value: &mut Value, replacements: &[(String, String)]) {
+    match value {
+        Value::String(text) => {
+            for (from, to) in replacements {
+                if text.contains(from.as_str()) {
+                    *text = text.replace(from.as_str(), to);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| replace_in_strings(v, replacements)),
+        Value::Object(map) => map.values_mut().for_each(|v| replace_in_strings(v, replacements)),
+        _ => {}
+    }
 }
 
 /// The artefact store's state, asked off the async workers (a bucket is a network call).
@@ -110,4 +169,29 @@ async fn store_health(store: &State<Arc<Artefacts>>) -> DirHealth {
 
 pub fn routes() -> Vec<Route> {
     routes![health, ready]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_answers_show_file_names_only() {
+        let cfg = AppConfig {
+            models: "/srv/private/mobile_sam/,models/u2netp.onnx,https://u:p@host.example/m/x.onnx?sig=1".into(),
+            model_cache_dir: "/var/cache/drishya-models".into(),
+            ..AppConfig::default()
+        };
+        let mut answer = json!({
+            "configured": ["/srv/private/mobile_sam/", "models/u2netp.onnx", crate::models::redact("https://u:p@host.example/m/x.onnx?sig=1")],
+            "reason": "/srv/private/mobile_sam/: not found; could not write `/var/cache/drishya-models/x.part`",
+        });
+        without_paths(&mut answer, &cfg);
+        let text = answer.to_string();
+        for hidden in ["/srv", "private", "models/", "host.example", "/var/cache"] {
+            assert!(!text.contains(hidden), "{hidden} shown: {text}");
+        }
+        assert_eq!(answer["configured"], json!(["mobile_sam", "u2netp.onnx", "x.onnx"]));
+        assert!(text.contains("mobile_sam: not found") && text.contains("MODEL_CACHE_DIR/x.part"), "{text}");
+    }
 }

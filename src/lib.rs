@@ -42,6 +42,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
     let figment = figment.merge(("ip_header", front::PEER_HEADER));
     rocket::custom(figment)
         .attach(config::stage())
+        .attach(auth::stage())
         .attach(web::threads())
         .attach(storage::stage())
         .attach(models::stage())

@@ -15,6 +15,10 @@ fn main() -> ExitCode {
     }
     // A bad setting is one line naming the variable, before anything listens.
     let figment = drishya::config::figment();
+    // Drishya's logger goes in before Rocket's (the first logger set wins): Rocket's own
+    // prints every request's whole URI, query string and all (see `web::install_logger`).
+    let level = figment.extract_inner("log_level").unwrap_or(rocket::config::LogLevel::Normal);
+    drishya::web::install_logger(level);
     if let Err(error) = drishya::config::checked(&figment) {
         eprintln!("drishya: {error}");
         return ExitCode::FAILURE;

@@ -382,3 +382,140 @@ fn an_animated_png_uses_its_first_frame() {
     assert_eq!(upload(&app.client, "anim.png", &bytes).status(), Status::Ok);
     assert_eq!(corners_pixel(&app.client), Rgb([200, 10, 10]));
 }
+
+/// `POST /login` as the front door forwards it from `peer`, with `extra` headers.
+fn login_from<'c>(
+    client: &'c Client,
+    peer: &str,
+    password: &str,
+    extra: &[Header<'static>],
+) -> rocket::local::blocking::LocalResponse<'c> {
+    login_with_cookies(client, peer, password, extra, &[])
+}
+
+fn login_with_cookies<'c>(
+    client: &'c Client,
+    peer: &str,
+    password: &str,
+    extra: &[Header<'static>],
+    cookies: &[rocket::http::Cookie<'static>],
+) -> rocket::local::blocking::LocalResponse<'c> {
+    let mut request = client
+        .post("/login")
+        .header(ContentType::Form)
+        .header(Header::new(drishya::front::PEER_HEADER, peer.to_string()))
+        .body(format!("password={}", password.replace(' ', "+")));
+    for header in extra {
+        request = request.header(header.clone());
+    }
+    for cookie in cookies {
+        request = request.cookie(cookie.clone());
+    }
+    request.dispatch()
+}
+
+#[test]
+fn a_spoofed_forwarding_header_does_not_escape_the_login_throttle() {
+    let app = app(&[("models", "")]);
+    let peer = "198.51.100.7";
+    // Each attempt claims another address in the headers a proxy would set: the throttle
+    // counts the peer the front door saw.
+    let spoofed = |i: usize| {
+        vec![Header::new("X-Real-IP", format!("10.0.0.{i}")), Header::new("X-Forwarded-For", format!("10.1.0.{i}"))]
+    };
+    for i in 0..5 {
+        assert_eq!(login_from(&app.client, peer, "wrong", &spoofed(i)).status(), Status::Unauthorized, "attempt {i}");
+    }
+    let throttled = login_from(&app.client, peer, "wrong", &spoofed(5));
+    assert_eq!(throttled.status(), Status::TooManyRequests);
+    assert!(throttled.headers().get_one("Retry-After").is_some());
+    assert!(throttled.into_string().unwrap_or_default().contains("try again in"));
+    // Locked out even with the right password and yet another claimed address...
+    assert_eq!(login_from(&app.client, peer, PASSWORD, &spoofed(6)).status(), Status::TooManyRequests);
+    // ...while another peer logs in.
+    assert_eq!(login_from(&app.client, "198.51.100.8", PASSWORD, &[]).status(), Status::SeeOther);
+}
+
+#[test]
+fn a_lockout_on_a_shared_address_does_not_lock_out_browsers_that_logged_in_before() {
+    use drishya::auth::{DEVICE_COOKIE, SESSION_COOKIE};
+    let (figment, _temp) = test_figment(&[("models", "")]);
+    let client = Client::untracked(drishya::build(figment)).unwrap();
+    // Everyone behind one address (an office NAT, or a proxy not configured as trusted).
+    let shared = "203.0.113.9";
+    // Alice logs in and opens the app: her browser gets a device cookie.
+    let login = login_from(&client, shared, PASSWORD, &[]);
+    assert_eq!(login.status(), Status::SeeOther);
+    let session = login.cookies().get(SESSION_COOKIE).cloned().expect("a session cookie");
+    let page = client.get("/").cookie(session).dispatch();
+    let device = page.cookies().get(DEVICE_COOKIE).cloned().expect("a device cookie with the app page");
+    let device_header = page.headers().get("Set-Cookie").find(|c| c.starts_with(DEVICE_COOKIE)).unwrap_or_default();
+    assert!(device_header.contains("HttpOnly") && device_header.contains("SameSite=Strict"), "{device_header}");
+    let with_device = [device];
+    let login_as_alice = |password: &str| login_with_cookies(&client, shared, password, &[], &with_device);
+
+    // An attacker on the same address hammers the login.
+    for _ in 0..5 {
+        assert_eq!(login_from(&client, shared, "guess", &[]).status(), Status::Unauthorized);
+    }
+    assert_eq!(login_from(&client, shared, "guess", &[]).status(), Status::TooManyRequests);
+    // A browser that never logged in waits out the back-off (the documented limit)...
+    assert_eq!(login_from(&client, shared, PASSWORD, &[]).status(), Status::TooManyRequests);
+    // ...Alice's does not.
+    assert_eq!(login_as_alice(PASSWORD).status(), Status::SeeOther);
+    // A device cookie not sealed by the server vouches for nothing.
+    let forged = [rocket::http::Cookie::new(DEVICE_COOKIE, format!("d1.{:032x}.1.0", 7))];
+    assert_eq!(login_with_cookies(&client, shared, PASSWORD, &[], &forged).status(), Status::TooManyRequests);
+
+    // Her browser has a count of its own: guessing with it backs off too, and that does not
+    // touch the other address's count.
+    for _ in 0..5 {
+        assert_eq!(login_as_alice("typo").status(), Status::Unauthorized);
+    }
+    assert_eq!(login_as_alice(PASSWORD).status(), Status::TooManyRequests);
+    assert_eq!(login_from(&client, "203.0.113.10", PASSWORD, &[]).status(), Status::SeeOther);
+}
+
+#[test]
+fn the_login_throttle_stays_bounded_and_fast_under_100000_addresses() {
+    use drishya::auth::{ClientKey, Throttle};
+    use std::time::{Duration, Instant};
+    let app = app(&[("models", "")]);
+    let throttle = app.client.rocket().state::<std::sync::Arc<Throttle>>().expect("the throttle is managed").clone();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut most = 0;
+    for i in 0..100_000u32 {
+        let address = std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let t = Instant::now();
+        throttle.record_failure(ClientKey::Peer(address));
+        slowest = slowest.max(t.elapsed());
+        most = most.max(throttle.tracked());
+        assert!(most <= 20_000, "{most} clients tracked after {i} failures");
+    }
+    let total = started.elapsed();
+    assert!(total < Duration::from_secs(5), "100000 failures took {total:?}");
+    assert!(slowest < Duration::from_millis(100), "the slowest failure took {slowest:?}");
+    // The real login path, right after: quick, and the throttle still works.
+    let t = Instant::now();
+    assert_eq!(login_from(&app.client, "192.0.2.1", "wrong", &[]).status(), Status::Unauthorized);
+    assert_eq!(login_from(&app.client, "192.0.2.2", PASSWORD, &[]).status(), Status::SeeOther);
+    assert!(t.elapsed() < Duration::from_secs(1), "two logins took {:?}", t.elapsed());
+}
+
+#[test]
+fn the_lockout_message_rounds_the_wait_up() {
+    use drishya::auth::{ClientKey, Throttle};
+    let app = app(&[("models", "")]);
+    let throttle = app.client.rocket().state::<std::sync::Arc<Throttle>>().expect("the throttle is managed").clone();
+    let peer = "192.0.2.50";
+    // Six failures: a 2 s back-off, of which a few microseconds have passed.
+    for _ in 0..6 {
+        throttle.record_failure(ClientKey::Peer(peer.parse().unwrap()));
+    }
+    let response = login_from(&app.client, peer, "wrong", &[]);
+    assert_eq!(response.status(), Status::TooManyRequests);
+    assert_eq!(response.headers().get_one("Retry-After"), Some("2"));
+    let page = response.into_string().unwrap_or_default();
+    assert!(page.contains("try again in 2 s"), "not rounded down to 1 s: {page}");
+}

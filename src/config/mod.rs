@@ -49,6 +49,7 @@ const BARE_ENV: &[&str] = &[
     "STORAGE_URL",
     "PROXY_IP_HEADER",
     "MAX_CONNECTIONS",
+    "SESSION_MAX_AGE",
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -58,6 +59,10 @@ const BARE_ENV: &[&str] = &[
     "AWS_ALLOW_HTTP",
     "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
 ];
+
+/// `SESSION_MAX_AGE` bounds: a minute (shorter is a typo, not a policy) to 30 days.
+pub const MIN_SESSION_MAX_AGE: u64 = 60;
+pub const MAX_SESSION_MAX_AGE: u64 = 30 * 24 * 60 * 60;
 
 /// Variables that mark a production deployment (seed 002).
 const PRODUCTION_MARKERS: &[&str] = &["RAILWAY_ENVIRONMENT", "HEROKU_APP_NAME", "RENDER", "FLY_APP_NAME", "PRODUCTION"];
@@ -111,6 +116,9 @@ pub struct AppConfig {
     pub proxy_ip_header: String,
     /// Client connections open at once (see `front`); beyond it, new ones get a 503.
     pub max_connections: usize,
+    /// Seconds a login lasts: the session cookie carries its issue time and is refused
+    /// after this long, whatever the browser does (see `auth`).
+    pub session_max_age: u64,
     /// Where artefacts live: empty (the artefact dir), `file:///PATH`, or
     /// `s3://BUCKET[/PREFIX]` (shared by replicas; see `storage::S3Bucket`).
     pub storage_url: String,
@@ -157,6 +165,8 @@ impl Default for AppConfig {
             public_origin: String::new(),
             proxy_ip_header: String::new(),
             max_connections: 512,
+            // A working day.
+            session_max_age: 8 * 60 * 60,
             storage_url: String::new(),
             aws_endpoint_url: None,
             aws_access_key_id: None,
@@ -238,6 +248,9 @@ impl AppConfig {
         let header_ok = self.proxy_ip_header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !header_ok {
             return invalid("PROXY_IP_HEADER", "must be a header name (letters, digits, '-'), e.g. X-Real-IP");
+        }
+        if !(MIN_SESSION_MAX_AGE..=MAX_SESSION_MAX_AGE).contains(&self.session_max_age) {
+            return invalid("SESSION_MAX_AGE", "must be between 60 and 2592000 seconds (30 days)");
         }
         if self.temp_ttl_secs < 60 {
             return invalid("TEMP_TTL_SECS", "must be at least 60");
@@ -344,6 +357,11 @@ impl AppConfig {
             allow_http: self.aws_allow_http,
             virtual_hosted: self.aws_virtual_hosted_style_request,
         }
+    }
+
+    /// How long a login lasts (`SESSION_MAX_AGE`).
+    pub fn session_lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.session_max_age)
     }
 
     pub fn upload_limit_bytes(&self) -> u64 {

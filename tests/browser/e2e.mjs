@@ -44,6 +44,8 @@ const MASK_TIMEOUT_MS = 180_000;
 
 const results = [];
 const pageErrors = [];
+// The server's Content-Security-Policy (src/web.rs) must never block what the pages do.
+const cspViolations = [];
 
 function log(msg) {
   process.stdout.write(`${msg}\n`);
@@ -72,6 +74,7 @@ function watchPage(page, label) {
   });
   page.on('console', (msg) => {
     if (msg.type() === 'error') log(`      [${label}] console error: ${msg.text()}`);
+    if (/Content Security Policy/i.test(msg.text())) cspViolations.push(`${label}: ${msg.text()}`);
   });
 }
 
@@ -211,8 +214,11 @@ function recordFormFields() {
 /** coffee.png upscaled `factor` times in the page, as a JPEG (a photo wider than MAX_IMAGE_WIDTH). */
 async function makeBigScene(page, factor) {
   const b64 = await page.evaluate(async ({ src, k }) => {
+    // A blob: URL, as the app's own images are: the page's Content-Security-Policy allows
+    // images from the server and blob: URLs only.
+    const png = Uint8Array.from(atob(src), (ch) => ch.charCodeAt(0));
     const img = new Image();
-    img.src = `data:image/png;base64,${src}`;
+    img.src = URL.createObjectURL(new Blob([png], { type: 'image/png' }));
     await img.decode();
     const c = document.createElement('canvas');
     c.width = img.naturalWidth * k; c.height = img.naturalHeight * k;
@@ -714,6 +720,7 @@ async function main() {
     await browser.close();
   }
   check('no uncaught errors in the page', pageErrors.length === 0, pageErrors.join(' | '));
+  check('no Content-Security-Policy violations', cspViolations.length === 0, cspViolations.join(' | '));
 
   const passed = results.filter((r) => r.ok).length;
   const failed = results.length - passed;

@@ -1,0 +1,48 @@
+//! What the release binary writes to its log: one line per request (method, path, status),
+//! never a query string (a `POST /login?password=...` must not put the password there).
+//! The binary itself, on a real socket, with its output captured.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::process::*;
+
+#[test]
+fn the_log_has_one_line_per_request_and_no_query_strings() {
+    let dir = app_dir();
+    let port = free_port();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let env = vec![
+        ("PORT", port.to_string()),
+        ("APP_PASSWORD", "the-password-of-the-log-test".to_string()),
+        ("SECRET_KEY", "a key of at least thirty-two characters for the log test".to_string()),
+        ("TEMP_DIR", dir.path().join("artefacts").display().to_string()),
+        ("MODELS", "models/u2netp.onnx".to_string()),
+    ];
+    let child = command(dir.path(), &env)
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("the binary starts");
+    let mut server = Server { child, port };
+    health_within(&mut server, Duration::from_secs(10)).expect("/health answers");
+
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let login = request(port, "POST", "/login?password=query-secret-one", &form, b"password=wrong").unwrap();
+    assert_eq!(login.status, 401);
+    assert_eq!(get(port, "/no/such/page?token=query-secret-two", None).unwrap().status, 404);
+    assert_eq!(get(port, "/health?probe=query-secret-three", None).unwrap().status, 200);
+    // Lines are written as they happen; give the last one a moment, then stop the server.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(server);
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.contains("query-secret"), "a query string reached the log:\n{text}");
+    assert!(!text.contains("the-password-of-the-log-test"), "the password reached the log:\n{text}");
+    for line in ["POST /login 401", "GET /no/such/page 404", "GET /health 200"] {
+        assert!(text.lines().any(|l| l.starts_with(line)), "no `{line} ...` line:\n{text}");
+    }
+}
