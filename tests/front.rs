@@ -132,14 +132,7 @@ fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away
     // newcomer: it is told to come back.
     let busy = slow_bodies(server.port, 16);
     std::thread::sleep(Duration::from_millis(300));
-    let mut extra = connect(server.port);
-    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
-    let (answer, took) = read_until_closed(&mut extra);
-    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("Retry-After: 5"), "{answer}");
-    assert!(took < Duration::from_secs(3), "refused at once, not after {took:?}");
-    drop(busy);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
+    turned_away_then_served(server.port, busy);
 }
 
 /// Connections in the middle of a request whose body comes slowly.
@@ -161,14 +154,20 @@ fn one_directly_connected_address_holds_at_most_a_quarter_of_the_places() {
     let server = server(dir.path(), &[("MAX_CONNECTIONS", "32")]);
     let busy = slow_bodies(server.port, 8);
     std::thread::sleep(Duration::from_millis(300));
-    let mut ninth = connect(server.port);
-    let _ = ninth.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
-    let (answer, took) = read_until_closed(&mut ninth);
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    turned_away_then_served(server.port, busy);
+}
+
+/// A new connection is refused at once (503, Retry-After) while `busy` hold their places,
+/// and served once they are gone.
+fn turned_away_then_served(port: u16, busy: Vec<TcpStream>) {
+    let mut extra = connect(port);
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (answer, took) = read_until_closed(&mut extra);
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("Retry-After: 5"), "{answer}");
+    assert!(took < Duration::from_secs(3), "refused at once, not after {took:?}");
     drop(busy);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
+    assert_eq!(get(port, "/health", None).map(|r| r.status), Some(200));
 }
 
 /// `count` wrong passwords, each with its own spoofed address headers; the statuses.
