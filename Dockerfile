@@ -19,6 +19,10 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --bin drishya --recipe-path recipe.json
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+# The workspace's other members: the engine, pixels and allocator crates the app uses, and
+# the benchmark (cargo reads every member's manifest even when building one binary).
+COPY crates ./crates
+COPY tools ./tools
 # build.rs packs the relocations (DT_RELR): a fifth less idle RSS; bookworm's glibc has it.
 RUN cargo build --release --locked --bin drishya && strip target/release/drishya
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The Flask app's stack on the same stages as `bench` (issue 6), for a side-by-side.
+"""The Flask app's stack on the same stages as `bench`, for a side-by-side.
 
 Pillow/OpenCV decode, cv2.resize(..., INTER_AREA), onnxruntime with one intra-op and one
 inter-op thread on the same ONNX files (for SAM the full decoder, with orig_im_size),
-numpy compositing (the same scale / feather / grade / composite as src/composite.rs,
+numpy compositing (the same scale / feather / grade / composite as crates/imaging/src/composite.rs,
 written the straightforward numpy + OpenCV way), cv2.imencode('.png').
 
 Each stage runs in its own subprocess, so its peak RSS (VmHWM) is its own, split like
@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PACKAGES = ["numpy", "opencv-python-headless", "onnxruntime", "pillow"]
 MAX_WIDTH = 1280
-CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # same fractions as bench.rs
+CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # same fractions as tools/bench/src/inputs.rs
 MEAN_IMAGENET = (0.485, 0.456, 0.406)
 STD_IMAGENET = (0.229, 0.224, 0.225)
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -235,7 +235,7 @@ class Sam:
 
 
 def replace_product(scene, mask, product, scale=1.0, feather=10, strength=0.5):
-    """The same composite as src/composite.rs, the straightforward numpy/OpenCV way."""
+    """The same composite as crates/imaging/src/composite.rs, the straightforward numpy/OpenCV way."""
     import cv2
     import numpy as np
 

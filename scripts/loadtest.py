@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""512 MB load test (issue 6): Drishya's release binary in a memory cgroup, N concurrent
+"""512 MB load test: Drishya's release binary in a memory cgroup, N concurrent
 complete user flows over 127.0.0.1.
 
 For each model and each N, a fresh server is started inside a new cgroup v1 memory
@@ -76,7 +76,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CG_V1 = "/sys/fs/cgroup/memory"
-CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # the product's box as a fraction of the image (as bench.rs)
+CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # the product's box as a fraction of the image (as tools/bench/src/inputs.rs)
 ROUTES = ["login", "upload_image", "generate_mask", "replace_product", "download_result"]
 MIB = 1024 * 1024
 PAGE = 4096

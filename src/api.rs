@@ -1,123 +1,34 @@
 //! The Flask app's JSON routes: upload, mask, replace, and the artefact downloads.
-//! Handlers only parse, call the pipeline, and map errors; heavy work runs on the
-//! blocking pool.
+//! Handlers parse the request, pass the upload gate, call the step of flow.rs and answer
+//! in the Flask app's JSON; errors become answers in error.rs.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use image::RgbImage;
+use drishya_imaging::composite::Settings;
+use drishya_imaging::params::{self, ReplaceFields};
+use drishya_imaging::BoxPrompt;
+use drishya_segment::ModelKind;
 use rocket::data::{Data, ToByteUnit};
-use rocket::fairing::AdHoc;
 use rocket::form::{Errors, Form};
 use rocket::fs::TempFile;
 use rocket::http::{ContentType, Header, Status};
-use rocket::request::{FromRequest, Outcome};
 use rocket::serde::json::{json, Json, Value};
 use rocket::tokio::io::AsyncReadExt;
-use rocket::tokio::task::spawn_blocking;
 use rocket::{Catcher, Request, Route, State};
 
 use crate::auth::User;
-use crate::composite::{self, Settings};
 use crate::config::AppConfig;
 use crate::error::{ApiError, ApiResult, InputError};
-use crate::gate::{Admitted, Busy, Gate, Pass};
-use crate::imaging;
+use crate::flow::{self, Session};
+use crate::gate::{Busy, ImageJobs, UploadSlot};
 use crate::models::ModelManager;
-use crate::params::{self, ReplaceFields};
-use crate::segment::{self, BoxPrompt};
-use crate::storage::{self, Artefact, Artefacts, SessionId, StorageError};
+use crate::storage::{Artefact, Artefacts, StorageError};
 
 type Store = State<Arc<Artefacts>>;
 
-/// Seconds a client is told to wait when the image queue is full.
-const IMAGE_RETRY_SECS: u64 = 2;
-
-/// The gate for heavy image work (decode, composite, PNG encode): each admitted job
-/// may hold a few decoded images, so their number is what bounds memory.
-pub struct ImageJobs(Gate);
-
-impl ImageJobs {
-    /// The gate itself (tests fill it to check what a full queue does).
-    pub fn gate(&self) -> &Gate {
-        &self.0
-    }
-
-    fn admit(&self) -> Result<Admitted, Busy> {
-        self.0.admit(IMAGE_RETRY_SECS)
-    }
-
-    async fn run(admitted: Admitted) -> Result<Pass, Busy> {
-        admitted.run().await.ok_or(Busy { retry_after: IMAGE_RETRY_SECS })
-    }
-
-    /// Waits for a place for a job on `upload`, then lets the next upload in. While the
-    /// job waits in the queue, the upload's file is flushed and dropped from the page
-    /// cache, which the container's memory cgroup counts: 64 queued 4 MB uploads were
-    /// ~250 MB of it.
-    async fn enter_with(&self, upload: &TempFile<'_>, slot: UploadSlot) -> Result<Pass, Busy> {
-        let busy = Busy { retry_after: IMAGE_RETRY_SECS };
-        match self.0.admit(IMAGE_RETRY_SECS)?.try_run() {
-            Ok(pass) => Ok(pass),
-            Err(queued) => {
-                if let Some(path) = upload.path().map(Path::to_path_buf) {
-                    // Best effort: a failure only leaves the pages cached.
-                    let _ = spawn_blocking(move || storage::uncache(&path)).await;
-                }
-                drop(slot);
-                queued.run().await.ok_or(busy)
-            }
-        }
-    }
-}
-
-/// Uploads whose bodies are read at the same time. A request guard, so it is taken
-/// before Rocket reads the body (data guards come last): the bodies of the others wait
-/// in their sockets instead of the page cache.
-const UPLOADS_AT_ONCE: usize = 4;
-
-struct UploadGate(Gate);
-
-/// A place to receive an upload's body (see `UPLOADS_AT_ONCE`).
-pub struct UploadSlot(#[allow(dead_code)] Pass);
-
-#[rocket::async_trait]
-impl<'r> FromRequest<'r> for UploadSlot {
-    type Error = Busy;
-
-    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Busy> {
-        let Some(gate) = request.rocket().state::<UploadGate>() else {
-            return Outcome::Error((Status::InternalServerError, Busy { retry_after: IMAGE_RETRY_SECS }));
-        };
-        match gate.0.enter(IMAGE_RETRY_SECS).await {
-            Ok(pass) => Outcome::Success(UploadSlot(pass)),
-            Err(busy) => {
-                // For the catcher: the 503 carries Retry-After like every other "busy".
-                request.local_cache(|| Some(busy));
-                Outcome::Error((Status::ServiceUnavailable, busy))
-            }
-        }
-    }
-}
-
-/// Manages the image-job gate from `IMAGE_CONCURRENCY` / `IMAGE_QUEUE`.
-pub fn stage() -> AdHoc {
-    AdHoc::on_ignite("Image job gate", |rocket| async move {
-        let Some((running, queue)) = rocket.state::<AppConfig>().map(|c| (c.image_concurrency, c.image_queue)) else {
-            return rocket;
-        };
-        rocket.manage(ImageJobs(Gate::new(running, queue))).manage(UploadGate(Gate::new(UPLOADS_AT_ONCE, queue)))
-    })
-}
-
-/// Runs blocking work off the async workers; a panic inside becomes a 500, not a crash.
-async fn blocking<T, F>(work: F) -> ApiResult<T>
-where
-    F: FnOnce() -> ApiResult<T> + Send + 'static,
-    T: Send + 'static,
-{
-    spawn_blocking(work).await.map_err(|e| ApiError::Internal(format!("worker task failed: {e}")))?
+fn session<'a>(store: &'a Store, user: &'a User) -> Session<'a> {
+    Session { store: store.inner(), id: &user.session }
 }
 
 fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
@@ -178,46 +89,19 @@ async fn upload_image(
     // The upload stays on disk until this job may run: only admitted jobs hold pixels.
     let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
-    let max_width = cfg.max_image_width;
-    let store = store.inner().clone();
-    let session = user.session;
-    blocking(move || {
-        let scene = imaging::decode_scene(&bytes, max_width)?;
-        drop(bytes);
-        let png = imaging::encode_png(&scene.image)?;
-        store.remove(&session, &[Artefact::Mask, Artefact::MaskOverlay, Artefact::Result])?;
-        store.write(&session, Artefact::Image, &png)?;
-        let (width, height) = scene.image.dimensions();
-        // `original_*` is the size the box is drawn in, as the Flask server meant it: its
-        // client scales the canvas box by original_width / canvas.width. The photo's own
-        // size goes under `source_*`.
-        Ok(Json(json!({
-            "success": true,
-            "width": width,
-            "height": height,
-            "original_width": width,
-            "original_height": height,
-            "source_width": scene.original_width,
-            "source_height": scene.original_height,
-        })))
-    })
-    .await
-}
-
-/// Loads the session's working image.
-fn load_scene(store: &Artefacts, session: &SessionId) -> ApiResult<RgbImage> {
-    Ok(decode_scene(&store.read(session, Artefact::Image)?)?)
-}
-
-fn decode_scene(png: &[u8]) -> Result<RgbImage, imaging::ImageError> {
-    Ok(imaging::decode_png(png)?.into_rgb8())
-}
-
-/// A key for the model's per-image cache (the SAM embedding): the working image's
-/// content, so that the same scene read on any replica, from any store, finds it.
-fn content_key(png: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(png).iter().map(|b| format!("{b:02x}")).collect()
+    let up = flow::upload(session(store, &user), bytes, cfg.max_image_width).await?;
+    // `original_*` is the size the box is drawn in, as the Flask server meant it: its
+    // client scales the canvas box by original_width / canvas.width. The photo's own
+    // size goes under `source_*`.
+    Ok(Json(json!({
+        "success": true,
+        "width": up.width,
+        "height": up.height,
+        "original_width": up.width,
+        "original_height": up.height,
+        "source_width": up.source_width,
+        "source_height": up.source_height,
+    })))
 }
 
 #[post("/generate_mask", data = "<body>")]
@@ -236,36 +120,8 @@ async fn generate_mask(
     }
     let coords = params::parse_box(&body)?;
     let _pin = store.pin(&user.session);
-    // One queue place from here to the end: a computed mask is never thrown away for
-    // want of a place to encode it (the running place is given back during inference).
-    let pass = ImageJobs::run(jobs.admit()?).await?;
-    let (scene, key) = {
-        let store = store.inner().clone();
-        let session = user.session.clone();
-        blocking(move || {
-            let png = store.read(&session, Artefact::Image)?;
-            Ok((decode_scene(&png)?, content_key(&png)))
-        })
-        .await?
-    };
-    let paused = pass.pause();
-    let prompt = segment::clip_box(coords, scene.width(), scene.height())?;
-    let scene = Arc::new(scene);
-    let outcome = models.segment(scene.clone(), key, prompt).await?;
-    let _pass = ImageJobs::run(paused).await?;
-    let store = store.inner().clone();
-    let session = user.session;
-    let (area, bbox) = blocking(move || {
-        let area = segment::mask_area(&outcome.mask);
-        let bbox = composite::mask_bbox(&outcome.mask);
-        store.write(&session, Artefact::Mask, &imaging::encode_png(&outcome.mask)?)?;
-        let overlay = imaging::mask_overlay(&scene, &outcome.mask);
-        store.write(&session, Artefact::MaskOverlay, &imaging::encode_png(&overlay)?)?;
-        store.remove(&session, &[Artefact::Result])?;
-        Ok((area, bbox.map(|r| (r, outcome.model))))
-    })
-    .await?;
-    let (bbox, model) = match bbox {
+    let masked = flow::mask(session(store, &user), jobs, models, coords).await?;
+    let (bbox, model) = match masked.found {
         Some((r, model)) => {
             (Some(json!({"x_min": r.x, "y_min": r.y, "x_max": r.x + r.w, "y_max": r.y + r.h})), Some(model))
         }
@@ -273,12 +129,12 @@ async fn generate_mask(
     };
     Ok(Json(json!({
         "success": true,
-        "mask_pixels": area,
+        "mask_pixels": masked.area,
         "bbox": bbox,
-        "box": prompt_json(prompt),
+        "box": prompt_json(masked.prompt),
         "model": model.as_ref().map(|m| m.name.clone()),
         "kind": model.as_ref().map(|m| m.kind),
-        "fallback": model.as_ref().map(|m| m.kind == segment::ModelKind::Box),
+        "fallback": model.as_ref().map(|m| m.kind == ModelKind::Box),
         "elapsed_ms": started.elapsed().as_millis() as u64,
     })))
 }
@@ -327,20 +183,7 @@ async fn replace_product(
     let _pin = store.pin(&user.session);
     let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
-    let store = store.inner().clone();
-    let session = user.session;
-    let (width, height) = blocking(move || {
-        let scene = load_scene(&store, &session)?;
-        let mask_png = store.read(&session, Artefact::Mask)?;
-        let mask = imaging::decode_png(&mask_png)?.into_luma8();
-        let product = imaging::decode_product(&bytes)?;
-        drop(bytes);
-        let result = composite::replace_product(&scene, &mask, &product, &settings)?;
-        drop((scene, mask, product));
-        store.write(&session, Artefact::Result, &imaging::encode_png(&result)?)?;
-        Ok(result.dimensions())
-    })
-    .await?;
+    let (width, height) = flow::replace(session(store, &user), bytes, settings).await?;
     Ok(Json(json!({
         "success": true,
         "width": width,
@@ -367,30 +210,28 @@ impl<'r> rocket::response::Responder<'r, 'static> for Png {
     }
 }
 
-async fn artefact(store: &Store, session: SessionId, which: Artefact, attachment: bool) -> ApiResult<Png> {
-    let store = store.inner().clone();
-    let bytes = blocking(move || Ok(store.read(&session, which)?)).await?;
-    Ok(Png { bytes, attachment })
+async fn artefact(store: &Store, user: User, which: Artefact, attachment: bool) -> ApiResult<Png> {
+    Ok(Png { bytes: flow::artefact(session(store, &user), which).await?, attachment })
 }
 
 #[get("/get_image")]
 async fn get_image(user: User, store: &Store) -> ApiResult<Png> {
-    artefact(store, user.session, Artefact::Image, false).await
+    artefact(store, user, Artefact::Image, false).await
 }
 
 #[get("/get_mask_visualization")]
 async fn get_mask_visualization(user: User, store: &Store) -> ApiResult<Png> {
-    artefact(store, user.session, Artefact::MaskOverlay, false).await
+    artefact(store, user, Artefact::MaskOverlay, false).await
 }
 
 #[get("/get_result_image")]
 async fn get_result_image(user: User, store: &Store) -> ApiResult<Png> {
-    artefact(store, user.session, Artefact::Result, false).await
+    artefact(store, user, Artefact::Result, false).await
 }
 
 #[get("/download_result")]
 async fn download_result(user: User, store: &Store) -> ApiResult<Png> {
-    artefact(store, user.session, Artefact::Result, true).await
+    artefact(store, user, Artefact::Result, true).await
 }
 
 pub fn routes() -> Vec<Route> {

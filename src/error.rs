@@ -11,31 +11,13 @@ use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
 use serde_json::json;
 
-use crate::composite::CompositeError;
-use crate::imaging::ImageError;
-use crate::segment::SegmentError;
+pub use drishya_imaging::params::InputError;
+use drishya_imaging::{BadBox, CompositeError, ImageError};
+use drishya_segment::SegmentError;
+
+use crate::gate::Busy;
+use crate::models::MaskError;
 use crate::storage::StorageError;
-
-/// A request field that was missing or out of range.
-#[derive(Debug, thiserror::Error)]
-pub enum InputError {
-    #[error("request body is not valid JSON for this route: {0}")]
-    MalformedJson(String),
-    #[error("'{field}' {reason}")]
-    InvalidField { field: &'static str, reason: String },
-    #[error("'{0}' is required")]
-    MissingField(&'static str),
-    #[error("upload is larger than the {limit_mb} MB limit")]
-    TooLarge { limit_mb: u64 },
-    #[error("malformed form data: {0}")]
-    MalformedForm(String),
-}
-
-impl InputError {
-    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        InputError::InvalidField { field, reason: reason.into() }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -44,13 +26,15 @@ pub enum ApiError {
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
-    Segment(#[from] SegmentError),
+    BadBox(#[from] BadBox),
+    #[error(transparent)]
+    Mask(#[from] MaskError),
     #[error(transparent)]
     Composite(#[from] CompositeError),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
-    Busy(#[from] crate::gate::Busy),
+    Busy(#[from] Busy),
     #[error("the server could not finish this request")]
     Internal(String),
 }
@@ -59,11 +43,27 @@ impl From<&ApiError> for Status {
     fn from(error: &ApiError) -> Status {
         match error {
             ApiError::Input(InputError::TooLarge { .. }) => Status::PayloadTooLarge,
-            ApiError::Input(_) => Status::BadRequest,
-            ApiError::Image(e) => e.status(),
-            ApiError::Segment(e) => e.status(),
-            ApiError::Composite(_) => Status::BadRequest,
-            ApiError::Storage(e) => e.status(),
+            ApiError::Input(_) | ApiError::BadBox(_) | ApiError::Composite(_) => Status::BadRequest,
+            ApiError::Image(e) => match e {
+                ImageError::Unsupported => Status::UnsupportedMediaType,
+                ImageError::Empty | ImageError::Corrupt { .. } => Status::BadRequest,
+                ImageError::TooManyPixels { .. } => Status::PayloadTooLarge,
+                ImageError::Processing(_) => Status::InternalServerError,
+            },
+            ApiError::Mask(MaskError::Busy { .. } | MaskError::Unavailable(_)) => Status::ServiceUnavailable,
+            ApiError::Mask(MaskError::Model(e)) => match e {
+                SegmentError::Unavailable(_) => Status::ServiceUnavailable,
+                SegmentError::Inference(_) => Status::InternalServerError,
+            },
+            ApiError::Storage(e) => match e {
+                StorageError::NotFound(_) => Status::NotFound,
+                StorageError::Full(_) => Status::InsufficientStorage,
+                StorageError::CapReached | StorageError::Unavailable(_) => Status::ServiceUnavailable,
+                StorageError::ReadOnly(_)
+                | StorageError::Io(_)
+                | StorageError::Denied(_)
+                | StorageError::Rejected(_) => Status::InternalServerError,
+            },
             ApiError::Busy(_) => Status::ServiceUnavailable,
             ApiError::Internal(_) => Status::InternalServerError,
         }
@@ -83,7 +83,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Segment(e) => e.retry_after(),
+            ApiError::Mask(MaskError::Busy { retry_after }) => Some(*retry_after),
+            // A model that is not there now will not be there in a second or two.
+            ApiError::Mask(MaskError::Unavailable(_) | MaskError::Model(SegmentError::Unavailable(_))) => Some(30),
             ApiError::Storage(e) => e.retry_after(),
             ApiError::Busy(busy) => Some(busy.retry_after),
             _ => None,

@@ -2,10 +2,23 @@
 //! waiting; beyond that the caller is told "busy" at once (503 + Retry-After) instead
 //! of queueing without bound. Memory on a 512 MB host is the reason: every admitted
 //! job may hold a decoded image.
+//!
+//! [`Gate`] is the mechanism; [`ImageJobs`] (decode, composite, encode) and [`UploadSlot`]
+//! (bodies being received) are the two gates the routes pass.
 
 use std::sync::Arc;
 
+use std::path::Path;
+
+use rocket::fairing::AdHoc;
+use rocket::fs::TempFile;
+use rocket::http::Status;
+use rocket::request::{FromRequest, Outcome, Request};
 use rocket::tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use rocket::tokio::task::spawn_blocking;
+
+use crate::config::AppConfig;
+use crate::storage;
 
 /// The gate is full: come back in `retry_after` seconds.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -79,6 +92,88 @@ impl Pass {
     pub fn pause(self) -> Admitted {
         Admitted { admission: self.admission, running: self.running }
     }
+}
+
+// The two gates of the routes: image jobs, and the bodies of uploads being received.
+
+/// Seconds a client is told to wait when the image queue is full.
+const IMAGE_RETRY_SECS: u64 = 2;
+
+/// The gate for heavy image work (decode, composite, PNG encode): each admitted job
+/// may hold a few decoded images, so their number is what bounds memory.
+pub struct ImageJobs(Gate);
+
+impl ImageJobs {
+    /// The gate itself (tests fill it to check what a full queue does).
+    pub fn gate(&self) -> &Gate {
+        &self.0
+    }
+
+    pub(crate) fn admit(&self) -> Result<Admitted, Busy> {
+        self.0.admit(IMAGE_RETRY_SECS)
+    }
+
+    pub(crate) async fn run(admitted: Admitted) -> Result<Pass, Busy> {
+        admitted.run().await.ok_or(Busy { retry_after: IMAGE_RETRY_SECS })
+    }
+
+    /// Waits for a place for a job on `upload`, then lets the next upload in. While the
+    /// job waits in the queue, the upload's file is flushed and dropped from the page
+    /// cache, which the container's memory cgroup counts: 64 queued 4 MB uploads would
+    /// otherwise all be charged to it (docs/performance.md §2 item 5).
+    pub(crate) async fn enter_with(&self, upload: &TempFile<'_>, slot: UploadSlot) -> Result<Pass, Busy> {
+        let busy = Busy { retry_after: IMAGE_RETRY_SECS };
+        match self.0.admit(IMAGE_RETRY_SECS)?.try_run() {
+            Ok(pass) => Ok(pass),
+            Err(queued) => {
+                if let Some(path) = upload.path().map(Path::to_path_buf) {
+                    // Best effort: a failure only leaves the pages cached.
+                    let _ = spawn_blocking(move || storage::uncache(&path)).await;
+                }
+                drop(slot);
+                queued.run().await.ok_or(busy)
+            }
+        }
+    }
+}
+
+/// Uploads whose bodies are read at the same time. A request guard, so it is taken
+/// before Rocket reads the body (data guards come last): the bodies of the others wait
+/// in their sockets instead of the page cache.
+const UPLOADS_AT_ONCE: usize = 4;
+
+struct UploadGate(Gate);
+
+/// A place to receive an upload's body (see `UPLOADS_AT_ONCE`).
+pub struct UploadSlot(#[allow(dead_code)] Pass);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for UploadSlot {
+    type Error = Busy;
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Busy> {
+        let Some(gate) = request.rocket().state::<UploadGate>() else {
+            return Outcome::Error((Status::InternalServerError, Busy { retry_after: IMAGE_RETRY_SECS }));
+        };
+        match gate.0.enter(IMAGE_RETRY_SECS).await {
+            Ok(pass) => Outcome::Success(UploadSlot(pass)),
+            Err(busy) => {
+                // For the catcher: the 503 carries Retry-After like every other "busy".
+                request.local_cache(|| Some(busy));
+                Outcome::Error((Status::ServiceUnavailable, busy))
+            }
+        }
+    }
+}
+
+/// Manages the image-job gate from `IMAGE_CONCURRENCY` / `IMAGE_QUEUE`.
+pub fn stage() -> AdHoc {
+    AdHoc::on_ignite("Image job gate", |rocket| async move {
+        let Some((running, queue)) = rocket.state::<AppConfig>().map(|c| (c.image_concurrency, c.image_queue)) else {
+            return rocket;
+        };
+        rocket.manage(ImageJobs(Gate::new(running, queue))).manage(UploadGate(Gate::new(UPLOADS_AT_ONCE, queue)))
+    })
 }
 
 #[cfg(test)]

@@ -6,31 +6,26 @@
 #[macro_use]
 extern crate rocket;
 
-pub mod alloc;
 pub mod api;
 pub mod auth;
-pub mod composite;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod flow;
 pub mod front;
 pub mod gate;
 pub mod health;
-pub mod imaging;
 pub mod models;
-pub mod params;
-pub mod segment;
 pub mod storage;
 pub mod sysmem;
 pub mod web;
 
 use std::sync::Arc;
 
-/// Big blocks in their own huge-page mappings (see `alloc`). Not under cargo-fuzz, whose
-/// sanitiser must see every allocation.
-#[cfg(not(fuzzing))]
+/// Big blocks in their own huge-page mappings (crates/alloc). Here rather than in main.rs
+/// so that the tests run on the allocator the server runs on.
 #[global_allocator]
-static GLOBAL: alloc::DrishyaAlloc = alloc::DrishyaAlloc;
+static GLOBAL: drishya_alloc::DrishyaAlloc = drishya_alloc::DrishyaAlloc;
 
 use rocket::figment::Figment;
 use rocket::{Build, Rocket};
@@ -46,7 +41,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .attach(web::threads())
         .attach(storage::stage())
         .attach(models::stage())
-        .attach(api::stage())
+        .attach(gate::stage())
         .attach(Template::fairing())
         .attach(web::headers())
         .attach(web::assets())

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         }
     };
     // Before the runtime starts any thread.
-    drishya::sysmem::tune_allocator();
+    drishya_alloc::tune_allocator();
     let rocket = drishya::build(drishya::front::Front::inner(figment)).attach(front.stage());
     match rocket::execute(rocket.launch()) {
         Ok(_) => ExitCode::SUCCESS,

@@ -18,21 +18,21 @@ use serde::Serialize;
 
 use crate::config::AppConfig;
 use crate::download::{self, DownloadRequest};
+use crate::gate::Busy;
 use crate::gate::Gate;
-use crate::segment::onnx::{self, GraphKind};
-use crate::segment::salient::SalientSegmenter;
-use crate::segment::sam::SamSegmenter;
-use crate::segment::{BoxPrompt, BoxSegmenter, ModelInfo, ModelKind, SegmentError, SegmentRequest, Segmenter};
 use crate::sysmem::{self, BudgetSource};
-use tract_onnx::pb::ModelProto;
+use drishya_segment::{
+    BoxPrompt, BoxSegmenter, ModelFiles, ModelInfo, ModelKind, SegmentError, SegmentRequest, Segmenter,
+};
 
 const MIB: u64 = 1024 * 1024;
 
 /// Why one model of the chain was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{location}: not found (expected a .onnx file, or a folder with encoder.onnx and decoder.onnx)")]
-    NotFound { location: String },
+    /// Not found, not a family we serve, or not loadable: what the engine says.
+    #[error("{location}: {source}")]
+    Model { location: String, source: drishya_segment::LoadError },
     #[error(
         "{location}: {size_mb} MB is over the {max_mb} MB model limit; quantize the model, pick a \
          smaller one, or raise MAX_MODEL_MB if the host has the memory"
@@ -43,15 +43,28 @@ pub enum LoadError {
          pick a smaller model or give the process more memory"
     )]
     NotEnoughMemory { location: String, need_mb: u64, available_mb: u64, budget: BudgetSource },
-    #[error("{location}: {detail}")]
-    WrongKind { location: String, detail: String },
     #[error("{location}: download failed: {source}")]
     Download { location: String, source: download::DownloadError },
-    #[error("{location}: could not be loaded: {detail}")]
-    Invalid { location: String, detail: String },
     /// A remembered kind check (its message already names the location).
     #[error("{0}")]
     Remembered(String),
+}
+
+/// Why a mask request got no mask from the model manager.
+#[derive(Debug, thiserror::Error)]
+pub enum MaskError {
+    #[error("the segmentation service is busy: try again in {retry_after} s")]
+    Busy { retry_after: u64 },
+    #[error("no segmentation model is available: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Model(#[from] SegmentError),
+}
+
+impl From<Busy> for MaskError {
+    fn from(busy: Busy) -> Self {
+        MaskError::Busy { retry_after: busy.retry_after }
+    }
 }
 
 /// The model settings, taken from [`AppConfig`].
@@ -282,7 +295,7 @@ impl ModelManager {
             let candidate = if remote {
                 let bytes = std::fs::metadata(&cached).map(|m| m.len()).unwrap_or(0);
                 // `downloaded: false`: a check must not delete what it finds too large.
-                Ok(Candidate { location: redact(location), path: cached, sam: false, bytes, downloaded: false })
+                Ok(Candidate { location: redact(location), files: salient_file(cached, bytes), downloaded: false })
             } else {
                 locate(settings, location, None)
             };
@@ -293,7 +306,7 @@ impl ModelManager {
                 Ok(c)
             });
             match checked {
-                Ok(c) => return Readiness::new(ReadyState::Present, Some(model_name(&c.path)), None),
+                Ok(c) => return Readiness::new(ReadyState::Present, Some(c.files.info().name), None),
                 Err(e) => skipped.push(Skipped { location: redact(location), reason: e.to_string() }),
             }
         }
@@ -308,26 +321,27 @@ impl ModelManager {
     /// Reads the graph(s) of `candidate` once per version of its files and checks that
     /// they are a kind we serve; a liveness probe only uses a verdict already made.
     fn check_kind(&self, candidate: &Candidate, probe: Probe) -> Result<(), LoadError> {
-        let files = if candidate.sam {
-            vec![candidate.path.join("encoder.onnx"), candidate.path.join("decoder.onnx")]
+        let path = &candidate.files.path;
+        let files = if candidate.files.kind == ModelKind::Sam {
+            vec![path.join("encoder.onnx"), path.join("decoder.onnx")]
         } else {
-            vec![candidate.path.clone()]
+            vec![path.clone()]
         };
         let fingerprint: Vec<_> = files
             .iter()
             .map(|f| std::fs::metadata(f).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
             .collect();
         let mut checks = self.kind_checks.lock().unwrap_or_else(|e| e.into_inner());
-        let known = checks.get(&candidate.path).filter(|c| c.fingerprint == fingerprint).map(|c| c.verdict.clone());
+        let known = checks.get(path).filter(|c| c.fingerprint == fingerprint).map(|c| c.verdict.clone());
         let verdict = match (known, probe) {
             (Some(verdict), _) => verdict,
             (None, Probe::Liveness) => Ok(()),
             (None, Probe::Readiness) => {
-                let verdict = read_kind(candidate).map_err(|e| e.to_string());
+                let verdict = candidate.files.check_kind().map_err(|e| candidate.error(e).to_string());
                 // The parsed graph held as much as the file's size: hand it back, or
-                // an idle server keeps it resident (measured: 12.3 -> 18.7 MB RSS).
-                sysmem::release_free_memory();
-                checks.insert(candidate.path.clone(), KindCheck { fingerprint, verdict: verdict.clone() });
+                // an idle server keeps it resident (docs/performance.md §6a).
+                drishya_alloc::release_free_memory();
+                checks.insert(path.clone(), KindCheck { fingerprint, verdict: verdict.clone() });
                 verdict
             }
         };
@@ -352,15 +366,15 @@ impl ModelManager {
         image: Arc<RgbImage>,
         image_key: String,
         prompt: BoxPrompt,
-    ) -> Result<MaskOutcome, SegmentError> {
+    ) -> Result<MaskOutcome, MaskError> {
         let admitted = self.gate.admit(self.retry_hint())?;
         let segmenter = self.segmenter().await?;
         let _running =
-            admitted.run().await.ok_or_else(|| SegmentError::Unavailable("the service is shutting down".into()))?;
+            admitted.run().await.ok_or_else(|| MaskError::Unavailable("the service is shutting down".into()))?;
         let model = segmenter.info().clone();
         let mask = spawn_blocking(move || {
             let mask = segmenter.segment(&SegmentRequest { image: &image, image_key: &image_key, prompt });
-            sysmem::release_free_memory();
+            drishya_alloc::release_free_memory();
             mask
         })
         .await
@@ -378,12 +392,12 @@ impl ModelManager {
     }
 
     /// The loaded model, loading it (once) when needed.
-    async fn segmenter(&self) -> Result<Arc<dyn Segmenter>, SegmentError> {
+    async fn segmenter(&self) -> Result<Arc<dyn Segmenter>, MaskError> {
         let mut slot = self.slot.clone().lock_owned().await;
         match &*slot {
             Slot::Ready(segmenter) => return Ok(segmenter.clone()),
             Slot::Failed { at, reason } if at.elapsed() < self.settings.retry_after_failure => {
-                return Err(SegmentError::Unavailable(reason.clone()));
+                return Err(MaskError::Unavailable(reason.clone()));
             }
             _ => {}
         }
@@ -398,7 +412,7 @@ impl ModelManager {
             let started = Instant::now();
             let chain = spawn_blocking(move || {
                 let chain = load_chain(&settings);
-                sysmem::release_free_memory();
+                drishya_alloc::release_free_memory();
                 chain
             })
             .await;
@@ -417,7 +431,7 @@ impl ModelManager {
             drop(slot);
             outcome
         });
-        task.await.map_err(|e| SegmentError::Unavailable(format!("model loader failed: {e}")))?
+        task.await.map_err(|e| MaskError::Unavailable(format!("model loader failed: {e}")))?
     }
 
     /// Drops the model if it has been idle for longer than `MODEL_IDLE_UNLOAD_SECS`.
@@ -456,7 +470,7 @@ fn settle(
     result: ChainResult,
     status: &Mutex<ModelStatus>,
     started: Instant,
-) -> Result<Arc<dyn Segmenter>, SegmentError> {
+) -> Result<Arc<dyn Segmenter>, MaskError> {
     let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
     s.skipped = result.skipped.clone();
     match result.loaded {
@@ -479,7 +493,7 @@ fn settle(
             s.error = Some(reason.clone());
             log::error!("no segmentation model could be loaded: {reason}");
             *slot = Slot::Failed { at: Instant::now(), reason: reason.clone() };
-            Err(SegmentError::Unavailable(reason))
+            Err(MaskError::Unavailable(reason))
         }
     }
 }
@@ -520,90 +534,28 @@ fn load_chain(settings: &ModelSettings) -> ChainResult {
 
 /// A model on disk, before loading.
 struct Candidate {
+    /// As shown to operators (URLs redacted).
     location: String,
-    path: PathBuf,
-    sam: bool,
-    bytes: u64,
+    files: ModelFiles,
     downloaded: bool,
+}
+
+impl Candidate {
+    fn error(&self, source: drishya_segment::LoadError) -> LoadError {
+        LoadError::Model { location: self.location.clone(), source }
+    }
+}
+
+/// A downloaded model: always one `.onnx` file.
+fn salient_file(path: PathBuf, bytes: u64) -> ModelFiles {
+    ModelFiles { path, kind: ModelKind::Salient, bytes }
 }
 
 fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> Result<Arc<dyn Segmenter>, LoadError> {
     let candidate = locate(settings, location, checksum)?;
     check_size(settings, &candidate)?;
     check_memory(settings, &candidate)?;
-    let info = ModelInfo {
-        name: model_name(&candidate.path),
-        kind: if candidate.sam { ModelKind::Sam } else { ModelKind::Salient },
-        file_size_bytes: candidate.bytes,
-    };
-    let invalid = invalid_at(&candidate.location);
-    if candidate.sam {
-        let protos = read_sam_folder(&candidate)?;
-        let segmenter = SamSegmenter::from_protos(protos, info).map_err(invalid)?;
-        return Ok(Arc::new(segmenter));
-    }
-    let graph = onnx::read_graph(&candidate.path).map_err(&invalid)?;
-    let input = salient_input(&candidate, onnx::classify(&graph))?;
-    Ok(Arc::new(SalientSegmenter::load(graph, input, info).map_err(invalid)?))
-}
-
-/// tract's error for the model at `location`, as its first line.
-fn invalid_at(location: &str) -> impl Fn(tract_onnx::prelude::TractError) -> LoadError + '_ {
-    move |e| LoadError::Invalid {
-        location: location.to_string(),
-        detail: format!("{e:#}").lines().next().unwrap_or("invalid model").to_string(),
-    }
-}
-
-/// The input size of a single .onnx file that is a salient model, or why it is not one.
-fn salient_input(candidate: &Candidate, kind: GraphKind) -> Result<(usize, usize), LoadError> {
-    let location = candidate.location.clone();
-    match kind {
-        GraphKind::Salient { height, width } => Ok((height, width)),
-        GraphKind::SamEncoder | GraphKind::SamDecoder => Err(LoadError::WrongKind {
-            location,
-            detail: "is one half of a Segment Anything export: put encoder.onnx and decoder.onnx in one folder and configure the folder".into(),
-        }),
-        GraphKind::Unknown { inputs, outputs } => {
-            Err(LoadError::WrongKind { location, detail: onnx::describe_unknown(&inputs, &outputs) })
-        }
-    }
-}
-
-/// The kind check of `check_kind`, from the protobuf(s) alone.
-fn read_kind(candidate: &Candidate) -> Result<(), LoadError> {
-    if candidate.sam {
-        return read_sam_folder(candidate).map(drop);
-    }
-    let proto = onnx::read_proto(&candidate.path).map_err(invalid_at(&candidate.location))?;
-    salient_input(candidate, onnx::classify_proto(&proto)).map(drop)
-}
-
-/// Reads both halves of a SAM folder once, checking each is what its name says.
-fn read_sam_folder(candidate: &Candidate) -> Result<[ModelProto; 2], LoadError> {
-    let encoder = read_expected(candidate, "encoder.onnx", GraphKind::SamEncoder)?;
-    let decoder = read_expected(candidate, "decoder.onnx", GraphKind::SamDecoder)?;
-    Ok([encoder, decoder])
-}
-
-/// Reads one half of a SAM folder, checking by its graph that it is that half.
-fn read_expected(candidate: &Candidate, file: &str, expected: GraphKind) -> Result<ModelProto, LoadError> {
-    let location = format!("{}/{file}", candidate.location);
-    let proto = onnx::read_proto(&candidate.path.join(file)).map_err(invalid_at(&location))?;
-    let kind = onnx::classify_proto(&proto);
-    if kind != expected {
-        let detail = match kind {
-            GraphKind::Unknown { inputs, outputs } => onnx::describe_unknown(&inputs, &outputs),
-            other => format!("{file} is a {other:?}, not the expected {expected:?}"),
-        };
-        return Err(LoadError::WrongKind { location: candidate.location.clone(), detail });
-    }
-    Ok(proto)
-}
-
-fn model_name(path: &Path) -> String {
-    let name = if path.is_dir() { path.file_name() } else { path.file_stem() };
-    name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    drishya_segment::load(&candidate.files.path).map_err(|e| candidate.error(e))
 }
 
 /// A model location that is downloaded rather than read from disk.
@@ -616,19 +568,9 @@ fn locate(settings: &ModelSettings, location: &str, checksum: Option<&str>) -> R
     if is_url(location) {
         return fetch(settings, location, checksum);
     }
-    let path = PathBuf::from(location);
-    let not_found = || LoadError::NotFound { location: location.to_string() };
-    if path.is_dir() {
-        let parts = [path.join("encoder.onnx"), path.join("decoder.onnx")];
-        let bytes = parts
-            .iter()
-            .map(|p| std::fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len()))
-            .sum::<Option<u64>>()
-            .ok_or_else(not_found)?;
-        return Ok(Candidate { location: location.to_string(), path, sam: true, bytes, downloaded: false });
-    }
-    let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file()).ok_or_else(not_found)?;
-    Ok(Candidate { location: location.to_string(), path, sam: false, bytes: meta.len(), downloaded: false })
+    let files = drishya_segment::inspect(Path::new(location))
+        .map_err(|source| LoadError::Model { location: location.to_string(), source })?;
+    Ok(Candidate { location: location.to_string(), files, downloaded: false })
 }
 
 fn fetch(settings: &ModelSettings, url: &str, checksum: Option<&str>) -> Result<Candidate, LoadError> {
@@ -647,7 +589,7 @@ fn fetch(settings: &ModelSettings, url: &str, checksum: Option<&str>) -> Result<
         .map_err(|source| LoadError::Download { location: location.clone(), source })?;
     }
     let bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    Ok(Candidate { location, path: dest, sam: false, bytes, downloaded: true })
+    Ok(Candidate { location, files: salient_file(dest, bytes), downloaded: true })
 }
 
 /// A cache file name derived from the URL (never from its query), unique per URL.
@@ -669,15 +611,16 @@ fn cache_name(url: &str) -> String {
 }
 
 fn check_size(settings: &ModelSettings, candidate: &Candidate) -> Result<(), LoadError> {
-    if candidate.bytes <= settings.max_model_mb * MIB {
+    let bytes = candidate.files.bytes;
+    if bytes <= settings.max_model_mb * MIB {
         return Ok(());
     }
     if candidate.downloaded {
-        let _ = std::fs::remove_file(&candidate.path);
+        let _ = std::fs::remove_file(&candidate.files.path);
     }
     Err(LoadError::TooLarge {
         location: candidate.location.clone(),
-        size_mb: candidate.bytes.div_ceil(MIB),
+        size_mb: bytes.div_ceil(MIB),
         max_mb: settings.max_model_mb,
     })
 }
@@ -692,7 +635,7 @@ pub fn estimate_need_mb(sam: bool, file_bytes: u64) -> u64 {
 }
 
 fn check_memory(settings: &ModelSettings, candidate: &Candidate) -> Result<(), LoadError> {
-    let need_mb = estimate_need_mb(candidate.sam, candidate.bytes);
+    let need_mb = estimate_need_mb(candidate.files.kind == ModelKind::Sam, candidate.files.bytes);
     let (available_mb, source) = sysmem::headroom_mb(settings.memory_budget_mb);
     if need_mb <= available_mb {
         return Ok(());

@@ -11,44 +11,11 @@ const MIB: u64 = 1024 * 1024;
 /// v1 reports "no limit" as a huge number (page-aligned i64::MAX).
 const UNLIMITED_THRESHOLD: u64 = 1 << 60;
 
-/// glibc gives each thread its own malloc arena; with tokio's blocking pool that
-/// multiplies the peak (measured: 317-431 MB vs 238 MB with one arena on U²-Net-p).
-/// Call once at start, before threads exist.
-pub fn tune_allocator() {
-    // Blocks of 2 MiB and more bypass malloc (src/alloc.rs); `HUGE_PAGES=0` maps them
-    // without the transparent-huge-page advice.
-    crate::alloc::set_huge_pages(std::env::var("HUGE_PAGES").map_or(true, |v| v != "0"));
-    // A fixed mmap threshold: glibc otherwise raises it after each large free (up to
-    // 32 MB), so tract's freed activations stay in the brk heap. Measured: peaks 30-95 MB
-    // lower, inference 17-50 % slower; and 64 flows in 512 MB without an OOM kill.
-    // `MALLOC_FIXED_THRESHOLD=0` keeps glibc's adaptive threshold (faster, higher peaks).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    let fixed = std::env::var("MALLOC_FIXED_THRESHOLD").map_or(true, |v| v != "0");
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        if fixed {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
-        }
-    }
-}
-
-/// Returns freed heap memory to the OS after large work (inference, compositing).
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim is thread-safe and only releases free pages.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Drops the binary's code pages from memory once start-up is over. Start-up (figment,
 /// templates, config checks, Rocket's ignition) touches code no request runs again, and
 /// the kernel's fault-around maps each touched page's cached neighbours too: the
-/// resident code after start was ~3 MB more than serving `/health` and the page need
-/// (docs/performance.md 6c). Pages a request needs fault back in from the page cache, or
+/// resident code after start was well above what serving `/health` and the page need
+/// (docs/performance.md §6d). Pages a request needs fault back in from the page cache, or
 /// from the file. A kernel without `MADV_PAGEOUT` (before 5.4) just refuses; nothing else
 /// changes.
 pub fn drop_startup_code() {

@@ -22,7 +22,7 @@ fn product_png() -> Vec<u8> {
         let inside = (x as i32 - 60).abs() < 40 || (y < 60 && (x as i32 - 60).abs() < 15);
         *p = if inside { Rgba([20, 160, 60, 255]) } else { Rgba([0, 0, 0, 0]) };
     }
-    drishya::imaging::encode_png(&product).unwrap()
+    drishya_imaging::encode_png(&product).unwrap()
 }
 
 fn replace<'c>(

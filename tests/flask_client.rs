@@ -137,7 +137,7 @@ fn a_mask_finished_while_the_image_queue_is_full_is_delivered() {
     let client = &app.client;
     login(client);
     assert_eq!(upload(client, "coffee.png", &png_bytes(&coffee())).status(), Status::Ok);
-    let jobs = client.rocket().state::<drishya::api::ImageJobs>().expect("the image gate is managed");
+    let jobs = client.rocket().state::<drishya::gate::ImageJobs>().expect("the image gate is managed");
     // Other requests hold two places; the mask request gets the last one...
     let mut held: Vec<_> = (0..2).map(|_| jobs.gate().admit(1).expect("a free place")).collect();
     let done = std::sync::atomic::AtomicBool::new(false);

@@ -97,7 +97,7 @@ fn exif_orientations_1_to_8_are_applied() {
 fn a_huge_jpeg_is_decoded_at_reduced_scale_and_oriented() {
     // 6000x4000 (24 MP) with EXIF orientation 6: displayed 4000x6000, decoded at 1/2 (2000 wide >= 1280).
     let bytes = jpeg(&quadrants(6000, 4000), Some(exif_orientation(6)));
-    let scene = drishya::imaging::decode_scene(&bytes, 1280).unwrap();
+    let scene = drishya_imaging::decode_scene(&bytes, 1280).unwrap();
     assert_eq!((scene.original_width, scene.original_height), (4000, 6000));
     assert_eq!(scene.image.width(), 1280);
     assert!(scene.decode_divisor >= 2, "decoded at 1/{}", scene.decode_divisor);
@@ -203,7 +203,7 @@ fn unusual_but_legal_pngs_and_other_formats() {
     assert_eq!(corners_pixel(&app.client), Rgb([255, 0, 128]));
     // Grayscale.
     let grey = image::GrayImage::from_pixel(40, 30, image::Luma([77]));
-    let bytes = drishya::imaging::encode_png(&grey).unwrap();
+    let bytes = drishya_imaging::encode_png(&grey).unwrap();
     assert_eq!(upload(&app.client, "grey.png", &bytes).status(), Status::Ok);
     assert_eq!(corners_pixel(&app.client), Rgb([77, 77, 77]));
     // Palette, with a transparent entry (over white).
@@ -357,7 +357,7 @@ fn cmyk_jpegs_are_converted_the_same_way_at_full_and_reduced_scale() {
     assert_eq!(upload(&app.client, "small-cmyk.jpg", &cmyk_jpeg(64, 48, cmyk)).status(), Status::Ok);
     let small = corners_pixel(&app.client);
     // 3000 px wide: decoded at reduced scale by the DCT path, with our own CMYK conversion.
-    let scene = drishya::imaging::decode_scene(&cmyk_jpeg(3000, 200, cmyk), 1280).unwrap();
+    let scene = drishya_imaging::decode_scene(&cmyk_jpeg(3000, 200, cmyk), 1280).unwrap();
     assert!(scene.decode_divisor >= 2);
     let big = scene.image.get_pixel(600, 40);
     for c in 0..3 {

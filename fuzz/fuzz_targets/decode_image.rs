@@ -7,9 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // A small target width makes the reduced-scale JPEG path reachable from small inputs.
-    if let Ok(scene) = drishya::imaging::decode_scene(data, 64) {
+    if let Ok(scene) = drishya_imaging::decode_scene(data, 64) {
         assert!(scene.image.width() <= 64);
         assert!(scene.image.width() > 0 && scene.image.height() > 0);
     }
-    let _ = drishya::imaging::decode_product(data);
+    let _ = drishya_imaging::decode_product(data);
 });

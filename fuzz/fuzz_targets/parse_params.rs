@@ -3,8 +3,8 @@
 //! fields for settings, otherwise a JSON body (a leading `B` is skipped).
 #![no_main]
 
-use drishya::params::{parse_box, parse_settings, ReplaceFields};
-use drishya::segment::clip_box;
+use drishya_imaging::clip_box;
+use drishya_imaging::params::{parse_box, parse_settings, ReplaceFields};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

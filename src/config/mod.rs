@@ -64,7 +64,7 @@ const BARE_ENV: &[&str] = &[
 pub const MIN_SESSION_MAX_AGE: u64 = 60;
 pub const MAX_SESSION_MAX_AGE: u64 = 30 * 24 * 60 * 60;
 
-/// Variables that mark a production deployment (seed 002).
+/// Variables that mark a production deployment: those the hosting platforms set.
 const PRODUCTION_MARKERS: &[&str] = &["RAILWAY_ENVIRONMENT", "HEROKU_APP_NAME", "RENDER", "FLY_APP_NAME", "PRODUCTION"];
 
 /// Everything Drishya reads from the figment (besides Rocket's own keys).
@@ -391,7 +391,7 @@ fn is_writable_dir(dir: &Path) -> bool {
     ok
 }
 
-/// What marks this run as production: a platform variable (seed 002) or Rocket's
+/// What marks this run as production: a platform variable or Rocket's
 /// release profile. `None` in development.
 pub fn production_marker(profile: &str) -> Option<String> {
     PRODUCTION_MARKERS

@@ -25,7 +25,6 @@ pub use s3::{S3Bucket, S3Settings, S3SettingsError};
 
 use rand::Rng;
 use rocket::fairing::AdHoc;
-use rocket::http::Status;
 
 use crate::config::AppConfig;
 
@@ -96,17 +95,6 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub fn status(&self) -> Status {
-        match self {
-            StorageError::NotFound(_) => Status::NotFound,
-            StorageError::Full(_) => Status::InsufficientStorage,
-            StorageError::CapReached | StorageError::Unavailable(_) => Status::ServiceUnavailable,
-            StorageError::ReadOnly(_) | StorageError::Io(_) | StorageError::Denied(_) | StorageError::Rejected(_) => {
-                Status::InternalServerError
-            }
-        }
-    }
-
     /// What the client is told (no paths, no keys, no OS detail).
     pub fn public_message(&self) -> &'static str {
         match self {
@@ -582,7 +570,8 @@ mod tests {
         // Both sessions in use: a fourth is refused (503, Retry-After), nothing is lost.
         let pins = (store.pin(&b), store.pin(&c));
         let refused = store.write(&d, Artefact::Image, &[0; 100]).unwrap_err();
-        assert_eq!((refused.status(), refused.retry_after()), (Status::ServiceUnavailable, Some(RETRY_SECS)));
+        assert!(matches!(refused, StorageError::CapReached), "{refused}");
+        assert_eq!(refused.retry_after(), Some(RETRY_SECS));
         assert!(!exists(&d) && exists(&b) && exists(&c));
         drop(pins);
         store.write(&d, Artefact::Image, &[0; 100]).unwrap();

@@ -2,10 +2,11 @@
 //! multipart bodies, the shared photos and models.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod process;
 pub mod s3;
 
-use std::path::{Path, PathBuf};
+pub use fixtures::*;
 
 use image::RgbImage;
 use rocket::figment::Figment;
@@ -13,37 +14,6 @@ use rocket::http::{ContentType, Status};
 use rocket::local::blocking::{Client, LocalResponse};
 
 pub const PASSWORD: &str = "correct horse battery staple";
-
-/// The fixture root: `DRISHYA_SHARED` (relative to the repository, like the scripts), else
-/// `../shared` beside the repository.
-pub fn shared_root() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    match std::env::var_os("DRISHYA_SHARED") {
-        Some(dir) if !dir.is_empty() => repo.join(dir),
-        _ => repo.join("../shared"),
-    }
-}
-
-/// A file under the fixture root. A missing fixture fails the test loudly, never skips it:
-/// `scripts/test` decides which tests not to run (and says so) when fixtures are missing.
-pub fn shared(rel: &str) -> PathBuf {
-    let path = shared_root().join(rel);
-    assert!(
-        path.exists(),
-        "test fixture {} is missing: put ../shared beside the repository or point DRISHYA_SHARED at a copy \
-         (scripts/fetch-fixtures DIR fetches the photos and U2-Net-p; the MobileSAM graphs and references come only with ../shared)",
-        path.display()
-    );
-    path
-}
-
-pub fn u2netp() -> String {
-    shared("models/u2netp.onnx").display().to_string()
-}
-
-pub fn mobile_sam() -> String {
-    shared("models/mobile_sam").display().to_string()
-}
 
 /// A running app: its client and the temp dir it owns.
 pub struct App {
@@ -156,43 +126,11 @@ pub fn generate_mask<'c>(client: &'c Client, b: [i64; 4]) -> LocalResponse<'c> {
 }
 
 pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
-    drishya::imaging::encode_png(image).expect("png")
+    drishya_imaging::encode_png(image).expect("png")
 }
 
 pub fn decode(bytes: &[u8]) -> image::DynamicImage {
     image::load_from_memory(bytes).expect("an image")
-}
-
-pub fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Reads a little-endian float32 `.npy` file: (shape, values).
-pub fn npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = read(path);
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "{} is not .npy", path.display());
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
-    };
-    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
-    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<usize> = shape_text.split(',').filter_map(|s| s.trim().parse().ok()).collect();
-    let data: Vec<f32> =
-        bytes[start + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    assert_eq!(data.len(), shape.iter().product::<usize>(), "{}", path.display());
-    (shape, data)
-}
-
-/// Largest absolute difference between two equally long slices.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-pub fn reference(name: &str) -> (Vec<usize>, Vec<f32>) {
-    npy_f32(&shared(&format!("models/reference/{name}.npy")))
 }
 
 /// A tiny valid ONNX graph of neither family: `y = relu(x)`, x: float[1, 4].

@@ -1,0 +1,237 @@
+//! Batched products of two activations (windowed attention: `q k^T` and `attention v`)
+//! through our product kernel (gemm.rs).
+//!
+//! TinyViT's attention multiplies, per window and head, a 49x32 (or 196x32) query block by
+//! the keys, then the 49x49 (196x196) weights by the values: thousands of small products a
+//! run. tract packs both operands of each, which made them far slower than onnxruntime's
+//! (docs/performance.md §3 item 12). This op gathers each pair's left block into contiguous
+//! rows, packs the right one into a reused buffer (zero-padded to whole panels),
+//! multiplies, and scatters the rows into the output. It replaces a rank-4 f32 `EinSum` of
+//! two non-constant operands with two batch axes, one contracted axis and one free axis per
+//! operand, in any layout (`ambk,anbk->abmn`, `abmk,akbn->ambn`).
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+use crate::kernels::gemm::{gemm, Packed};
+
+/// Where each logical axis is in each operand: `[batch0, batch1, free, contracted]` for
+/// the inputs (free = m for A, n for B), `[batch0, batch1, m, n]` for the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchedMatMul {
+    a: [usize; 4],
+    b: [usize; 4],
+    out: [usize; 4],
+}
+
+impl Op for BatchedMatMul {
+    fn name(&self) -> StaticName {
+        "BatchedMatMul".into()
+    }
+
+    op_as_typed_op!();
+}
+
+fn strides(shape: &[usize]) -> [usize; 4] {
+    let mut s = [1usize; 4];
+    for i in (0..3).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+impl BatchedMatMul {
+    /// `[batch0, batch1, m, n, k]` from the input shapes, checked.
+    fn dims(&self, a: &[usize], b: &[usize]) -> TractResult<[usize; 5]> {
+        if a.len() != 4 || b.len() != 4 {
+            bail!("BatchedMatMul: rank-4 inputs expected, got {a:?} and {b:?}");
+        }
+        let (ax, bx) = (|i: usize| a[self.a[i]], |i: usize| b[self.b[i]]);
+        if ax(0) != bx(0) || ax(1) != bx(1) || ax(3) != bx(3) {
+            bail!("BatchedMatMul: inputs {a:?} and {b:?} do not match");
+        }
+        Ok([ax(0), ax(1), ax(2), bx(2), ax(3)])
+    }
+
+    fn output_shape(&self, [b0, b1, m, n, _]: [usize; 5]) -> TVec<usize> {
+        let mut shape = tvec![0; 4];
+        for (logical, size) in [b0, b1, m, n].into_iter().enumerate() {
+            shape[self.out[logical]] = size;
+        }
+        shape
+    }
+}
+
+impl EvalOp for BatchedMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let [a, b] = &inputs[..] else { bail!("BatchedMatMul: two inputs expected") };
+        let dims = self.dims(a.shape(), b.shape())?;
+        let [b0, b1, m, n, k] = dims;
+        let shape = self.output_shape(dims);
+        let (sa, sb, so) = (strides(a.shape()), strides(b.shape()), strides(&shape));
+        let (a_view, b_view) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+        let (a, b) = (a_view.as_slice::<f32>()?, b_view.as_slice::<f32>()?);
+        // SAFETY: every (batch, m, n) element is written below.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            let out = out_view.as_slice_mut::<f32>()?;
+            let (mut rows, mut packed, mut product) = (vec![0f32; m * k], Packed::empty(), Vec::new());
+            for i in 0..b0 {
+                for j in 0..b1 {
+                    let a_at = i * sa[self.a[0]] + j * sa[self.a[1]];
+                    let (a_m, a_k) = (sa[self.a[2]], sa[self.a[3]]);
+                    let left: &[f32] = if a_k == 1 && a_m == k {
+                        &a[a_at..a_at + m * k]
+                    } else {
+                        for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+                            let from = a_at + r * a_m;
+                            if a_k == 1 {
+                                row.copy_from_slice(&a[from..from + k]);
+                            } else {
+                                row.iter_mut().enumerate().for_each(|(c, v)| *v = a[from + c * a_k]);
+                            }
+                        }
+                        &rows
+                    };
+                    let b_at = i * sb[self.b[0]] + j * sb[self.b[1]];
+                    packed.refill([k, n], b, b_at, [sb[self.b[3]], sb[self.b[2]]]);
+                    product.resize(m * packed.outputs, 0.0);
+                    gemm(left, &packed, &mut product);
+                    let o_at = i * so[self.out[0]] + j * so[self.out[1]];
+                    let (o_m, o_n) = (so[self.out[2]], so[self.out[3]]);
+                    for (r, row) in product.chunks_exact(packed.outputs).enumerate() {
+                        let to = o_at + r * o_m;
+                        if o_n == 1 {
+                            out[to..to + n].copy_from_slice(&row[..n]);
+                        } else {
+                            row[..n].iter().enumerate().for_each(|(c, &v)| out[to + c * o_n] = v);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for BatchedMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let [a, b] = inputs else { bail!("BatchedMatMul: two inputs expected") };
+        let (Some(sa), Some(sb)) = (a.shape.as_concrete(), b.shape.as_concrete()) else {
+            bail!("BatchedMatMul: symbolic shapes")
+        };
+        Ok(tvec!(f32::fact(self.output_shape(self.dims(sa, sb)?))))
+    }
+
+    as_op!();
+}
+
+/// Replaces each suitable `EinSum` of a decluttered model.
+pub fn replace_batched(mut model: TypedModel) -> TractResult<TypedModel> {
+    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
+    for id in candidates {
+        let Some(op) = batched_for(&model, id)? else { continue };
+        let node = model.node(id);
+        let patch = TypedModelPatch::replace_single_op(&model, node, &node.inputs, op)?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
+fn batched_for(model: &TypedModel, id: usize) -> TractResult<Option<BatchedMatMul>> {
+    let node = model.node(id);
+    let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+    if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    for input in &node.inputs {
+        let fact = model.outlet_fact(*input)?;
+        let concrete = fact.shape.as_concrete().is_some_and(|s| s.len() == 4);
+        if fact.datum_type != f32::datum_type() || fact.konst.is_some() || !concrete {
+            return Ok(None);
+        }
+    }
+    let (inputs, outputs) = einsum.axes.to_strs();
+    let ([sa, sb], [so]) = (&inputs[..], &outputs[..]) else { return Ok(None) };
+    let (a, b, o): (Vec<char>, Vec<char>, Vec<char>) =
+        (sa.chars().collect(), sb.chars().collect(), so.chars().collect());
+    if a.len() != 4 || b.len() != 4 || o.len() != 4 {
+        return Ok(None);
+    }
+    let batch: Vec<char> = o.iter().copied().filter(|c| a.contains(c) && b.contains(c)).collect();
+    let only = |v: Vec<char>| if v.len() == 1 { Some(v[0]) } else { None };
+    let k = only(a.iter().copied().filter(|c| b.contains(c) && !o.contains(c)).collect());
+    let m = only(a.iter().copied().filter(|c| o.contains(c) && !b.contains(c)).collect());
+    let n = only(b.iter().copied().filter(|c| o.contains(c) && !a.contains(c)).collect());
+    let (Some(k), Some(m), Some(n), &[b0, b1]) = (k, m, n, &batch[..]) else { return Ok(None) };
+    let at = |s: &[char], axes: [char; 4]| -> Option<[usize; 4]> {
+        let mut p = [0; 4];
+        for (slot, c) in p.iter_mut().zip(axes) {
+            *slot = s.iter().position(|&x| x == c)?;
+        }
+        Some(p)
+    };
+    let (Some(pa), Some(pb), Some(po)) = (at(&a, [b0, b1, m, k]), at(&b, [b0, b1, n, k]), at(&o, [b0, b1, m, n]))
+    else {
+        return Ok(None);
+    };
+    let op = BatchedMatMul { a: pa, b: pb, out: po };
+    let shapes: Vec<&[usize]> =
+        node.inputs.iter().filter_map(|i| model.outlet_fact(*i).ok()?.shape.as_concrete()).collect();
+    let [sa, sb] = shapes[..] else { return Ok(None) };
+    let Ok(dims) = op.dims(sa, sb) else { return Ok(None) };
+    let same_output = model.outlet_fact(OutletId::new(id, 0))?.shape.as_concrete() == Some(&op.output_shape(dims)[..]);
+    Ok(same_output.then_some(op))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+    }
+
+    /// Ours against tract's own EinSum for `expr` on inputs of `a` and `b` shapes.
+    fn check(expr: &str, a: &[usize], b: &[usize]) {
+        let ta = Tensor::from_shape(a, &values(a.iter().product(), 0.3)).unwrap();
+        let tb = Tensor::from_shape(b, &values(b.iter().product(), 1.7)).unwrap();
+        let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+        let mut model = TypedModel::default();
+        let sa = model.add_source("a", f32::fact(a)).unwrap();
+        let sb = model.add_source("b", f32::fact(b)).unwrap();
+        let out = model.wire_node("einsum", einsum.clone(), &[sa, sb]).unwrap();
+        let op = batched_for(&model, out[0].node).unwrap().unwrap_or_else(|| panic!("{expr} not recognised"));
+        let ctx = EvalContext::out_of_plan();
+        let ours = op.eval(&ctx, tvec!(ta.clone().into_tvalue(), tb.clone().into_tvalue())).unwrap();
+        let theirs = einsum.eval(&ctx, tvec!(ta.into_tvalue(), tb.into_tvalue())).unwrap();
+        let (x, y) = (ours[0].to_plain_array_view::<f32>().unwrap(), theirs[0].to_plain_array_view::<f32>().unwrap());
+        assert_eq!(x.shape(), y.shape(), "{expr}");
+        for (x, y) in x.iter().zip(y.iter()) {
+            assert!((x - y).abs() < 1e-4, "{expr}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn attention_products_match_tracts_einsum() {
+        // q k^T and attention v as TinyViT writes them; 9 and 20 columns pad a partial panel.
+        check("ambk,anbk->abmn", &[2, 5, 3, 7], &[2, 9, 3, 7]);
+        check("abmk,akbn->ambn", &[2, 3, 5, 7], &[2, 7, 3, 20]);
+        check("abmk,abnk->abmn", &[1, 2, 13, 16], &[1, 2, 33, 16]);
+    }
+
+    #[test]
+    fn other_einsums_are_left_alone() {
+        let mut model = TypedModel::default();
+        let a = model.add_source("a", f32::fact([2, 3, 4])).unwrap();
+        let b = model.add_source("b", f32::fact([2, 4, 5])).unwrap();
+        let out = model
+            .wire_node("einsum", EinSum::new("bmk,bkn->bmn".parse().unwrap(), f32::datum_type()), &[a, b])
+            .unwrap();
+        assert!(batched_for(&model, out[0].node).unwrap().is_none(), "rank 3 is not ours");
+    }
+}

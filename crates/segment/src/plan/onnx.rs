@@ -1,0 +1,271 @@
+//! Shared tract plumbing: reading ONNX graphs, recognising their family, building
+//! input tensors and resampling float planes.
+
+use std::path::Path;
+
+use fast_image_resize::images::{Image as FrImage, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::format_err;
+
+/// A plan ready to run (single-threaded: tract's default executor).
+pub type Plan = Arc<TypedRunnableModel>;
+
+/// What a graph looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraphKind {
+    /// One image input `[1, 3, H, W]`; the first output is the saliency map.
+    Salient {
+        height: usize,
+        width: usize,
+    },
+    SamEncoder,
+    SamDecoder,
+    Unknown {
+        inputs: Vec<String>,
+        outputs: Vec<String>,
+    },
+}
+
+/// Optimises a graph whose input facts are set into a runnable plan.
+///
+/// tract's direct spatial convolution is turned off for it: measured on this project's
+/// models, im2col + matrix product runs the MobileSAM encoder's 3x3 stride-2 patch
+/// embedding several times faster, and the whole encoder faster with it
+/// (docs/performance.md §2). Its dense layers (a product with a constant matrix, plus the
+/// bias) run as [`crate::ops::dense::Dense`], its batched products of two activations (windowed
+/// attention) as [`crate::ops::batched::BatchedMatMul`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
+/// last-axis softmaxes (with a constant bias added first) by [`crate::ops::softmax::RowSoftmax`],
+/// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`].
+pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
+    let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
+    knobs.enter(|| {
+        let typed = crate::ops::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
+        let typed = crate::ops::batched::replace_batched(crate::ops::dense::replace_dense(typed)?)?;
+        let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
+        let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
+        optimised.into_compact()?.into_runnable()
+    })
+}
+
+/// Reads an ONNX file as its protobuf (to cut it, as `tiled` does, before planning).
+pub fn read_proto(path: &Path) -> TractResult<tract_onnx::pb::ModelProto> {
+    tract_onnx::onnx().proto_model_for_path(path)
+}
+
+/// tract's inference model of a protobuf (not yet optimised).
+pub fn graph_from_proto(proto: &tract_onnx::pb::ModelProto) -> TractResult<InferenceModel> {
+    tract_onnx::onnx().with_ignore_value_info(true).model_for_proto_model(proto)
+}
+
+/// Reads an ONNX file into tract's inference model (not yet optimised).
+pub fn read_graph(path: &Path) -> TractResult<InferenceModel> {
+    tract_onnx::onnx().with_ignore_value_info(true).model_for_path(path)
+}
+
+pub fn input_names(model: &InferenceModel) -> Vec<String> {
+    model
+        .input_outlets()
+        .map(|outlets| outlets.iter().map(|o| model.node(o.node).name.clone()).collect())
+        .unwrap_or_default()
+}
+
+pub fn output_names(model: &InferenceModel) -> Vec<String> {
+    model
+        .output_outlets()
+        .map(|outlets| {
+            outlets
+                .iter()
+                .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Recognises the family from input and output names and shapes, never from the file name.
+pub fn classify(model: &InferenceModel) -> GraphKind {
+    let dims = || {
+        let fact = model.input_fact(0).ok()?;
+        Some(fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect())
+    };
+    classify_io(input_names(model), output_names(model), dims)
+}
+
+/// The same from the protobuf alone (no graph to build: the SAM halves are cut first).
+pub fn classify_proto(proto: &tract_onnx::pb::ModelProto) -> GraphKind {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+    use tract_onnx::pb::type_proto::Value as Type;
+    let Some(graph) = &proto.graph else {
+        return GraphKind::Unknown { inputs: vec![], outputs: vec![] };
+    };
+    let weights: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<_> = graph.input.iter().filter(|i| !weights.contains(i.name.as_str())).collect();
+    let dims = || {
+        let Some(Type::TensorType(tensor)) = inputs.first()?.r#type.as_ref()?.value.as_ref() else { return None };
+        let dim = |d: &tract_onnx::pb::tensor_shape_proto::Dimension| match d.value {
+            Some(Dim::DimValue(v)) => Some(v),
+            _ => None,
+        };
+        Some(tensor.shape.as_ref()?.dim.iter().map(dim).collect())
+    };
+    let names = inputs.iter().map(|i| i.name.clone()).collect();
+    classify_io(names, graph.output.iter().map(|o| o.name.clone()).collect(), dims)
+}
+
+/// Recognises the family from input and output names, and for a salient model the input's
+/// dimensions (`[1, 3, H, W]`, unknown ones as `None`).
+fn classify_io(
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    dims: impl FnOnce() -> Option<Vec<Option<i64>>>,
+) -> GraphKind {
+    let has = |list: &[String], names: &[&str]| names.iter().all(|n| list.iter().any(|l| l == n));
+    if has(&inputs, &["image"]) && has(&outputs, &["image_embeddings"]) {
+        return GraphKind::SamEncoder;
+    }
+    if has(&inputs, &["image_embeddings", "point_coords", "point_labels"])
+        && has(&outputs, &["low_res_masks", "iou_predictions"])
+    {
+        return GraphKind::SamDecoder;
+    }
+    if inputs.len() == 1 && !outputs.is_empty() {
+        if let Some((height, width)) = dims().and_then(|d| image_input_size(&d)) {
+            return GraphKind::Salient { height, width };
+        }
+    }
+    GraphKind::Unknown { inputs, outputs }
+}
+
+/// `(H, W)` of a `[1, 3, H, W]` input; symbolic H/W default to 320.
+fn image_input_size(dims: &[Option<i64>]) -> Option<(usize, usize)> {
+    match dims {
+        [None | Some(1), Some(3), h, w] => {
+            let side = |d: &Option<i64>| d.filter(|v| *v > 0).map(|v| v as usize).unwrap_or(320);
+            Some((side(h), side(w)))
+        }
+        _ => None,
+    }
+}
+
+/// Describes a graph that is neither family, for the error message.
+pub fn describe_unknown(inputs: &[String], outputs: &[String]) -> String {
+    format!(
+        "inputs [{}] and outputs [{}] match neither a salient-object model (one [1,3,H,W] image input) \
+         nor a Segment Anything export (encoder 'image' -> 'image_embeddings'; decoder 'image_embeddings', \
+         'point_coords', 'point_labels' -> 'low_res_masks', 'iou_predictions')",
+        inputs.join(", "),
+        outputs.join(", ")
+    )
+}
+
+/// Resizes an RGB region to exactly `to` with bilinear filtering.
+pub fn resize_rgb(image: &RgbImage, crop: [u32; 4], to: (u32, u32)) -> TractResult<RgbImage> {
+    let [left, top, width, height] = crop;
+    let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)?;
+    let mut dst = FrImage::new(to.0, to.1, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(
+        f64::from(left),
+        f64::from(top),
+        f64::from(width),
+        f64::from(height),
+    );
+    Resizer::new().resize(&src, &mut dst, &options)?;
+    RgbImage::from_raw(to.0, to.1, dst.into_vec()).ok_or_else(|| format_err!("resize buffer"))
+}
+
+/// `[1, 3, pad_h, pad_w]` tensor of `(x - mean) / std` (x in the `scale`d range),
+/// zero beyond the image (bottom/right padding).
+pub fn normalised_tensor(
+    image: &RgbImage,
+    mean: [f32; 3],
+    std: [f32; 3],
+    scale: f32,
+    pad: (usize, usize),
+) -> TractResult<Tensor> {
+    let (pad_h, pad_w) = pad;
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let mut data = vec![0f32; 3 * pad_h * pad_w];
+    for (c, plane) in data.chunks_exact_mut(pad_h * pad_w).enumerate() {
+        for y in 0..height.min(pad_h) {
+            let row = &mut plane[y * pad_w..y * pad_w + width.min(pad_w)];
+            for (x, out) in row.iter_mut().enumerate() {
+                let v = f32::from(image.get_pixel(x as u32, y as u32)[c]) * scale;
+                *out = (v - mean[c]) / std[c];
+            }
+        }
+    }
+    Ok(tract_ndarray::Array4::from_shape_vec((1, 3, pad_h, pad_w), data)?.into_tensor())
+}
+
+/// Bilinear resampling of a float plane (PyTorch `interpolate(bilinear, align_corners=False)`),
+/// evaluated on the top-left `region` of a virtual `(dst_w, dst_h)` output.
+pub fn bilinear(src: &[f32], src_size: (usize, usize), dst_size: (usize, usize), region: (usize, usize)) -> Vec<f32> {
+    let region = (region.0.min(dst_size.0), region.1.min(dst_size.1));
+    let mut out = vec![0.0; region.0 * region.1];
+    let xs = source_coords(src_size.0, dst_size.0, region.0);
+    bilinear_into(src, src_size, dst_size.1, &xs, &mut out);
+    out
+}
+
+/// The source pixels and weight of each of the first `count` of `dst` output coordinates.
+pub fn source_coords(src: usize, dst: usize, count: usize) -> Vec<(usize, usize, f32)> {
+    if src == 0 {
+        return vec![];
+    }
+    (0..count).map(|d| source_coord(d, src, dst)).collect()
+}
+
+/// [`bilinear`] into `out` (`xs.len()` columns, `out.len() / xs.len()` rows of an output
+/// `dst_h` rows high), with the columns' source coordinates from [`source_coords`].
+pub fn bilinear_into(src: &[f32], src_size: (usize, usize), dst_h: usize, xs: &[(usize, usize, f32)], out: &mut [f32]) {
+    let (sw, sh) = src_size;
+    if sw == 0 || sh == 0 || src.len() < sw * sh || xs.is_empty() {
+        out.fill(0.0);
+        return;
+    }
+    for (y, row) in out.chunks_exact_mut(xs.len()).enumerate() {
+        let (y0, y1, fy) = source_coord(y, sh, dst_h);
+        let (r0, r1) = (&src[y0 * sw..(y0 + 1) * sw], &src[y1 * sw..(y1 + 1) * sw]);
+        for (o, &(x0, x1, fx)) in row.iter_mut().zip(xs) {
+            let top = r0[x0] + (r0[x1] - r0[x0]) * fx;
+            let bottom = r1[x0] + (r1[x1] - r1[x0]) * fx;
+            *o = top + (bottom - top) * fy;
+        }
+    }
+}
+
+fn source_coord(d: usize, src: usize, dst: usize) -> (usize, usize, f32) {
+    let scale = src as f32 / dst as f32;
+    let s = ((d as f32 + 0.5) * scale - 0.5).max(0.0);
+    let i0 = (s.floor() as usize).min(src - 1);
+    let i1 = (i0 + 1).min(src - 1);
+    (i0, i1, s - i0 as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_matches_half_pixel_convention() {
+        // 2x upsampling of [0, 1]: PyTorch gives [0, 0.25, 0.75, 1].
+        let out = bilinear(&[0.0, 1.0], (2, 1), (4, 1), (4, 1));
+        assert_eq!(out, vec![0.0, 0.25, 0.75, 1.0]);
+        let region = bilinear(&[0.0, 1.0], (2, 1), (4, 1), (2, 1));
+        assert_eq!(region, vec![0.0, 0.25]);
+    }
+
+    #[test]
+    fn normalised_tensor_pads_with_zeros() {
+        let image = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 255]));
+        let t = normalised_tensor(&image, [0.0; 3], [1.0; 3], 1.0, (2, 3)).unwrap();
+        let view = t.to_plain_array_view::<f32>().unwrap();
+        assert_eq!(view.shape(), &[1, 3, 2, 3]);
+        assert_eq!(view[[0, 0, 0, 0]], 255.0);
+        assert_eq!(view[[0, 1, 0, 1]], 0.0);
+        assert_eq!(view[[0, 0, 0, 2]], 0.0, "right padding");
+        assert_eq!(view[[0, 2, 1, 0]], 0.0, "bottom padding");
+    }
+}
