@@ -8,10 +8,10 @@
 //! 3. [`replace`]: the product is composited into the masked region (crates/imaging) and
 //!    the `Result` stored.
 //!
-//! The routes (api.rs) parse the request, pass the upload gate and answer in JSON; here
-//! the pixels are decoded, made and stored, on the blocking pool, one image job at a time
-//! per admitted place (gate.rs). Every step keeps the session pinned, so the artefact
-//! cap never evicts a session in the middle of its request.
+//! The routes (api.rs) parse the request, pin the session (the artefact cap never evicts
+//! a session in the middle of its request), pass the upload gate and answer in JSON; here
+//! the pixels are decoded, made and stored, on the blocking pool, within the image-job
+//! places of gate.rs.
 
 use std::sync::Arc;
 
