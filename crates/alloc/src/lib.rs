@@ -336,35 +336,6 @@ fn counted(ptr: *mut u8, size: usize) -> *mut u8 {
     ptr
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn big_blocks_are_zeroed_aligned_and_keep_contents_through_realloc() {
-        let a = DrishyaAlloc;
-        let layout = Layout::from_size_align(5 << 20, 64).unwrap();
-        unsafe {
-            let p = a.alloc_zeroed(layout);
-            assert!(!p.is_null());
-            assert_eq!(p as usize % BIG, 0, "big blocks start on a huge-page boundary");
-            let s = std::slice::from_raw_parts_mut(p, layout.size());
-            assert!(s.iter().all(|&b| b == 0));
-            s.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
-            // grow big -> big, shrink big -> small, grow small -> big: contents kept each time
-            let p = a.realloc(p, layout, 9 << 20);
-            let grown = Layout::from_size_align(9 << 20, 64).unwrap();
-            assert!((0..layout.size()).step_by(4093).all(|i| *p.add(i) == (i % 251) as u8));
-            let p = a.realloc(p, grown, 1000);
-            let small = Layout::from_size_align(1000, 64).unwrap();
-            assert!((0..1000).all(|i| *p.add(i) == (i % 251) as u8));
-            let p = a.realloc(p, small, 3 << 20);
-            assert!((0..1000).all(|i| *p.add(i) == (i % 251) as u8));
-            a.dealloc(p, Layout::from_size_align(3 << 20, 64).unwrap());
-        }
-    }
-}
-
 /// glibc gives each thread its own malloc arena; with tokio's blocking pool that
 /// multiplies the peak.
 /// Call once at start, before threads exist.
@@ -396,5 +367,34 @@ pub fn release_free_memory() {
     // SAFETY: malloc_trim is thread-safe and only releases free pages.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_blocks_are_zeroed_aligned_and_keep_contents_through_realloc() {
+        let a = DrishyaAlloc;
+        let layout = Layout::from_size_align(5 << 20, 64).unwrap();
+        unsafe {
+            let p = a.alloc_zeroed(layout);
+            assert!(!p.is_null());
+            assert_eq!(p as usize % BIG, 0, "big blocks start on a huge-page boundary");
+            let s = std::slice::from_raw_parts_mut(p, layout.size());
+            assert!(s.iter().all(|&b| b == 0));
+            s.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+            // grow big -> big, shrink big -> small, grow small -> big: contents kept each time
+            let p = a.realloc(p, layout, 9 << 20);
+            let grown = Layout::from_size_align(9 << 20, 64).unwrap();
+            assert!((0..layout.size()).step_by(4093).all(|i| *p.add(i) == (i % 251) as u8));
+            let p = a.realloc(p, grown, 1000);
+            let small = Layout::from_size_align(1000, 64).unwrap();
+            assert!((0..1000).all(|i| *p.add(i) == (i % 251) as u8));
+            let p = a.realloc(p, small, 3 << 20);
+            assert!((0..1000).all(|i| *p.add(i) == (i % 251) as u8));
+            a.dealloc(p, Layout::from_size_align(3 << 20, 64).unwrap());
+        }
     }
 }
