@@ -1,5 +1,6 @@
 //! The one way a model is loaded: [`inspect`] what a path holds (a cheap look the app's
-//! guards use before committing memory), then [`load`] it into a [`Segmenter`].
+//! guards use before committing memory), then [`ModelFiles::load`] it into a [`Segmenter`]
+//! ([`load`] does both).
 //!
 //! A `.onnx` file is a salient-object model; a folder with `encoder.onnx` and
 //! `decoder.onnx` is a Segment Anything export. Each graph is checked by its inputs and
@@ -39,19 +40,45 @@ pub struct ModelFiles {
 
 /// Finds the model files at `path` (no graph is read).
 pub fn inspect(path: &Path) -> Result<ModelFiles, LoadError> {
-    if path.is_dir() {
-        let bytes = [path.join("encoder.onnx"), path.join("decoder.onnx")]
-            .iter()
-            .map(|p| std::fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len()))
-            .sum::<Option<u64>>()
-            .ok_or(LoadError::NotFound)?;
-        return Ok(ModelFiles { path: path.to_path_buf(), kind: ModelKind::Sam, bytes });
-    }
-    let meta = std::fs::metadata(path).ok().filter(|m| m.is_file()).ok_or(LoadError::NotFound)?;
-    Ok(ModelFiles { path: path.to_path_buf(), kind: ModelKind::Salient, bytes: meta.len() })
+    let kind = if path.is_dir() { ModelKind::Sam } else { ModelKind::Salient };
+    let mut files = ModelFiles { path: path.to_path_buf(), kind, bytes: 0 };
+    files.bytes = files
+        .parts()
+        .iter()
+        .map(|p| std::fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len()))
+        .sum::<Option<u64>>()
+        .ok_or(LoadError::NotFound)?;
+    Ok(files)
+}
+
+/// Loads the model at `path`: [`inspect`], then [`ModelFiles::load`].
+pub fn load(path: &Path) -> Result<Arc<dyn Segmenter>, LoadError> {
+    inspect(path)?.load()
 }
 
 impl ModelFiles {
+    /// The ONNX files the model is made of (both halves of a SAM folder).
+    pub fn parts(&self) -> Vec<PathBuf> {
+        match self.kind {
+            ModelKind::Sam => vec![self.path.join("encoder.onnx"), self.path.join("decoder.onnx")],
+            _ => vec![self.path.clone()],
+        }
+    }
+
+    /// Loads the model: the one place a [`Segmenter`] is made from files, for the app, the
+    /// tests and the benchmark alike. The graphs are optimised into plans (SAM's slower
+    /// plans finish on a background thread while the first image runs; backends/sam.rs).
+    pub fn load(&self) -> Result<Arc<dyn Segmenter>, LoadError> {
+        let info = self.info();
+        if self.kind == ModelKind::Sam {
+            let protos = self.read_sam_folder()?;
+            return Ok(Arc::new(SamSegmenter::from_protos(protos, info).map_err(invalid)?));
+        }
+        let graph = onnx::read_graph(&self.path).map_err(invalid)?;
+        let input = salient_input(onnx::classify(&graph))?;
+        Ok(Arc::new(SalientSegmenter::load(graph, input, info).map_err(invalid)?))
+    }
+
     /// Checks from the protobuf(s) alone (no planning) that the graphs are a family we serve.
     pub fn check_kind(&self) -> Result<(), LoadError> {
         match self.kind {
@@ -90,21 +117,6 @@ impl ModelFiles {
         }
         Ok(proto)
     }
-}
-
-/// Loads the model at `path`: the app, the tests and the benchmark all load through here.
-/// The graphs are optimised into plans (SAM's slower plans finish on a background thread
-/// while the first image runs; backends/sam.rs).
-pub fn load(path: &Path) -> Result<Arc<dyn Segmenter>, LoadError> {
-    let files = inspect(path)?;
-    let info = files.info();
-    if files.kind == ModelKind::Sam {
-        let protos = files.read_sam_folder()?;
-        return Ok(Arc::new(SamSegmenter::from_protos(protos, info).map_err(invalid)?));
-    }
-    let graph = onnx::read_graph(&files.path).map_err(invalid)?;
-    let input = salient_input(onnx::classify(&graph))?;
-    Ok(Arc::new(SalientSegmenter::load(graph, input, info).map_err(invalid)?))
 }
 
 /// The input size of a single .onnx file that is a salient model, or why it is not one.
