@@ -5,7 +5,7 @@
 /// `taps` are `[tap][channel]`, one `bias` per channel.
 pub fn depthwise_row(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], width: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu() == super::Cpu::Avx2Fma {
+    if super::cpu().avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { depthwise_row_avx2(rows, taps, bias, width, out) };
     }
@@ -39,7 +39,7 @@ fn depthwise_row_portable(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32],
 /// `x = x / 2 * (1 + erf(x / sqrt 2))` in place (the exact GELU of the ONNX export).
 pub fn gelu(values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu() == super::Cpu::Avx2Fma {
+    if super::cpu().avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { gelu_avx2(values) };
     }

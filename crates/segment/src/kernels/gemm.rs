@@ -10,8 +10,6 @@
 
 /// Outputs per panel (two AVX vectors).
 pub const PANEL: usize = 16;
-/// Rows per micro-tile.
-const TILE: usize = 6;
 /// Inputs per block.
 const DEPTH: usize = 256;
 
@@ -88,111 +86,282 @@ impl Packed {
 
 /// `out[r] = bias + a[r] * W` for each row `r` of `a` (`[rows][w.inputs]`).
 pub fn gemm(a: &[f32], w: &Packed, out: &mut [f32]) {
-    assert!(a.len().is_multiple_of(w.inputs) && out.len() == a.len() / w.inputs * w.outputs);
-    #[cfg(target_arch = "x86_64")]
-    if super::cpu() == super::Cpu::Avx2Fma {
-        // SAFETY: the CPU has the features; the lengths are checked above.
-        return unsafe { avx2::gemm(a, w, out) };
-    }
-    gemm_portable(a, w, out)
+    assert!(a.len().is_multiple_of(w.inputs));
+    gemm_taps(Rows { a, count: a.len() / w.inputs, stride: w.inputs, taps: &[0] }, w, out)
 }
 
-fn gemm_portable(a: &[f32], w: &Packed, out: &mut [f32]) {
+/// The rows of `a` for [`gemm_taps`]: row `r` is the concatenation, over the taps `t`, of
+/// `w.inputs / taps.len()` values starting at `a[taps[t] + r * stride]`. One tap at 0
+/// with `stride` = inputs is a plain row-major matrix; a convolution reads each kernel
+/// tap's rows from the shifted input in place (ops/conv.rs), with no im2col copy.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub a: &'a [f32],
+    pub count: usize,
+    pub stride: usize,
+    pub taps: &'a [usize],
+}
+
+impl Rows<'_> {
+    /// Inputs per tap, when the taps cut `inputs` evenly and every row lies inside `a`.
+    fn per_tap(&self, inputs: usize) -> Option<usize> {
+        let taps = self.taps.len();
+        let per_tap = inputs.checked_div(taps).filter(|&c| c * taps == inputs && c > 0)?;
+        let last = self.taps.iter().max()? + self.count.checked_sub(1)? * self.stride + per_tap;
+        (last <= self.a.len()).then_some(per_tap)
+    }
+}
+
+/// `out[r] = bias + rows[r] * W` (`out` is `[rows.count][w.outputs]`).
+pub fn gemm_taps(rows: Rows<'_>, w: &Packed, out: &mut [f32]) {
+    assert!(out.len() == rows.count * w.outputs);
+    if rows.count == 0 {
+        return;
+    }
+    let per_tap = rows.per_tap(w.inputs).expect("gemm_taps: rows outside `a` or taps not cutting the inputs");
+    #[cfg(target_arch = "x86_64")]
+    match super::cpu() {
+        // SAFETY (both): the CPU has the features; the lengths are checked above.
+        super::Cpu::Avx512 => return unsafe { blocks(rows, per_tap, w, out, avx512::SHAPE, avx512::tile) },
+        super::Cpu::Avx2Fma => return unsafe { blocks(rows, per_tap, w, out, avx2::SHAPE, avx2::tile) },
+        super::Cpu::Portable => {}
+    }
+    gemm_portable(rows, per_tap, w, out)
+}
+
+fn gemm_portable(rows: Rows<'_>, per_tap: usize, w: &Packed, out: &mut [f32]) {
     let (k, n) = (w.inputs, w.outputs);
-    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+    for (r, dst) in out.chunks_exact_mut(n).enumerate() {
         for (panel, (dst, bias)) in dst.chunks_exact_mut(PANEL).zip(w.bias.chunks_exact(PANEL)).enumerate() {
             let mut acc = [0f32; PANEL];
             acc.copy_from_slice(bias);
             let weights = &w.panels[panel * k * PANEL..][..k * PANEL];
-            for (&v, w) in row.iter().zip(weights.chunks_exact(PANEL)) {
-                acc.iter_mut().zip(w).for_each(|(a, w)| *a += v * w);
+            for (&tap, weights) in rows.taps.iter().zip(weights.chunks_exact(per_tap * PANEL)) {
+                let row = &rows.a[tap + r * rows.stride..][..per_tap];
+                for (&v, w) in row.iter().zip(weights.chunks_exact(PANEL)) {
+                    acc.iter_mut().zip(w).for_each(|(a, w)| *a += v * w);
+                }
             }
             dst.copy_from_slice(&acc);
         }
     }
 }
 
+/// A micro-tile's most rows and panels (an ISA's register file decides them).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Packed, DEPTH, PANEL, TILE};
-    use std::arch::x86_64::*;
+#[derive(Clone, Copy)]
+struct TileShape {
+    rows: usize,
+    panels: usize,
+}
 
-    /// Rows per block of `a` walked against one panel block (keeps it in L2).
-    const ROWS: usize = 96;
+/// Rows per block of `a` walked against one panel block (keeps it in L2).
+#[cfg(target_arch = "x86_64")]
+const ROWS: usize = 96;
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemm(a: &[f32], w: &Packed, out: &mut [f32]) {
-        let (k, n) = (w.inputs, w.outputs);
-        let rows = a.len() / k;
-        let mut k0 = 0;
-        while k0 < k {
-            let depth = DEPTH.min(k - k0);
-            let first = k0 == 0;
-            let mut r0 = 0;
-            while r0 < rows {
-                let block = ROWS.min(rows - r0);
-                for panel in 0..n / PANEL {
-                    let wp = w.panels.as_ptr().add(panel * k * PANEL + k0 * PANEL);
-                    let bias = w.bias.as_ptr().add(panel * PANEL);
-                    let mut r = r0;
-                    while r < r0 + block {
-                        let tile_rows = TILE.min(r0 + block - r);
-                        let src = a.as_ptr().add(r * k + k0);
-                        let dst = out.as_mut_ptr().add(r * n + panel * PANEL);
-                        let t = Tile { a: src, stride: k, depth, w: wp, bias, accumulate: !first, out: dst, n };
-                        match tile_rows {
-                            6 => t.run::<6>(),
-                            5 => t.run::<5>(),
-                            4 => t.run::<4>(),
-                            3 => t.run::<3>(),
-                            2 => t.run::<2>(),
-                            _ => t.run::<1>(),
-                        }
-                        r += tile_rows;
-                    }
+/// The blocking shared by the vector tiles: inputs in blocks of [`DEPTH`], rows in blocks
+/// of [`ROWS`], each block cut into micro-tiles of at most `shape`, which `tile` computes.
+///
+/// SAFETY: `tile` must be runnable on this CPU, and the lengths checked as `gemm_taps` does.
+#[cfg(target_arch = "x86_64")]
+unsafe fn blocks(
+    rows: Rows<'_>,
+    per_tap: usize,
+    w: &Packed,
+    out: &mut [f32],
+    shape: TileShape,
+    tile: unsafe fn(&Tile<'_, '_>, usize, usize),
+) {
+    let (k, n) = (w.inputs, w.outputs);
+    let panels = n / PANEL;
+    let mut k0 = 0;
+    while k0 < k {
+        let depth = DEPTH.min(k - k0);
+        let mut r0 = 0;
+        while r0 < rows.count {
+            let block = ROWS.min(rows.count - r0);
+            let mut panel = 0;
+            while panel < panels {
+                let wide = shape.panels.min(panels - panel);
+                let mut r = r0;
+                while r < r0 + block {
+                    let tall = shape.rows.min(r0 + block - r);
+                    let t = Tile {
+                        rows: &rows,
+                        first_row: r,
+                        per_tap,
+                        k0,
+                        depth,
+                        w: w.panels.as_ptr().add(panel * k * PANEL),
+                        panel_len: k * PANEL,
+                        bias: w.bias.as_ptr().add(panel * PANEL),
+                        out: out.as_mut_ptr().add(r * n + panel * PANEL),
+                        n,
+                    };
+                    tile(&t, tall, wide);
+                    r += tall;
                 }
-                r0 += block;
+                panel += wide;
             }
-            k0 += depth;
+            r0 += block;
+        }
+        k0 += depth;
+    }
+}
+
+/// One micro-tile: rows from `first_row` times the inputs `k0..k0 + depth` of one or more
+/// panels (`panel_len` apart), crossing taps where they fall inside; it starts from the
+/// bias (broadcast down the rows) at `k0 = 0`, else from `out`'s partial sums.
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a, 'b> {
+    rows: &'b Rows<'a>,
+    first_row: usize,
+    per_tap: usize,
+    k0: usize,
+    depth: usize,
+    w: *const f32,
+    panel_len: usize,
+    bias: *const f32,
+    out: *mut f32,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_, '_> {
+    /// Calls `step(a, w, len)` for each tap's stretch of `k0..k0 + depth`: `a` is the first
+    /// row's first input of the stretch (read in place at that tap's offset), `w` the
+    /// first panel's row for it.
+    #[inline(always)]
+    unsafe fn stretches(&self, mut step: impl FnMut(*const f32, *const f32, usize)) {
+        let end = self.k0 + self.depth;
+        let mut kk = self.k0;
+        while kk < end {
+            let (tap, i0) = (kk / self.per_tap, kk % self.per_tap);
+            let len = (self.per_tap - i0).min(end - kk);
+            let a = self.rows.a.as_ptr().add(self.rows.taps[tap] + self.first_row * self.rows.stride + i0);
+            step(a, self.w.add(kk * PANEL), len);
+            kk += len;
         }
     }
 
-    /// One micro-tile: rows of `a` (`stride` apart) times `depth` rows of a panel, starting
-    /// from the bias (broadcast down the rows) or, to `accumulate`, from `out`'s partial sums.
-    struct Tile {
-        a: *const f32,
-        stride: usize,
-        depth: usize,
-        w: *const f32,
-        bias: *const f32,
-        accumulate: bool,
-        out: *mut f32,
-        n: usize,
+    /// Where row `r`'s partial sums for panel `p` start: the bias, or `out`.
+    #[inline(always)]
+    unsafe fn start(&self, r: usize, p: usize) -> *const f32 {
+        if self.k0 > 0 {
+            self.out.add(r * self.n + p * PANEL)
+        } else {
+            self.bias.add(p * PANEL)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Tile, TileShape, PANEL};
+    use std::arch::x86_64::*;
+
+    /// 6 rows x one panel (two 8-lane vectors): 12 of the 16 registers accumulate.
+    pub(super) const SHAPE: TileShape = TileShape { rows: 6, panels: 1 };
+
+    pub(super) unsafe fn tile(t: &Tile<'_, '_>, rows: usize, _panels: usize) {
+        match rows {
+            6 => run::<6>(t),
+            5 => run::<5>(t),
+            4 => run::<4>(t),
+            3 => run::<3>(t),
+            2 => run::<2>(t),
+            _ => run::<1>(t),
+        }
     }
 
-    impl Tile {
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn run<const R: usize>(&self) {
-            let mut lo = [_mm256_setzero_ps(); R];
-            let mut hi = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                let from = if self.accumulate { self.out.add(r * self.n) as *const f32 } else { self.bias };
-                lo[r] = _mm256_loadu_ps(from);
-                hi[r] = _mm256_loadu_ps(from.add(8));
-            }
-            for i in 0..self.depth {
-                let w0 = _mm256_loadu_ps(self.w.add(i * PANEL));
-                let w1 = _mm256_loadu_ps(self.w.add(i * PANEL + 8));
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const R: usize>(t: &Tile<'_, '_>) {
+        let mut lo = [_mm256_setzero_ps(); R];
+        let mut hi = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            lo[r] = _mm256_loadu_ps(t.start(r, 0));
+            hi[r] = _mm256_loadu_ps(t.start(r, 0).add(8));
+        }
+        let stride = t.rows.stride;
+        t.stretches(|a, w, len| {
+            for i in 0..len {
+                let w0 = _mm256_loadu_ps(w.add(i * PANEL));
+                let w1 = _mm256_loadu_ps(w.add(i * PANEL + 8));
                 for r in 0..R {
-                    let v = _mm256_broadcast_ss(&*self.a.add(r * self.stride + i));
+                    let v = _mm256_broadcast_ss(&*a.add(r * stride + i));
                     lo[r] = _mm256_fmadd_ps(v, w0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(v, w1, hi[r]);
                 }
             }
-            for r in 0..R {
-                _mm256_storeu_ps(self.out.add(r * self.n), lo[r]);
-                _mm256_storeu_ps(self.out.add(r * self.n + 8), hi[r]);
+        });
+        for r in 0..R {
+            _mm256_storeu_ps(t.out.add(r * t.n), lo[r]);
+            _mm256_storeu_ps(t.out.add(r * t.n + 8), hi[r]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Tile, TileShape, PANEL};
+    use std::arch::x86_64::*;
+
+    /// 12 rows x two panels (one 16-lane vector each): 24 of the 32 registers accumulate,
+    /// each broadcast input feeding two FMAs and each weight load twelve.
+    pub(super) const SHAPE: TileShape = TileShape { rows: 12, panels: 2 };
+
+    pub(super) unsafe fn tile(t: &Tile<'_, '_>, rows: usize, panels: usize) {
+        macro_rules! by_rows {
+            ($p:literal) => {
+                match rows {
+                    12 => run::<12, $p>(t),
+                    11 => run::<11, $p>(t),
+                    10 => run::<10, $p>(t),
+                    9 => run::<9, $p>(t),
+                    8 => run::<8, $p>(t),
+                    7 => run::<7, $p>(t),
+                    6 => run::<6, $p>(t),
+                    5 => run::<5, $p>(t),
+                    4 => run::<4, $p>(t),
+                    3 => run::<3, $p>(t),
+                    2 => run::<2, $p>(t),
+                    _ => run::<1, $p>(t),
+                }
+            };
+        }
+        if panels == 2 {
+            by_rows!(2)
+        } else {
+            by_rows!(1)
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const R: usize, const P: usize>(t: &Tile<'_, '_>) {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (p, v) in row.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(t.start(r, p));
+            }
+        }
+        let (stride, panel_len) = (t.rows.stride, t.panel_len);
+        t.stretches(|a, w, len| {
+            for i in 0..len {
+                let mut ws = [_mm512_setzero_ps(); P];
+                for (p, v) in ws.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(w.add(p * panel_len + i * PANEL));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let v = _mm512_set1_ps(*a.add(r * stride + i));
+                    for (acc, w) in row.iter_mut().zip(&ws) {
+                        *acc = _mm512_fmadd_ps(v, *w, *acc);
+                    }
+                }
+            }
+        });
+        for (r, row) in acc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(t.out.add(r * t.n + p * PANEL), *v);
             }
         }
     }
@@ -204,6 +373,35 @@ mod tests {
 
     fn value(i: u32) -> f32 {
         (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
+
+    /// The product by every kernel family this CPU can run (the portable twin first), so
+    /// an AVX-512 machine tests its AVX2 tile too.
+    fn by_every_family(rows: Rows<'_>, w: &Packed) -> Vec<(&'static str, Vec<f32>)> {
+        let per_tap = rows.per_tap(w.inputs).expect("rows fit");
+        let fresh = || vec![f32::NAN; rows.count * w.outputs];
+        let mut results = vec![("portable", fresh())];
+        gemm_portable(rows, per_tap, w, &mut results[0].1);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                let mut out = fresh();
+                // SAFETY: the CPU has the features; `per_tap` checked the lengths.
+                unsafe { blocks(rows, per_tap, w, &mut out, avx2::SHAPE, avx2::tile) };
+                results.push(("avx2", out));
+            }
+            if has!("avx512f") {
+                let mut out = fresh();
+                // SAFETY: as above.
+                unsafe { blocks(rows, per_tap, w, &mut out, avx512::SHAPE, avx512::tile) };
+                results.push(("avx512", out));
+            }
+        }
+        let mut chosen = fresh();
+        gemm_taps(rows, w, &mut chosen);
+        results.push(("dispatched", chosen));
+        results
     }
 
     #[test]
@@ -219,22 +417,53 @@ mod tests {
             assert!(w.panels == u.panels, "both constructors pack alike");
             for rows in [1, 5, 6, 7, 13, 97, 200] {
                 let a: Vec<f32> = (0..rows * inputs).map(|i| value(i as u32 * 3 + 1)).collect();
-                let mut out = vec![f32::NAN; rows * outputs];
-                gemm(&a, &w, &mut out);
-                let mut portable = vec![f32::NAN; rows * outputs];
-                gemm_portable(&a, &w, &mut portable);
+                let results = by_every_family(Rows { a: &a, count: rows, stride: inputs, taps: &[0] }, &w);
+                let mut plain = vec![f32::NAN; rows * outputs];
+                gemm(&a, &w, &mut plain);
+                assert!(plain == results[results.len() - 1].1, "gemm is gemm_taps with one tap");
                 for r in 0..rows {
                     for o in 0..outputs {
                         let want: f64 = bias[o] as f64
                             + (0..inputs)
                                 .map(|i| a[r * inputs + i] as f64 * weight[o * inputs + i] as f64)
                                 .sum::<f64>();
-                        for got in [out[r * outputs + o], portable[r * outputs + o]] {
+                        for (family, out) in &results {
+                            let got = out[r * outputs + o];
                             assert!(
                                 (got as f64 - want).abs() < 1e-4,
-                                "{inputs}x{outputs}, {rows} rows: [{r}][{o}] {got} vs {want}"
+                                "{family}, {inputs}x{outputs}, {rows} rows: [{r}][{o}] {got} vs {want}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_gathered_from_taps_match_a_plain_product() {
+        // 3 taps of 100 inputs (a depth block ends inside the third tap), rows 7 apart and
+        // overlapping, as a convolution reads its shifted input.
+        let (taps, per_tap, outputs, stride) = ([0usize, 3, 250], 100, 32, 7);
+        let inputs = taps.len() * per_tap;
+        for count in [1, 6, 13, 100] {
+            let a: Vec<f32> = (0..250 + per_tap + (count - 1) * stride).map(|i| value(i as u32 * 5 + 2)).collect();
+            let weight: Vec<f32> = (0..inputs * outputs).map(|i| value(i as u32 ^ 11)).collect();
+            let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + 3)).collect();
+            let w = Packed::from_inputs_major(&weight, bias.clone(), inputs, outputs).expect("shapes fit");
+            let results = by_every_family(Rows { a: &a, count, stride, taps: &taps }, &w);
+            for r in 0..count {
+                for o in 0..outputs {
+                    let want: f64 = bias[o] as f64
+                        + (0..inputs)
+                            .map(|i| {
+                                let v = a[taps[i / per_tap] + r * stride + i % per_tap];
+                                v as f64 * weight[i * outputs + o] as f64
+                            })
+                            .sum::<f64>();
+                    for (family, out) in &results {
+                        let got = out[r * outputs + o];
+                        assert!((got as f64 - want).abs() < 1e-4, "{family}, {count} rows: [{r}][{o}] {got} vs {want}");
                     }
                 }
             }

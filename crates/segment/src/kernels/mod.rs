@@ -11,31 +11,46 @@ use std::sync::OnceLock;
 /// The kernel family this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cpu {
+    /// x86-64 with AVX-512F as well: 32 registers of 512 bits for the product kernel (the
+    /// other kernels use their AVX2 forms).
+    Avx512,
     /// x86-64 with AVX2 and FMA: 256-bit registers, fused multiply-add.
     Avx2Fma,
     /// Everything else (and any CPU when `DRISHYA_KERNELS=portable`).
     Portable,
 }
 
+impl Cpu {
+    /// Whether the AVX2/FMA forms of the kernels run (AVX-512 machines have them too).
+    pub fn avx2(self) -> bool {
+        matches!(self, Cpu::Avx512 | Cpu::Avx2Fma)
+    }
+}
+
 /// Read once: the features cannot change under a running process, and the check sat in
-/// every kernel call. `DRISHYA_KERNELS=portable` forces the portable twins (to measure
-/// them, or to rule the fast path out when chasing a numeric difference).
+/// every kernel call. `DRISHYA_KERNELS` caps the family: `avx2` (to measure the AVX2 path
+/// on an AVX-512 machine) or `portable` (the portable twins, to measure them or to rule
+/// the fast paths out when chasing a numeric difference); a CPU without the features
+/// still gets what it has.
 pub fn cpu() -> Cpu {
     static CPU: OnceLock<Cpu> = OnceLock::new();
     *CPU.get_or_init(|| {
-        if std::env::var("DRISHYA_KERNELS").is_ok_and(|v| v == "portable") {
-            return Cpu::Portable;
+        let detected = detect();
+        match std::env::var("DRISHYA_KERNELS").as_deref() {
+            Ok("portable") => Cpu::Portable,
+            Ok("avx2") if detected == Cpu::Avx512 => Cpu::Avx2Fma,
+            _ => detected,
         }
-        detect()
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Cpu {
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        Cpu::Avx2Fma
-    } else {
-        Cpu::Portable
+    use std::arch::is_x86_feature_detected as has;
+    match (has!("avx2") && has!("fma"), has!("avx512f")) {
+        (true, true) => Cpu::Avx512,
+        (true, false) => Cpu::Avx2Fma,
+        _ => Cpu::Portable,
     }
 }
 

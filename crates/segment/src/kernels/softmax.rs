@@ -5,7 +5,7 @@
 /// an empty bias adds nothing.
 pub fn softmax_rows(data: &mut [f32], row: usize, bias: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu() == super::Cpu::Avx2Fma {
+    if super::cpu().avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { softmax_rows_avx2(data, row, bias) };
     }

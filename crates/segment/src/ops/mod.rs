@@ -2,6 +2,7 @@
 //! a tract op (or a small pattern of them) whose time or memory we measured as too high.
 
 pub mod batched;
+pub mod conv;
 pub mod dense;
 pub mod mbconv;
 pub mod pad;

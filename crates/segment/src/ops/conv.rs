@@ -1,0 +1,410 @@
+//! Stride-1 convolutions (any kernel size, dilation and padding, one group) run through our
+//! product kernel (kernels/gemm.rs) instead of tract's im2col and matrix product.
+//!
+//! U²-Net-p is 119 such 3x3 convolutions (dilations 1 to 8), each followed by a ReLU; the
+//! MobileSAM encoder has 1x1 ones between its stages and a 3x3 in its neck. tract packs an
+//! im2col copy of the input for every product. Here the input is turned pixel-major a band
+//! of rows at a time, with its zero padding around it, and each kernel tap's rows are read
+//! in place from that band (`gemm_taps`): one pixel's inputs for tap (ky, kx) are the
+//! band's `channels` values at that pixel shifted by the tap, so no im2col copy is made.
+//! The bias, and a following ReLU when the convolution is its only input, are applied on
+//! the way back to channel-major order.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use crate::kernels::gemm::{gemm_taps, Packed, Rows, PANEL};
+
+/// The input band (pixel-major, padded) is kept near this size (bytes): it is read once per
+/// kernel tap and output panel, so it should stay in L2.
+const BAND_BYTES: usize = 384 << 10;
+
+/// The shape of one convolution: stride 1, one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    channels: usize,
+    outputs: usize,
+    kernel: [usize; 2],
+    dilation: [usize; 2],
+    /// Zero padding: top, bottom, left, right.
+    pads: [usize; 4],
+}
+
+impl Shape {
+    /// Output height and width for an input of `[height, width]`.
+    fn output(&self, [height, width]: [usize; 2]) -> Option<[usize; 2]> {
+        let [top, bottom, left, right] = self.pads;
+        let reach = |k: usize, d: usize| d * (k - 1);
+        let h = (height + top + bottom).checked_sub(reach(self.kernel[0], self.dilation[0]))?;
+        let w = (width + left + right).checked_sub(reach(self.kernel[1], self.dilation[1]))?;
+        (h > 0 && w > 0).then_some([h, w])
+    }
+}
+
+#[derive(Clone)]
+pub struct DirectConv {
+    shape: Shape,
+    /// `[kernel tap][channel]` x outputs (padded to whole panels), with the bias.
+    weight: Arc<Packed>,
+    relu: bool,
+}
+
+impl std::fmt::Debug for DirectConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.shape;
+        write!(
+            f,
+            "DirectConv({}->{}, {:?} dilation {:?}, pads {:?}{})",
+            s.channels,
+            s.outputs,
+            s.kernel,
+            s.dilation,
+            s.pads,
+            if self.relu { ", relu" } else { "" }
+        )
+    }
+}
+
+/// Two ops are the same when they share their weights.
+impl PartialEq for DirectConv {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weight, &other.weight) && self.shape == other.shape && self.relu == other.relu
+    }
+}
+
+impl Eq for DirectConv {}
+
+impl Op for DirectConv {
+    fn name(&self) -> StaticName {
+        "DirectConv".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DirectConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let Some(input) = inputs.first() else { bail!("DirectConv: no input") };
+        let out_shape = self.output_shape(input.shape())?;
+        let rank = input.rank();
+        let size = [input.shape()[rank - 2], input.shape()[rank - 1]];
+        let view = input.try_as_plain_ram()?;
+        // SAFETY: `run` writes every element of the output.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            self.run(view.as_slice::<f32>()?, size, out_view.as_slice_mut::<f32>()?);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for DirectConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let Some(input) = inputs.first() else { bail!("DirectConv: no input") };
+        let Some(shape) = input.shape.as_concrete() else { bail!("DirectConv: symbolic input {:?}", input.shape) };
+        Ok(tvec!(f32::fact(self.output_shape(shape)?)))
+    }
+
+    as_op!();
+}
+
+impl DirectConv {
+    /// `[1,] C, H, W` → `[1,] outputs, H', W'`.
+    fn output_shape(&self, input: &[usize]) -> TractResult<TVec<usize>> {
+        let rank = input.len();
+        let batch_ok = rank == 3 || (rank == 4 && input[0] == 1);
+        if !batch_ok || input[rank - 3] != self.shape.channels {
+            bail!("DirectConv: input {input:?} is not [1,] {}, H, W", self.shape.channels);
+        }
+        let Some([h, w]) = self.shape.output([input[rank - 2], input[rank - 1]]) else {
+            bail!("DirectConv: input {input:?} is smaller than the kernel's reach")
+        };
+        let mut shape: TVec<usize> = input.into();
+        shape[rank - 3] = self.shape.outputs;
+        shape[rank - 2] = h;
+        shape[rank - 1] = w;
+        Ok(shape)
+    }
+
+    /// The convolution of `input` (`[channels][height][width]`) into `out`
+    /// (`[outputs][H'][W']`), a band of output rows at a time.
+    fn run(&self, input: &[f32], [height, width]: [usize; 2], out: &mut [f32]) {
+        let s = &self.shape;
+        let Some([out_h, out_w]) = s.output([height, width]) else { return };
+        let [top, _, left, right] = s.pads;
+        let (c, padded_w) = (s.channels, width + left + right);
+        let halo = s.dilation[0] * (s.kernel[0] - 1);
+        let row_bytes = padded_w * c * 4;
+        let band = (BAND_BYTES / row_bytes).saturating_sub(halo).max(halo).max(4).min(out_h);
+        let n = self.weight.outputs;
+        let mut pixels = vec![0f32; (band + halo) * padded_w * c];
+        let mut product = vec![0f32; out_w * n];
+        // A tap's offset in the band, for output row 0 of the band.
+        let taps: Vec<usize> = (0..s.kernel[0] * s.kernel[1])
+            .map(|t| ((t / s.kernel[1]) * s.dilation[0] * padded_w + (t % s.kernel[1]) * s.dilation[1]) * c)
+            .collect();
+        let mut shifted = taps.clone();
+        let plane = out_h * out_w;
+        for y0 in (0..out_h).step_by(band) {
+            let rows = band.min(out_h - y0);
+            for (j, dst) in pixels.chunks_exact_mut(padded_w * c).take(rows + halo).enumerate() {
+                let source = (y0 + j).checked_sub(top).filter(|&y| y < height);
+                fill_row(dst, source.map(|y| (input, y)), [height, width], [c, left]);
+            }
+            for ry in 0..rows {
+                shifted.iter_mut().zip(&taps).for_each(|(s, t)| *s = t + ry * padded_w * c);
+                let from = Rows { a: &pixels, count: out_w, stride: c, taps: &shifted };
+                gemm_taps(from, &self.weight, &mut product);
+                let y = y0 + ry;
+                for o in 0..s.outputs {
+                    let dst = &mut out[o * plane + y * out_w..][..out_w];
+                    for (d, p) in dst.iter_mut().zip(product.chunks_exact(n)) {
+                        *d = if self.relu { p[o].max(0.0) } else { p[o] };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One padded row of the band, pixel-major: input row `y` of every channel (`None`: a
+/// padding row of zeros), between `left` zero pixels and the rest of the row's.
+fn fill_row(dst: &mut [f32], source: Option<(&[f32], usize)>, [height, width]: [usize; 2], [c, left]: [usize; 2]) {
+    let Some((input, y)) = source else {
+        dst.fill(0.0);
+        return;
+    };
+    dst[..left * c].fill(0.0);
+    dst[(left + width) * c..].fill(0.0);
+    let pixels = &mut dst[left * c..(left + width) * c];
+    for ch in 0..c {
+        let src = &input[(ch * height + y) * width..][..width];
+        for (x, &v) in src.iter().enumerate() {
+            pixels[x * c + ch] = v;
+        }
+    }
+}
+
+/// Replaces each suitable `Conv` (and the ReLU after it) of a decluttered model.
+pub fn replace_convs(mut model: TypedModel) -> TractResult<TypedModel> {
+    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
+    for id in candidates {
+        let Some((op, replaced)) = direct_for(&model, id)? else { continue };
+        let node = model.node(id);
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(&model, node.inputs[0])?;
+        let out = patch.wire_node(format!("{}.direct", node.name), op, &[x])?;
+        patch.shunt_outside(&model, replaced, out[0])?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
+/// The op for node `id`, and the outlet it stands for (the ReLU's, when folded).
+fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(DirectConv, OutletId)>> {
+    let node = model.node(id);
+    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
+    let spec = &conv.pool_spec;
+    let suitable = conv.group == 1
+        && conv.q_params.is_none()
+        && conv.kernel_fmt == KernelFormat::OIHW
+        && matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
+        && spec.kernel_shape.len() == 2
+        && spec.strides().iter().all(|&s| s == 1)
+        && node.inputs.len() == 3;
+    if !suitable {
+        return Ok(None);
+    }
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let Some(in_shape) = fact.shape.as_concrete() else { return Ok(None) };
+    let rank = in_shape.len();
+    let batch_ok = (spec.data_format == DataFormat::NCHW && rank == 4 && in_shape[0] == 1)
+        || (spec.data_format == DataFormat::CHW && rank == 3);
+    if fact.datum_type != f32::datum_type() || !batch_ok {
+        return Ok(None);
+    }
+    let (Some(kernel), Some(bias)) =
+        (model.outlet_fact(node.inputs[1])?.konst.clone(), model.outlet_fact(node.inputs[2])?.konst.clone())
+    else {
+        return Ok(None);
+    };
+    let dims = kernel.shape();
+    if kernel.datum_type() != f32::datum_type() || bias.datum_type() != f32::datum_type() || dims.len() != 4 {
+        return Ok(None);
+    }
+    let (outputs, channels) = (dims[0], dims[1]);
+    let padding = spec.computed_padding(&in_shape[rank - 2..]);
+    let dilation = spec.dilations();
+    let shape = Shape {
+        channels,
+        outputs,
+        kernel: [dims[2], dims[3]],
+        dilation: [dilation[0], dilation[1]],
+        pads: [padding[0].pad_before, padding[0].pad_after, padding[1].pad_before, padding[1].pad_after],
+    };
+    if channels != in_shape[rank - 3] || shape.output([in_shape[rank - 2], in_shape[rank - 1]]).is_none() {
+        return Ok(None);
+    }
+    let bias = {
+        let view = bias.try_as_plain_ram()?;
+        let values = view.as_slice::<f32>()?;
+        match values.len() {
+            n if n == outputs => values.to_vec(),
+            1 => vec![values[0]; outputs],
+            _ => return Ok(None),
+        }
+    };
+    let Some(weight) = pack(&kernel, bias, &shape)? else { return Ok(None) };
+    let relu = relu_after(model, id)?;
+    let replaced = OutletId::new(relu.unwrap_or(id), 0);
+    Ok(Some((DirectConv { shape, weight: Arc::new(weight), relu: relu.is_some() }, replaced)))
+}
+
+/// The `OIHW` kernel as `[tap][channel]` x outputs, outputs padded with zeros to whole panels.
+fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape) -> TractResult<Option<Packed>> {
+    let view = kernel.try_as_plain_ram()?;
+    let k = view.as_slice::<f32>()?;
+    let (c, taps) = (shape.channels, shape.kernel[0] * shape.kernel[1]);
+    let n = shape.outputs.div_ceil(PANEL) * PANEL;
+    let inputs = taps * c;
+    let mut matrix = vec![0f32; inputs * n];
+    for o in 0..shape.outputs {
+        for ch in 0..c {
+            for t in 0..taps {
+                matrix[(t * c + ch) * n + o] = k[(o * c + ch) * taps + t];
+            }
+        }
+    }
+    bias.resize(n, 0.0);
+    Ok(Packed::from_inputs_major(&matrix, bias, inputs, n))
+}
+
+/// When node `id`'s only reader is `max(x, 0)` (ONNX's Relu, as tract declutters it): its id.
+fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
+    let outlet = OutletId::new(id, 0);
+    let [reader] = model.outlet_successors(outlet) else { return Ok(None) };
+    let max = model.node(reader.node);
+    let is_max = max.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Max");
+    if !is_max || max.inputs.len() != 2 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let other = model.outlet_fact(max.inputs[1 - reader.slot])?;
+    let zero = other
+        .konst
+        .as_ref()
+        .is_some_and(|c| c.datum_type() == f32::datum_type() && c.is_uniform() && c.is_all_zero().unwrap_or(false));
+    let same_shape = model.outlet_fact(OutletId::new(max.id, 0))?.shape == model.outlet_fact(outlet)?.shape;
+    Ok((zero && same_shape).then_some(max.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(i: u32) -> f32 {
+        (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
+
+    /// A model of one ONNX-style convolution (+ ReLU) as tract declutters it.
+    fn model(shape: &Shape, size: [usize; 2], relu: bool) -> TractResult<TypedModel> {
+        use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, shape.channels, size[0], size[1]]))?;
+        let taps = shape.kernel[0] * shape.kernel[1];
+        let k: Vec<f32> = (0..shape.outputs * shape.channels * taps).map(|i| value(i as u32 ^ 5)).collect();
+        let kernel = tensor1(&k).into_shape(&[shape.outputs, shape.channels, shape.kernel[0], shape.kernel[1]])?;
+        let bias = tensor1(&(0..shape.outputs).map(|i| value(i as u32 + 9)).collect::<Vec<_>>());
+        let [top, bottom, left, right] = shape.pads;
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![shape.kernel[0], shape.kernel[1]],
+                padding: PaddingSpec::Explicit(tvec![top, left], tvec![bottom, right]),
+                dilations: Some(tvec![shape.dilation[0], shape.dilation[1]]),
+                strides: None,
+                input_channels: shape.channels,
+                output_channels: shape.outputs,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: None,
+        };
+        let k = model.add_const("k", kernel)?;
+        let b = model.add_const("b", bias)?;
+        let mut y = model.wire_node("conv", conv, &[x, k, b])?;
+        if relu {
+            let zero = model.add_const("zero", tensor0(0f32).broadcast_into_rank(4)?)?;
+            y = model.wire_node("relu", tract_onnx::tract_core::ops::math::max(), &[y[0], zero])?;
+        }
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
+    fn run(model: TypedModel, input: &Tensor) -> TractResult<Tensor> {
+        let plan = model.into_runnable()?;
+        Ok(plan.run(tvec!(input.clone().into_tvalue()))?.remove(0).into_tensor())
+    }
+
+    #[test]
+    fn matches_tracts_convolution_for_every_shape_of_u2netp_and_more() -> TractResult<()> {
+        // (channels, outputs, kernel, dilation, pads, size, relu): U²-Net-p's 3x3 "same"
+        // convolutions at dilations 1..8, a partial output panel, 1x1, uneven pads and
+        // kernels, an input smaller than the band's halo, and a row too wide for one band.
+        let cases = [
+            (16, 16, [3, 3], [1, 1], [1, 1, 1, 1], [11, 13], true),
+            (32, 16, [3, 3], [2, 2], [2, 2, 2, 2], [9, 20], true),
+            (16, 64, [3, 3], [8, 8], [8, 8, 8, 8], [10, 10], true),
+            (3, 1, [3, 3], [1, 1], [1, 1, 1, 1], [7, 5], false),
+            (20, 24, [1, 1], [1, 1], [0, 0, 0, 0], [6, 6], false),
+            (5, 16, [2, 3], [1, 2], [0, 1, 2, 0], [8, 9], true),
+            (64, 16, [3, 3], [1, 1], [1, 1, 1, 1], [40, 700], true),
+        ];
+        for (channels, outputs, kernel, dilation, pads, size, relu) in cases {
+            let shape = Shape { channels, outputs, kernel, dilation, pads };
+            let tract = model(&shape, size, relu)?;
+            let ours = replace_convs(tract.clone())?;
+            let replaced = ours.nodes().iter().filter(|n| n.op_is::<DirectConv>()).count();
+            let left = ours.nodes().iter().filter(|n| n.op_is::<Conv>() || n.op_is::<TypedBinOp>()).count();
+            assert_eq!((replaced, left), (1, 0), "{shape:?}: the conv and its ReLU are replaced");
+            let x: Vec<f32> = (0..channels * size[0] * size[1]).map(|i| value(i as u32 * 3 + 1) * 4.0).collect();
+            let x = tensor1(&x).into_shape(&[1, channels, size[0], size[1]])?;
+            let (want, got) = (run(tract, &x)?, run(ours, &x)?);
+            assert_eq!(want.shape(), got.shape(), "{shape:?}");
+            let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
+            let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
+            let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{shape:?} on {size:?}: max |diff| {worst}");
+            assert!(!relu || got.iter().all(|&v| v >= 0.0) && got.iter().any(|&v| v == 0.0), "{shape:?}: ReLU applied");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn strided_and_grouped_convolutions_stay_tracts() -> TractResult<()> {
+        let shape = Shape { channels: 4, outputs: 4, kernel: [3, 3], dilation: [1, 1], pads: [1, 1, 1, 1] };
+        let mut strided = model(&shape, [8, 8], false)?;
+        let mut grouped = strided.clone();
+        for (m, edit) in [(&mut strided, 0), (&mut grouped, 1)] {
+            let id = m.nodes().iter().find(|n| n.op_is::<Conv>()).map(|n| n.id).unwrap_or_default();
+            let Some(conv) = m.node_mut(id).op_as_mut::<Conv>() else { bail!("no conv") };
+            if edit == 0 {
+                conv.pool_spec.strides = Some(tvec![2, 2]);
+            } else {
+                conv.group = 2;
+            }
+        }
+        for m in [strided, grouped] {
+            let ours = replace_convs(m)?;
+            assert_eq!(ours.nodes().iter().filter(|n| n.op_is::<DirectConv>()).count(), 0);
+        }
+        Ok(())
+    }
+}
