@@ -5,6 +5,7 @@
 pub mod conv;
 pub mod gemm;
 pub mod softmax;
+pub mod transpose;
 
 use std::sync::OnceLock;
 

@@ -19,6 +19,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use crate::kernels::gemm::{gemm_taps, Packed, Rows, PANEL};
+use crate::kernels::transpose::transpose;
 
 /// The input band (pixel-major, padded) is kept near this size (bytes): it is read once per
 /// kernel tap and output panel, so it should stay in L2.
@@ -142,55 +143,49 @@ impl DirectConv {
         let [top, _, left, right] = s.pads;
         let (c, padded_w) = (s.channels, width + left + right);
         let halo = s.dilation[0] * (s.kernel[0] - 1);
-        let row_bytes = padded_w * c * 4;
-        let band = (BAND_BYTES / row_bytes).saturating_sub(halo).max(halo).max(4).min(out_h);
+        let band = (BAND_BYTES / (padded_w * c * 4)).saturating_sub(halo).max(halo).max(4).min(out_h);
         let n = self.weight.outputs;
-        let mut pixels = vec![0f32; (band + halo) * padded_w * c];
-        let mut product = vec![0f32; out_w * n];
         // A tap's offset in the band, for output row 0 of the band.
         let taps: Vec<usize> = (0..s.kernel[0] * s.kernel[1])
             .map(|t| ((t / s.kernel[1]) * s.dilation[0] * padded_w + (t % s.kernel[1]) * s.dilation[1]) * c)
             .collect();
         let mut shifted = taps.clone();
         let plane = out_h * out_w;
-        for y0 in (0..out_h).step_by(band) {
-            let rows = band.min(out_h - y0);
-            for (j, dst) in pixels.chunks_exact_mut(padded_w * c).take(rows + halo).enumerate() {
-                let source = (y0 + j).checked_sub(top).filter(|&y| y < height);
-                fill_row(dst, source.map(|y| (input, y)), [height, width], [c, left]);
-            }
-            for ry in 0..rows {
-                shifted.iter_mut().zip(&taps).for_each(|(s, t)| *s = t + ry * padded_w * c);
-                let from = Rows { a: &pixels, count: out_w, stride: c, taps: &shifted };
-                gemm_taps(from, &self.weight, &mut product);
-                let y = y0 + ry;
-                for o in 0..s.outputs {
-                    let dst = &mut out[o * plane + y * out_w..][..out_w];
-                    for (d, p) in dst.iter_mut().zip(product.chunks_exact(n)) {
-                        *d = if self.relu { p[o].max(0.0) } else { p[o] };
+        SCRATCH.with_borrow_mut(|[pixels, product]| {
+            // Every element used is written before it is read (padding included).
+            pixels.resize((band + halo) * padded_w * c, 0.0);
+            product.resize(out_w * n, 0.0);
+            for y0 in (0..out_h).step_by(band) {
+                let rows = band.min(out_h - y0);
+                for (j, dst) in pixels.chunks_exact_mut(padded_w * c).take(rows + halo).enumerate() {
+                    let Some(y) = (y0 + j).checked_sub(top).filter(|&y| y < height) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    dst[..left * c].fill(0.0);
+                    dst[(left + width) * c..].fill(0.0);
+                    let channels = &input[y * width..];
+                    transpose(channels, height * width, &mut dst[left * c..], c, [c, width]);
+                }
+                for ry in 0..rows {
+                    shifted.iter_mut().zip(&taps).for_each(|(s, t)| *s = t + ry * padded_w * c);
+                    let from = Rows { a: pixels, count: out_w, stride: c, taps: &shifted };
+                    gemm_taps(from, &self.weight, product);
+                    if self.relu {
+                        product.iter_mut().for_each(|v| *v = v.max(0.0));
                     }
+                    let y = y0 + ry;
+                    transpose(product, n, &mut out[y * out_w..], plane, [out_w, s.outputs]);
                 }
             }
-        }
+        });
     }
 }
 
-/// One padded row of the band, pixel-major: input row `y` of every channel (`None`: a
-/// padding row of zeros), between `left` zero pixels and the rest of the row's.
-fn fill_row(dst: &mut [f32], source: Option<(&[f32], usize)>, [height, width]: [usize; 2], [c, left]: [usize; 2]) {
-    let Some((input, y)) = source else {
-        dst.fill(0.0);
-        return;
-    };
-    dst[..left * c].fill(0.0);
-    dst[(left + width) * c..].fill(0.0);
-    let pixels = &mut dst[left * c..(left + width) * c];
-    for ch in 0..c {
-        let src = &input[(ch * height + y) * width..][..width];
-        for (x, &v) in src.iter().enumerate() {
-            pixels[x * c + ch] = v;
-        }
-    }
+thread_local! {
+    /// The band of input rows and one row's product, kept between runs: fresh buffers
+    /// of this size cost page faults and zeroing on every convolution.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Replaces each suitable `Conv` (and the ReLU after it) of a decluttered model.
