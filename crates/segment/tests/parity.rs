@@ -43,10 +43,12 @@ fn encoder_matches_onnxruntime() {
     let ops: Vec<String> = whole.model().nodes().iter().map(|n| n.op.name().to_string()).collect();
     let fused = ops.iter().filter(|op| *op == "BiasRowSoftmax").count();
     assert!(fused == 10 && !ops.iter().any(|op| op == "Softmax"), "{fused} fused softmaxes in {ops:?}");
-    // Its 40 dense layers (qkv, projection, MLP) with their biases run through our kernel
-    // (segment/dense.rs, gemm.rs).
+    // Its 40 dense layers (qkv, projection, MLP) with their biases and its 11 1x1
+    // convolutions run through our kernel (ops/dense.rs, kernels/gemm.rs), its 3x3 neck
+    // convolution too (ops/conv.rs).
     let dense = ops.iter().filter(|op| *op == "Dense").count();
-    assert_eq!(dense, 40, "dense layers replaced in {ops:?}");
+    let direct = ops.iter().filter(|op| *op == "DirectConv").count();
+    assert_eq!((dense, direct), (40 + 11, 1), "dense layers and convolutions replaced in {ops:?}");
     // And its 20 windowed-attention products (q k^T, attention v: segment/batched.rs).
     let batched = ops.iter().filter(|op| *op == "BatchedMatMul").count();
     assert_eq!(batched, 20, "attention products replaced in {ops:?}");
@@ -102,6 +104,10 @@ fn reference_prompt() -> DecoderPrompt {
 fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     let decoder = sam::load_decoder(&shared("models/mobile_sam/decoder.onnx")).unwrap();
     let softmaxes = decoder.model().nodes().iter().filter(|n| n.op.name() == "RowSoftmax").count();
+    // Its products by a weight matrix, the image tokens' read and written channel-major
+    // too, run through our kernel (ops/dense.rs).
+    let dense = decoder.model().nodes().iter().filter(|n| n.op.name() == "Dense").count();
+    assert_eq!(dense, 48, "the decoder's products by a constant run as Dense");
     assert_eq!(softmaxes, 7, "the decoder's seven attention softmaxes run as RowSoftmax");
     let embedding = Arc::new(tensor("sam_encoder_output"));
     let out = sam::run_decoder(&decoder, embedding, &reference_prompt()).unwrap();

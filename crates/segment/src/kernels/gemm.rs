@@ -47,6 +47,18 @@ impl Packed {
         Self::constant(inputs, outputs, bias, weight, [outputs, 1])
     }
 
+    /// The same matrix with a bias per output (the padding columns' zero); `None` when
+    /// there are more values than outputs.
+    pub fn with_bias(mut self, bias: Vec<f32>) -> Option<Self> {
+        if bias.len() > self.outputs {
+            return None;
+        }
+        self.bias.clear();
+        self.bias.extend_from_slice(&bias);
+        self.bias.resize(self.outputs, 0.0);
+        Some(self)
+    }
+
     /// An empty matrix for [`Packed::refill`].
     pub fn empty() -> Self {
         Packed { inputs: 0, outputs: 0, panels: Vec::new(), bias: Vec::new() }

@@ -5,11 +5,16 @@
 //! In the MobileSAM encoder these are the attention's qkv and output projections and the
 //! MLPs: 51 of its 77.5 GFLOP. tract packs the activation before every product and its
 //! kernel ran them well below the core's peak (docs/performance.md §3); ours reads the
-//! activation's rows in place. Only an `EinSum` whose contracted axes are the activation's
-//! trailing ones, in order, against the leading axes of an f32 constant, with the
-//! constant's last axis the output's last, is replaced (`amk,kn->amn`, `ambk,bkn->amn`); a
-//! following `Add` of a constant that varies along the last axis only is folded in as the
-//! bias.
+//! activation's rows in place. In the SAM decoder the image tokens are stored channel-major
+//! (`akm,kn->mn`: the activation is read transposed) and some products are written so
+//! (`mbk,bkn->anm`); those rows go through the 8x8 transpose kernel a block at a time.
+//!
+//! Replaced: an `EinSum` of an f32 activation and an f32 constant where, size-1 axes
+//! aside, the activation is a group of free axes and a group of contracted ones (either
+//! first, each contiguous), the constant is the contracted group in the same order and one
+//! output axis (first or last), and the output is the free group then that axis, or that
+//! axis then the free group. A following `Add` of a constant that varies along the last
+//! axis only is folded in as the bias when the output axis is last.
 
 use std::sync::Arc;
 
@@ -18,25 +23,51 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use crate::kernels::gemm::{gemm, Packed};
+use crate::kernels::gemm::{gemm, Packed, PANEL};
+use crate::kernels::transpose::transpose;
 
 #[derive(Clone)]
 pub struct Dense {
     weight: Arc<Packed>,
-    /// Leading axes of the input kept in the output (the rest are contracted).
-    kept: usize,
+    layout: Layout,
 }
+
+/// Where the product's operands lie (size-1 axes aside): `rows` x `weight.inputs` read
+/// from the activation, `rows` x `columns` written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    input: TVec<usize>,
+    output: TVec<usize>,
+    rows: usize,
+    /// Real output columns (`weight.outputs` is padded to whole panels).
+    columns: usize,
+    /// The activation is `[inputs][rows]` instead of `[rows][inputs]`.
+    read_transposed: bool,
+    /// The output is `[columns][rows]` instead of `[rows][columns]`.
+    write_transposed: bool,
+}
+
+/// Rows per block when a side is transposed (the block's scratch stays in L2).
+const BLOCK_ROWS: usize = 192;
 
 impl std::fmt::Debug for Dense {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Dense({}x{}, {} kept axes)", self.weight.inputs, self.weight.outputs, self.kept)
+        let l = &self.layout;
+        write!(f, "Dense({}x{}x{}", l.rows, self.weight.inputs, l.columns)?;
+        if l.read_transposed {
+            write!(f, ", read transposed")?;
+        }
+        if l.write_transposed {
+            write!(f, ", written transposed")?;
+        }
+        write!(f, ")")
     }
 }
 
 /// Two ops are the same when they share their weights.
 impl PartialEq for Dense {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weight, &other.weight) && self.kept == other.kept
+        Arc::ptr_eq(&self.weight, &other.weight) && self.layout == other.layout
     }
 }
 
@@ -55,40 +86,65 @@ impl EvalOp for Dense {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let Some(input) = inputs.first() else { bail!("Dense: no input") };
-        let shape = self.output_shape(input.shape())?;
+        if input.shape() != &*self.layout.input {
+            bail!("Dense: input {:?}, planned for {:?}", input.shape(), self.layout.input);
+        }
         let view = input.try_as_plain_ram()?;
         let a = view.as_slice::<f32>()?;
-        // SAFETY: gemm writes every element of the output.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        // SAFETY: `run` writes every element of the output.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.layout.output)? };
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
-            gemm(a, &self.weight, out_view.as_slice_mut::<f32>()?);
+            self.run(a, out_view.as_slice_mut::<f32>()?);
         }
         Ok(tvec!(output.into_tvalue()))
-    }
-}
-
-impl Dense {
-    fn output_shape<D>(&self, input: &[D]) -> TractResult<TVec<D>>
-    where
-        D: Clone + std::fmt::Debug + PartialEq + ToDim + From<usize>,
-    {
-        let contracted: TDim = input.get(self.kept..).unwrap_or(&[]).iter().map(|d| d.to_dim()).product();
-        if input.len() <= self.kept || contracted != self.weight.inputs.to_dim() {
-            bail!("Dense: input {input:?} does not end in {} values", self.weight.inputs);
-        }
-        Ok(input[..self.kept].iter().cloned().chain([D::from(self.weight.outputs)]).collect())
     }
 }
 
 impl TypedOp for Dense {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let Some(input) = inputs.first() else { bail!("Dense: no input") };
-        let shape = self.output_shape(&input.shape.to_tvec())?;
-        Ok(tvec!(f32::fact(shape)))
+        if input.shape.as_concrete() != Some(&*self.layout.input) {
+            bail!("Dense: input {:?}, planned for {:?}", input.shape, self.layout.input);
+        }
+        Ok(tvec!(f32::fact(self.layout.output.clone())))
     }
 
     as_op!();
+}
+
+impl Dense {
+    fn run(&self, a: &[f32], out: &mut [f32]) {
+        let (l, w) = (&self.layout, &*self.weight);
+        let k = w.inputs;
+        if !l.read_transposed && !l.write_transposed {
+            return gemm(a, w, out);
+        }
+        SCRATCH.with_borrow_mut(|[rows_buf, product]| {
+            for r0 in (0..l.rows).step_by(BLOCK_ROWS) {
+                let count = BLOCK_ROWS.min(l.rows - r0);
+                let rows: &[f32] = if l.read_transposed {
+                    rows_buf.resize(count * k, 0.0);
+                    transpose(&a[r0..], l.rows, rows_buf, k, [k, count]);
+                    rows_buf
+                } else {
+                    &a[r0 * k..][..count * k]
+                };
+                if l.write_transposed {
+                    product.resize(count * w.outputs, 0.0);
+                    gemm(rows, w, product);
+                    transpose(product, w.outputs, &mut out[r0..], l.rows, [count, l.columns]);
+                } else {
+                    gemm(rows, w, &mut out[r0 * w.outputs..][..count * w.outputs]);
+                }
+            }
+        })
+    }
+}
+
+thread_local! {
+    /// A block of rows read transposed, and its product before it is written transposed.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Replaces each suitable `EinSum` (and the bias `Add` after it) of a decluttered model.
@@ -106,6 +162,16 @@ pub fn replace_dense(mut model: TypedModel) -> TractResult<TypedModel> {
     Ok(model)
 }
 
+/// An einsum's axes with their sizes, size-1 axes left out (they do not move memory).
+fn sized(labels: &str, shape: &[usize]) -> Option<Vec<(char, usize)>> {
+    let labels: Vec<char> = labels.chars().collect();
+    (labels.len() == shape.len()).then(|| labels.into_iter().zip(shape.iter().copied()).filter(|a| a.1 != 1).collect())
+}
+
+fn labels(axes: &[(char, usize)]) -> Vec<char> {
+    axes.iter().map(|a| a.0).collect()
+}
+
 /// The op for node `id`, and the outlet it stands for (the bias `Add`'s, when folded).
 fn dense_for(model: &TypedModel, id: usize) -> TractResult<Option<(Dense, OutletId)>> {
     let node = model.node(id);
@@ -114,39 +180,65 @@ fn dense_for(model: &TypedModel, id: usize) -> TractResult<Option<(Dense, Outlet
         return Ok(None);
     }
     let (a_fact, b_fact) = (model.outlet_fact(node.inputs[0])?, model.outlet_fact(node.inputs[1])?);
-    let Some(b) = b_fact.konst.as_ref().filter(|b| b.datum_type() == f32::datum_type() && b.rank() >= 2) else {
+    let Some(b) = b_fact.konst.as_ref().filter(|b| b.datum_type() == f32::datum_type()) else {
         return Ok(None);
     };
-    let Some(a_shape) = a_fact.shape.as_concrete() else { return Ok(None) };
-    let contracted = b.rank() - 1;
-    if a_fact.datum_type != f32::datum_type() || a_shape.len() <= contracted {
+    let out_fact = model.outlet_fact(OutletId::new(id, 0))?;
+    let (Some(a_shape), Some(out_shape)) = (a_fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    if a_fact.datum_type != f32::datum_type() {
         return Ok(None);
     }
-    let kept = a_shape.len() - contracted;
     let (inputs, outputs) = einsum.axes.to_strs();
     let ([sa, sb], [so]) = (&inputs[..], &outputs[..]) else { return Ok(None) };
-    let (sa, sb, so): (Vec<char>, Vec<char>, Vec<char>) =
-        (sa.chars().collect(), sb.chars().collect(), so.chars().collect());
-    let n_axis = sb[contracted];
-    let wiring = sa.len() == a_shape.len()
-        && sb.len() == b.rank()
-        && sb[..contracted] == sa[kept..]
-        && !sa.contains(&n_axis)
-        && so.len() == kept + 1
-        && so[..kept] == sa[..kept]
-        && so[kept] == n_axis
-        && a_shape[kept..] == b.shape()[..contracted];
-    if !wiring {
+    let (Some(a), Some(w), Some(o)) = (sized(sa, a_shape), sized(sb, b.shape()), sized(so, out_shape)) else {
+        return Ok(None);
+    };
+    // The constant: the contracted group, then or after it the output axis.
+    let Some(n_at) = w.iter().position(|(c, _)| !a.iter().any(|x| x.0 == *c)) else { return Ok(None) };
+    let (n_axis, n) = w[n_at];
+    let contracted: Vec<(char, usize)> = w.iter().copied().filter(|x| x.0 != n_axis).collect();
+    let n_last = n_at == w.len() - 1;
+    if w.len() < 2 || (n_at != 0 && !n_last) {
         return Ok(None);
     }
-    let (k, n) = (a_shape[kept..].iter().product::<usize>(), b.shape()[contracted]);
+    // The activation: free group and contracted group, one after the other.
+    let free: Vec<(char, usize)> = a.iter().copied().filter(|x| !contracted.contains(x)).collect();
+    let read_transposed = if a == [free.clone(), contracted.clone()].concat() {
+        false
+    } else if a == [contracted.clone(), free.clone()].concat() {
+        true
+    } else {
+        return Ok(None);
+    };
+    // The output: free group and the output axis.
+    let write_transposed = if labels(&o) == [labels(&free), vec![n_axis]].concat() {
+        false
+    } else if labels(&o) == [vec![n_axis], labels(&free)].concat() {
+        true
+    } else {
+        return Ok(None);
+    };
+    let k: usize = contracted.iter().map(|x| x.1).product();
+    let rows: usize = free.iter().map(|x| x.1).product();
     let (bias, replaced) = match bias_after(model, id, n)? {
-        Some((bias, add)) => (bias, OutletId::new(add, 0)),
-        None => (vec![0.0; n], OutletId::new(id, 0)),
+        Some((bias, add)) if !write_transposed => (bias, OutletId::new(add, 0)),
+        _ => (vec![0.0; n], OutletId::new(id, 0)),
     };
     let view = b.try_as_plain_ram()?;
-    let Some(weight) = Packed::from_inputs_major(view.as_slice::<f32>()?, bias, k, n) else { return Ok(None) };
-    Ok(Some((Dense { weight: Arc::new(weight), kept }, replaced)))
+    let data = view.as_slice::<f32>()?;
+    let padded = n.div_ceil(PANEL) * PANEL;
+    if padded != n && !write_transposed {
+        return Ok(None);
+    }
+    let mut weight = Packed::empty();
+    let strides = if n_last { [n, 1] } else { [1, k] };
+    weight.refill([k, n], data, 0, strides);
+    let Some(weight) = weight.with_bias(bias) else { return Ok(None) };
+    let layout =
+        Layout { input: a_shape.into(), output: out_shape.into(), rows, columns: n, read_transposed, write_transposed };
+    Ok(Some((Dense { weight: Arc::new(weight), layout }, replaced)))
 }
 
 /// When node `id`'s only reader is an `Add` of an f32 constant shaped `[1, .., 1, n]`:
@@ -172,4 +264,64 @@ fn bias_after(model: &TypedModel, id: usize, n: usize) -> TractResult<Option<(Ve
     }
     let view = c.try_as_plain_ram()?;
     Ok(Some((view.as_slice::<f32>()?.to_vec(), add.id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+    }
+
+    /// Ours against tract's own EinSum for `expr` on an activation of shape `a` and a
+    /// constant of shape `b`; `None` when the form is not recognised.
+    fn check(expr: &str, a: &[usize], b: &[usize]) -> Option<Layout> {
+        let ta = Tensor::from_shape(a, &values(a.iter().product(), 0.3)).unwrap();
+        let tb = Tensor::from_shape(b, &values(b.iter().product(), 1.7)).unwrap();
+        let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+        let mut model = TypedModel::default();
+        let sa = model.add_source("a", f32::fact(a)).unwrap();
+        let sb = model.add_const("b", tb.clone()).unwrap();
+        let out = model.wire_node("einsum", einsum.clone(), &[sa, sb]).unwrap();
+        let (op, _) = dense_for(&model, out[0].node).unwrap()?;
+        let ctx = EvalContext::out_of_plan();
+        let ours = op.eval(&ctx, tvec!(ta.clone().into_tvalue())).unwrap();
+        let theirs = einsum.eval(&ctx, tvec!(ta.into_tvalue(), tb.into_tvalue())).unwrap();
+        let (x, y) = (ours[0].to_plain_array_view::<f32>().unwrap(), theirs[0].to_plain_array_view::<f32>().unwrap());
+        assert_eq!(x.shape(), y.shape(), "{expr}");
+        for (x, y) in x.iter().zip(y.iter()) {
+            assert!((x - y).abs() < 1e-4, "{expr}: {x} vs {y}");
+        }
+        Some(op.layout)
+    }
+
+    #[test]
+    fn every_layout_of_the_encoder_and_decoder_matches_tracts_einsum() {
+        // (expression, activation, constant, read transposed, written transposed); row
+        // counts beyond one block and partial panels (columns 20) where written transposed.
+        let cases: [(&str, &[usize], &[usize], bool, bool); 8] = [
+            ("amk,kn->amn", &[1, 13, 24], &[24, 32], false, false),
+            ("ambk,bkn->amn", &[2, 7, 3, 8], &[3, 8, 16], false, false),
+            ("amk,kn->mn", &[1, 7, 40], &[40, 48], false, false),
+            ("akm,kn->mn", &[1, 24, 400], &[24, 32], true, false),
+            ("akbm,kn->bmn", &[1, 24, 20, 21], &[24, 16], true, false),
+            ("mbk,bkn->anm", &[300, 2, 8], &[2, 8, 20], false, true),
+            ("NIHW,OI->NOHW", &[1, 16, 15, 17], &[20, 16], true, true),
+            ("mk,kn->amn", &[7, 64], &[64, 16], false, false),
+        ];
+        for (expr, a, b, read, write) in cases {
+            let layout = check(expr, a, b).unwrap_or_else(|| panic!("{expr} not recognised"));
+            assert_eq!((layout.read_transposed, layout.write_transposed), (read, write), "{expr}");
+        }
+    }
+
+    #[test]
+    fn products_we_cannot_read_in_blocks_are_left_alone() {
+        // A batch axis kept in the output; free axes split around the contracted one; an
+        // output of a partial panel written row-major.
+        assert!(check("bmk,bkn->bmn", &[2, 5, 8], &[2, 8, 16]).is_none());
+        assert!(check("mkn,kp->mnp", &[3, 8, 5], &[8, 16]).is_none());
+        assert!(check("mk,kn->mn", &[3, 8], &[8, 20]).is_none());
+    }
 }
