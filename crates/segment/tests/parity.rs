@@ -108,6 +108,9 @@ fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     // too, run through our kernel (ops/dense.rs).
     let dense = decoder.model().nodes().iter().filter(|n| n.op.name() == "Dense").count();
     assert_eq!(dense, 48, "the decoder's products by a constant run as Dense");
+    // And its two 2x2 stride-2 upscaling deconvolutions (ops/deconv.rs).
+    let deconvs = decoder.model().nodes().iter().filter(|n| n.op.name() == "PatchDeconv").count();
+    assert_eq!(deconvs, 2, "the decoder's upscaling runs as PatchDeconv");
     assert_eq!(softmaxes, 7, "the decoder's seven attention softmaxes run as RowSoftmax");
     let embedding = Arc::new(tensor("sam_encoder_output"));
     let out = sam::run_decoder(&decoder, embedding, &reference_prompt()).unwrap();

@@ -3,6 +3,7 @@
 
 pub mod batched;
 pub mod conv;
+pub mod deconv;
 pub mod dense;
 pub mod mbconv;
 pub mod pad;

@@ -36,7 +36,8 @@ pub enum GraphKind {
 /// embedding several times faster, and the whole encoder faster with it
 /// (docs/performance.md §2). Its dense layers (a product with a constant matrix, plus the
 /// bias) run as [`crate::ops::dense::Dense`], its stride-1 convolutions (with the ReLU
-/// after them) as [`crate::ops::conv::DirectConv`], its batched products of two activations (windowed
+/// after them) as [`crate::ops::conv::DirectConv`], its transposed convolutions whose
+/// taps never overlap as [`crate::ops::deconv::PatchDeconv`], its batched products of two activations (windowed
 /// attention) as [`crate::ops::batched::BatchedMatMul`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
 /// last-axis softmaxes (with a constant bias added first) by [`crate::ops::softmax::RowSoftmax`],
 /// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`].
@@ -44,7 +45,7 @@ pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
         let typed = crate::ops::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
-        let typed = crate::ops::conv::replace_convs(typed)?;
+        let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::batched::replace_batched(crate::ops::dense::replace_dense(typed)?)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
         let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
