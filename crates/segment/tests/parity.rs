@@ -111,6 +111,9 @@ fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     // And its two 2x2 stride-2 upscaling deconvolutions (ops/deconv.rs).
     let deconvs = decoder.model().nodes().iter().filter(|n| n.op.name() == "PatchDeconv").count();
     assert_eq!(deconvs, 2, "the decoder's upscaling runs as PatchDeconv");
+    // And 14 products of its attentions, per head (ops/batched.rs).
+    let batched = decoder.model().nodes().iter().filter(|n| n.op.name() == "BatchedMatMul").count();
+    assert_eq!(batched, 14, "the decoder's attention products run as BatchedMatMul");
     assert_eq!(softmaxes, 7, "the decoder's seven attention softmaxes run as RowSoftmax");
     let embedding = Arc::new(tensor("sam_encoder_output"));
     let out = sam::run_decoder(&decoder, embedding, &reference_prompt()).unwrap();

@@ -8,7 +8,9 @@
 //! rows, packs the right one into a reused buffer (zero-padded to whole panels),
 //! multiplies, and scatters the rows into the output. It replaces a rank-4 f32 `EinSum` of
 //! two non-constant operands with two batch axes, one contracted axis and one free axis per
-//! operand, in any layout (`ambk,anbk->abmn`, `abmk,akbn->ambn`).
+//! operand, in any layout (`ambk,anbk->abmn`, `abmk,akbn->ambn`), and the rank-3 ones with
+//! one batch axis (the SAM decoder's attention, per head: `mbk,nbk->bmn`, `bmk,kbn->mbn`),
+//! seen as rank 4 with a batch axis of one.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -23,6 +25,17 @@ pub struct BatchedMatMul {
     a: [usize; 4],
     b: [usize; 4],
     out: [usize; 4],
+    /// 4, or 3 when every position above counts a leading axis of one that is not there.
+    rank: usize,
+}
+
+/// A rank-3 shape with the leading axis of one it is seen with.
+fn lift(shape: &[usize]) -> TVec<usize> {
+    if shape.len() == 3 {
+        [1].iter().chain(shape).copied().collect()
+    } else {
+        shape.into()
+    }
 }
 
 impl Op for BatchedMatMul {
@@ -44,9 +57,10 @@ fn strides(shape: &[usize]) -> [usize; 4] {
 impl BatchedMatMul {
     /// `[batch0, batch1, m, n, k]` from the input shapes, checked.
     fn dims(&self, a: &[usize], b: &[usize]) -> TractResult<[usize; 5]> {
-        if a.len() != 4 || b.len() != 4 {
-            bail!("BatchedMatMul: rank-4 inputs expected, got {a:?} and {b:?}");
+        if a.len() != self.rank || b.len() != self.rank {
+            bail!("BatchedMatMul: rank-{} inputs expected, got {a:?} and {b:?}", self.rank);
         }
+        let (a, b) = (lift(a), lift(b));
         let (ax, bx) = (|i: usize| a[self.a[i]], |i: usize| b[self.b[i]]);
         if ax(0) != bx(0) || ax(1) != bx(1) || ax(3) != bx(3) {
             bail!("BatchedMatMul: inputs {a:?} and {b:?} do not match");
@@ -54,6 +68,7 @@ impl BatchedMatMul {
         Ok([ax(0), ax(1), ax(2), bx(2), ax(3)])
     }
 
+    /// The output's shape, seen as rank 4.
     fn output_shape(&self, [b0, b1, m, n, _]: [usize; 5]) -> TVec<usize> {
         let mut shape = tvec![0; 4];
         for (logical, size) in [b0, b1, m, n].into_iter().enumerate() {
@@ -71,11 +86,11 @@ impl EvalOp for BatchedMatMul {
         let dims = self.dims(a.shape(), b.shape())?;
         let [b0, b1, m, n, k] = dims;
         let shape = self.output_shape(dims);
-        let (sa, sb, so) = (strides(a.shape()), strides(b.shape()), strides(&shape));
+        let (sa, sb, so) = (strides(&lift(a.shape())), strides(&lift(b.shape())), strides(&shape));
         let (a_view, b_view) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a, b) = (a_view.as_slice::<f32>()?, b_view.as_slice::<f32>()?);
         // SAFETY: every (batch, m, n) element is written below.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape[4 - self.rank..])? };
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = out_view.as_slice_mut::<f32>()?;
@@ -124,7 +139,7 @@ impl TypedOp for BatchedMatMul {
         let (Some(sa), Some(sb)) = (a.shape.as_concrete(), b.shape.as_concrete()) else {
             bail!("BatchedMatMul: symbolic shapes")
         };
-        Ok(tvec!(f32::fact(self.output_shape(self.dims(sa, sb)?))))
+        Ok(tvec!(f32::fact(&self.output_shape(self.dims(sa, sb)?)[4 - self.rank..])))
     }
 
     as_op!();
@@ -150,15 +165,17 @@ fn batched_for(model: &TypedModel, id: usize) -> TractResult<Option<BatchedMatMu
     }
     for input in &node.inputs {
         let fact = model.outlet_fact(*input)?;
-        let concrete = fact.shape.as_concrete().is_some_and(|s| s.len() == 4);
+        let concrete = fact.shape.as_concrete().is_some_and(|s| s.len() == 3 || s.len() == 4);
         if fact.datum_type != f32::datum_type() || fact.konst.is_some() || !concrete {
             return Ok(None);
         }
     }
     let (inputs, outputs) = einsum.axes.to_strs();
     let ([sa, sb], [so]) = (&inputs[..], &outputs[..]) else { return Ok(None) };
-    let (a, b, o): (Vec<char>, Vec<char>, Vec<char>) =
-        (sa.chars().collect(), sb.chars().collect(), so.chars().collect());
+    let rank = sa.chars().count();
+    // A rank-3 product gets a first batch axis of one, `#` (never an einsum label).
+    let lifted = |s: &str| -> Vec<char> { (if rank == 3 { "#" } else { "" }).chars().chain(s.chars()).collect() };
+    let (a, b, o) = (lifted(sa), lifted(sb), lifted(so));
     if a.len() != 4 || b.len() != 4 || o.len() != 4 {
         return Ok(None);
     }
@@ -179,12 +196,13 @@ fn batched_for(model: &TypedModel, id: usize) -> TractResult<Option<BatchedMatMu
     else {
         return Ok(None);
     };
-    let op = BatchedMatMul { a: pa, b: pb, out: po };
+    let op = BatchedMatMul { a: pa, b: pb, out: po, rank };
     let shapes: Vec<&[usize]> =
         node.inputs.iter().filter_map(|i| model.outlet_fact(*i).ok()?.shape.as_concrete()).collect();
     let [sa, sb] = shapes[..] else { return Ok(None) };
     let Ok(dims) = op.dims(sa, sb) else { return Ok(None) };
-    let same_output = model.outlet_fact(OutletId::new(id, 0))?.shape.as_concrete() == Some(&op.output_shape(dims)[..]);
+    let same_output =
+        model.outlet_fact(OutletId::new(id, 0))?.shape.as_concrete() == Some(&op.output_shape(dims)[4 - rank..]);
     Ok(same_output.then_some(op))
 }
 
@@ -225,13 +243,21 @@ mod tests {
     }
 
     #[test]
+    fn the_decoders_attention_per_head_matches_tracts_einsum() {
+        // Token to image and image to token, q k^T then attention v (heads b, shrunk).
+        check("mbk,nbk->bmn", &[7, 3, 16], &[100, 3, 16]);
+        check("bmk,kbn->mbn", &[3, 7, 100], &[100, 3, 16]);
+        check("mbk,nbk->bmn", &[100, 3, 16], &[7, 3, 16]);
+        check("bmk,kbn->mbn", &[3, 100, 7], &[7, 3, 16]);
+    }
+
+    #[test]
     fn other_einsums_are_left_alone() {
         let mut model = TypedModel::default();
         let a = model.add_source("a", f32::fact([2, 3, 4])).unwrap();
-        let b = model.add_source("b", f32::fact([2, 4, 5])).unwrap();
-        let out = model
-            .wire_node("einsum", EinSum::new("bmk,bkn->bmn".parse().unwrap(), f32::datum_type()), &[a, b])
-            .unwrap();
-        assert!(batched_for(&model, out[0].node).unwrap().is_none(), "rank 3 is not ours");
+        let b = model.add_source("b", f32::fact([3, 4, 5])).unwrap();
+        let out =
+            model.wire_node("einsum", EinSum::new("mkj,kjn->mn".parse().unwrap(), f32::datum_type()), &[a, b]).unwrap();
+        assert!(batched_for(&model, out[0].node).unwrap().is_none(), "two contracted axes are not ours");
     }
 }
