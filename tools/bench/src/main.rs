@@ -21,6 +21,7 @@
 
 mod inputs;
 mod measure;
+mod peak;
 mod profile;
 mod stages;
 
@@ -122,6 +123,7 @@ fn usage() -> String {
     }
     text.push_str("  plan_stats   tract plans: live-tensor peak per model (not timed)\n");
     text.push_str("  profile_u2netp, profile_sam_encoder, profile_sam_decoder   node-by-node time and live heap\n");
+    text.push_str("  kernel_peak  clock, one core's FMA peak and the product kernel's GFLOP/s (not timed per run)\n");
     text.push_str("env BENCH_MALLOC=mmap_threshold=N,trim_threshold=N: glibc allocator experiments");
     text
 }
@@ -150,6 +152,8 @@ fn child(args: &Args, stage: &str) -> Res<()> {
     let malloc = profile::apply_malloc_experiment();
     let value = if stage == "plan_stats" {
         profile::plan_stats(&inputs)?
+    } else if stage == "kernel_peak" {
+        peak::kernel_peak()?
     } else if stage.starts_with("profile_") {
         profile::profile(&inputs, stage)?
     } else {

@@ -300,7 +300,8 @@ mod tests {
     fn every_layout_of_the_encoder_and_decoder_matches_tracts_einsum() {
         // (expression, activation, constant, read transposed, written transposed); row
         // counts beyond one block and partial panels (columns 20) where written transposed.
-        let cases: [(&str, &[usize], &[usize], bool, bool); 8] = [
+        type Case<'a> = (&'a str, &'a [usize], &'a [usize], bool, bool);
+        let cases: [Case; 8] = [
             ("amk,kn->amn", &[1, 13, 24], &[24, 32], false, false),
             ("ambk,bkn->amn", &[2, 7, 3, 8], &[3, 8, 16], false, false),
             ("amk,kn->mn", &[1, 7, 40], &[40, 48], false, false),
