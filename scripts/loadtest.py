@@ -34,6 +34,12 @@ seen to take on disk); and the disk reached the cap less one session (the cap wa
 pressed). LOADTEST_CAP_SERVER_MB=M starts the server with TEMP_MAX_MB=M while the check
 still holds it to --cap-mb: a server whose cap does not hold, to prove the check fails.
 
+--distinct-uploads makes every upload a scene of its own: the JPEG's quantisation tables'
+first entries are changed per upload (k-th upload: a different brightness and tint,
+same size and structure), so no two uploads decode to the same working image and no
+model cache keyed by the image (the SAM embeddings) is shared between flows. Without it
+every flow uploads the same photo, and Segment Anything's encoder runs about once.
+
 --store s3 keeps the artefacts in an S3 bucket instead of TEMP_DIR/sessions (the default,
 --store local): for each scenario a real S3 server, s3s-fs (--s3s-fs PATH, default
 $S3S_FS_BIN or target/tools/bin/s3s-fs, installed by scripts/install-s3s-fs), is started
@@ -56,6 +62,7 @@ usage: loadtest.py [--quick | --cap-check] [--bin PATH] [--models u2netp,sam] [-
                    [--flows-per-client K] [--time-limit S] [--max-requests R] [--cap-mb MB]
                    [--upload PATH] [--limit-mb 512] [--shm] [--strict] [--json PATH]
                    [--workdir DIR] [--shared DIR] [--store local|s3] [--s3s-fs PATH]
+                   [--distinct-uploads]
 """
 
 import argparse
@@ -324,6 +331,36 @@ def multipart(fields, files):
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def dqt_entries(jpeg):
+    """Offsets of the first two entries of each 8-bit quantisation table of a JPEG (DC and
+    the first AC coefficient), for --distinct-uploads."""
+    entries, i = [], 2
+    while i + 4 <= len(jpeg) and jpeg[i] == 0xFF:
+        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # start of scan: no more tables
+            break
+        if marker == 0xDB:
+            j = i + 4
+            while j < i + 2 + length:
+                precision, count = jpeg[j] >> 4, 64 * (2 if jpeg[j] >> 4 else 1)
+                if precision == 0:
+                    entries.append((j + 1, j + 2))
+                j += 1 + count
+        i += 2 + length
+    dc = [e[0] for e in entries]
+    return dc + [e[1] for e in entries]
+
+
+def jpeg_variant(jpeg, offsets, k):
+    """The k-th variant of `jpeg`: the base-8 digits of k added to the table entries at
+    `offsets` (first the DC ones). Variant 0 is the photo itself."""
+    data = bytearray(jpeg)
+    for off in offsets:
+        k, digit = divmod(k, 8)
+        data[off] = min(255, data[off] + digit)
+    return bytes(data)
+
+
 def percentile(values, p):
     if not values:
         return None
@@ -469,6 +506,11 @@ class Scenario:
                 raise RuntimeError(f"{route} answered {status}: {data[:200]!r}")
 
         body, ctype = self.upload_body
+        if self.args.distinct_uploads:
+            with self.lock:
+                k, self.uploads = self.uploads, self.uploads + 1
+            variant = jpeg_variant(self.jpeg, self.dqt, k)
+            body, ctype = multipart({}, {"image": (self.upload_name, "image/jpeg", variant)})
         status, _, data = self.call(client, "upload_image", "POST", "/upload_image", body, {"Content-Type": ctype})
         if status != 200:
             raise RuntimeError(f"upload answered {status}: {data[:200]!r}")
@@ -607,6 +649,10 @@ class Scenario:
         self.port = free_port()
         ctype = "image/png" if self.upload_name.endswith(".png") else "image/jpeg"
         self.upload_body = multipart({}, {"image": (self.upload_name, ctype, self.jpeg)})
+        self.uploads = 0
+        self.dqt = dqt_entries(self.jpeg) if args.distinct_uploads else []
+        if args.distinct_uploads and not self.dqt:
+            raise SystemExit("loadtest: --distinct-uploads needs a JPEG upload with 8-bit quantisation tables")
         self.replace_body = multipart(
             {
                 "scale_factor": "1.0",
@@ -986,6 +1032,12 @@ def main():
         default=os.environ.get("S3S_FS_BIN") or os.path.join(REPO, "target", "tools", "bin", "s3s-fs"),
         help="the s3s-fs binary for --store s3 (default $S3S_FS_BIN or target/tools/bin/s3s-fs)",
     )
+    p.add_argument(
+        "--distinct-uploads",
+        action="store_true",
+        help="every upload a scene of its own (the JPEG's quantisation tables changed per upload), so that "
+        "no per-image model cache is shared between flows",
+    )
     p.add_argument("--json")
     p.add_argument("--workdir", default=os.path.join(REPO, "target", "bench", "work"))
     p.add_argument("--shared", default=os.environ.get("DRISHYA_SHARED", os.path.join(REPO, "..", "shared")))
@@ -1085,6 +1137,8 @@ def main():
         "time_limit_s": args.time_limit,
         "temp_dir_on": "/dev/shm" if args.shm else tempfile.gettempdir(),
         "store": args.store,
+        "distinct_uploads": args.distinct_uploads,
+        "speculative_embedding": os.environ.get("SPECULATIVE_EMBEDDING", "(default: on)"),
         "scenarios": results,
     }
     if args.json:

@@ -81,6 +81,7 @@ async fn upload_image(
     cfg: &State<AppConfig>,
     store: &Store,
     jobs: &State<ImageJobs>,
+    models: &State<Arc<ModelManager>>,
 ) -> ApiResult<Json<Value>> {
     let form = form.map_err(|e| form_error(&e, cfg))?;
     let file = file_field(&form.image, "image", cfg)?;
@@ -89,7 +90,7 @@ async fn upload_image(
     // The upload stays on disk until this job may run: only admitted jobs hold pixels.
     let _pass = jobs.enter_with(file, slot).await?;
     let bytes = read_upload(file).await?;
-    let up = flow::upload(session(store, &user), bytes, cfg.max_image_width).await?;
+    let up = flow::upload(session(store, &user), models, bytes, cfg.max_image_width).await?;
     // `original_*` is the size the box is drawn in, as the Flask server meant it: its
     // client scales the canvas box by original_width / canvas.width. The photo's own
     // size goes under `source_*`.

@@ -2,7 +2,10 @@
 //! each of which reads and writes the session's artefacts (storage/):
 //!
 //! 1. [`upload`]: the photo's bytes become the working image (`Image`); a new photo makes
-//!    the old mask, overlay and result stale, so they go.
+//!    the old mask, overlay and result stale, so they go. With a Segment Anything model
+//!    loaded, its encoder starts on the new scene in the background when an inference
+//!    place is free (models.rs, `ModelManager::speculate`), so the first box usually
+//!    finds the embedding ready.
 //! 2. [`mask`]: the box is clipped to the working image, the model manager (models.rs)
 //!    turns it into a mask, and the mask and its overlay are stored; the old result goes.
 //! 3. [`replace`]: the product is composited into the masked region (crates/imaging) and
@@ -32,6 +35,13 @@ pub struct Session<'a> {
     pub id: &'a SessionId,
 }
 
+impl Session<'_> {
+    /// Owned handles, for work moved onto the blocking pool.
+    fn owned(&self) -> (Arc<Artefacts>, SessionId) {
+        (self.store.clone(), self.id.clone())
+    }
+}
+
 /// What an upload became.
 pub struct Uploaded {
     /// The working image (at most `MAX_IMAGE_WIDTH` wide).
@@ -42,20 +52,39 @@ pub struct Uploaded {
     pub source_height: u32,
 }
 
-/// Step 1: decodes the upload into the working image and stores it. The caller holds an
-/// image-job place (the bytes are decoded here).
-pub async fn upload(session: Session<'_>, bytes: Vec<u8>, max_width: u32) -> ApiResult<Uploaded> {
-    let (store, id) = (session.store.clone(), session.id.clone());
-    blocking(move || {
+/// Step 1: decodes the upload into the working image and stores it, then hands the scene
+/// to the model manager to speculate on (it returns at once; the upload's answer never
+/// waits for the encoder). The caller holds an image-job place (the bytes are decoded
+/// here); the speculative run holds none.
+pub async fn upload(
+    session: Session<'_>,
+    models: &Arc<ModelManager>,
+    bytes: Vec<u8>,
+    max_width: u32,
+) -> ApiResult<Uploaded> {
+    let (store, id) = session.owned();
+    let manager = models.clone();
+    let (uploaded, speculation) = blocking(move || {
         let scene = codec::decode_scene(&bytes, max_width)?;
         drop(bytes);
         let png = codec::encode_png(&scene.image)?;
         store.remove(&id, &[Artefact::Mask, Artefact::MaskOverlay, Artefact::Result])?;
         store.write(&id, Artefact::Image, &png)?;
+        // From here on this is the session's scene: older ones are not speculated on.
+        let ticket = manager.scene_uploaded(id.as_str());
         let (width, height) = scene.image.dimensions();
-        Ok(Uploaded { width, height, source_width: scene.original_width, source_height: scene.original_height })
+        let uploaded =
+            Uploaded { width, height, source_width: scene.original_width, source_height: scene.original_height };
+        // The key `mask` will compute from the stored bytes; the decoded image is what
+        // `mask` decodes from them (PNG is lossless).
+        let speculation = manager.speculates().then(|| (ticket, scene.image, content_key(&png)));
+        Ok((uploaded, speculation))
     })
-    .await
+    .await?;
+    if let Some((ticket, image, key)) = speculation {
+        models.speculate(ticket, image, key);
+    }
+    Ok(uploaded)
 }
 
 /// What a mask request made.
@@ -80,7 +109,7 @@ pub async fn mask(
 ) -> ApiResult<Masked> {
     let pass = ImageJobs::run(jobs.admit()?).await?;
     let (scene, key) = {
-        let (store, id) = (session.store.clone(), session.id.clone());
+        let (store, id) = session.owned();
         blocking(move || {
             let png = store.read(&id, Artefact::Image)?;
             Ok((decode_scene(&png)?, content_key(&png)))
@@ -92,7 +121,7 @@ pub async fn mask(
     let scene = Arc::new(scene);
     let outcome = models.segment(scene.clone(), key, prompt).await?;
     let _pass = ImageJobs::run(paused).await?;
-    let (store, id) = (session.store.clone(), session.id.clone());
+    let (store, id) = session.owned();
     blocking(move || {
         let area = drishya_segment::mask_area(&outcome.mask);
         let bbox = composite::mask_bbox(&outcome.mask);
@@ -109,7 +138,7 @@ pub async fn mask(
 /// masked region and stores the result; returns its size. The caller holds an image-job
 /// place.
 pub async fn replace(session: Session<'_>, bytes: Vec<u8>, settings: Settings) -> ApiResult<(u32, u32)> {
-    let (store, id) = (session.store.clone(), session.id.clone());
+    let (store, id) = session.owned();
     blocking(move || {
         let scene = decode_scene(&store.read(&id, Artefact::Image)?)?;
         let mask = codec::decode_png(&store.read(&id, Artefact::Mask)?)?.into_luma8();
@@ -125,7 +154,7 @@ pub async fn replace(session: Session<'_>, bytes: Vec<u8>, settings: Settings) -
 
 /// A stored artefact's bytes (PNG).
 pub async fn artefact(session: Session<'_>, which: Artefact) -> ApiResult<Vec<u8>> {
-    let (store, id) = (session.store.clone(), session.id.clone());
+    let (store, id) = session.owned();
     blocking(move || Ok(store.read(&id, which)?)).await
 }
 

@@ -64,6 +64,12 @@ impl Gate {
         self.admission.available_permits()
     }
 
+    /// A running place if one is free right now, without queueing: for optional work
+    /// that must never wait behind, nor delay, the requests that queue here.
+    pub fn try_enter(&self) -> Option<Pass> {
+        self.admit(0).ok()?.try_run().ok()
+    }
+
     /// `admit` then wait for a running place.
     pub async fn enter(&self, retry_after: u64) -> Result<Pass, Busy> {
         self.admit(retry_after)?.run().await.ok_or(Busy { retry_after })
@@ -190,6 +196,24 @@ mod tests {
         drop(first);
         let _second = queued.run().await.unwrap();
         assert!(gate.admit(3).is_ok(), "a place is free again");
+    }
+
+    #[rocket::async_test]
+    async fn try_enter_takes_only_a_free_running_place_and_never_queues() {
+        let gate = Gate::new(1, 4);
+        let held = gate.try_enter().expect("the running place is free");
+        assert!(gate.try_enter().is_none(), "the running place is taken");
+        assert_eq!(gate.free_places(), 4, "a refused try_enter holds no queue place");
+        let mut waiting = Box::pin(gate.admit(3).unwrap().run());
+        // Polled once, the queued job waits in line for the running place.
+        std::future::poll_fn(|cx| {
+            assert!(std::future::Future::poll(waiting.as_mut(), cx).is_pending(), "the running place is taken");
+            std::task::Poll::Ready(())
+        })
+        .await;
+        drop(held);
+        assert!(gate.try_enter().is_none(), "a freed place goes to the job waiting for it");
+        let _running = waiting.await.expect("the queued job runs");
     }
 
     #[rocket::async_test]

@@ -4,9 +4,16 @@
 //! Nothing is loaded at start. The first mask request starts one load (in its own task,
 //! so a client that goes away does not cancel it); concurrent requests wait for that
 //! same load. A failed load is remembered for `MODEL_RETRY_SECS` before it is retried.
+//!
+//! Speculation (`SPECULATIVE_EMBEDDING`): when a scene is uploaded and a Segment Anything
+//! model is already loaded, [`ModelManager::speculate`] runs its encoder on the scene in the
+//! background, so that the first box costs only the decoder. It never loads a model, takes
+//! an inference place only when one is free at that moment (never queueing behind or ahead
+//! of real requests), and does not start for a scene its session has already replaced.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +88,8 @@ pub struct ModelSettings {
     pub idle_unload: Option<Duration>,
     pub box_fallback: bool,
     pub download_timeout: Duration,
+    /// Embeddings computed at upload (`SPECULATIVE_EMBEDDING`).
+    pub speculative: bool,
 }
 
 impl ModelSettings {
@@ -97,6 +106,7 @@ impl ModelSettings {
             idle_unload: (cfg.model_idle_unload_secs > 0).then(|| Duration::from_secs(cfg.model_idle_unload_secs)),
             box_fallback: cfg.box_fallback,
             download_timeout: Duration::from_secs(cfg.download_timeout_secs),
+            speculative: cfg.speculative_embedding,
         }
     }
 }
@@ -135,6 +145,25 @@ pub struct ModelStatus {
     pub load_seconds: Option<f64>,
     pub loads: usize,
     pub idle_unload_secs: Option<u64>,
+    /// Encoder runs of the loaded model so far (Segment Anything; 0 for other kinds).
+    pub encoder_runs: Option<usize>,
+    pub speculative: SpeculationCounts,
+}
+
+/// What became of the speculative encoder runs started at upload.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SpeculationCounts {
+    pub enabled: bool,
+    /// Embeddings computed before their first box.
+    pub done: usize,
+    /// Started, but the embedding was already there (the same scene uploaded again).
+    pub already_cached: usize,
+    /// Not started: no inference place was free (real requests come first).
+    pub skipped_busy: usize,
+    /// Not started: the session had uploaded another scene in the meantime.
+    pub stale: usize,
+    /// Started and failed (logged; the mask request computes the embedding itself).
+    pub failed: usize,
 }
 
 /// Whether a mask could be served now, found without loading a model: what `/ready`
@@ -210,7 +239,83 @@ pub struct ModelManager {
     gate: Gate,
     last_used: Mutex<Instant>,
     loads: Arc<AtomicUsize>,
-    kind_checks: Mutex<std::collections::HashMap<PathBuf, KindCheck>>,
+    kind_checks: Mutex<HashMap<PathBuf, KindCheck>>,
+    /// The model in the slot when it is `Ready`, readable without the slot's async lock
+    /// (held for the whole of a load): what speculation and the status look at.
+    in_use: Arc<Mutex<Option<Arc<dyn Segmenter>>>>,
+    scenes: Arc<LatestScenes>,
+    speculation: Arc<Counters>,
+}
+
+/// Each session's newest uploaded scene, for as long as something may still speculate on
+/// it: a speculative run whose scene is no longer its session's newest does not start.
+/// An entry lives as long as its [`SceneTicket`], so the map holds only uploads in flight
+/// and runs pending; [`LATEST_SCENES_MAX`] bounds it all the same.
+#[derive(Default)]
+struct LatestScenes {
+    newest: Mutex<HashMap<String, u64>>,
+    next: AtomicU64,
+}
+
+/// Sessions tracked at once by [`LatestScenes`]; beyond it a new upload is not speculated on.
+const LATEST_SCENES_MAX: usize = 1024;
+
+/// One uploaded scene of one session, as [`LatestScenes`] knows it (see
+/// [`ModelManager::scene_uploaded`]). Dropping it forgets the scene unless a newer one
+/// has taken its place.
+pub struct SceneTicket {
+    owner: String,
+    seq: u64,
+    scenes: Option<Arc<LatestScenes>>,
+}
+
+impl SceneTicket {
+    /// Whether this is still its session's newest scene.
+    fn is_newest(&self) -> bool {
+        let Some(scenes) = &self.scenes else {
+            return false;
+        };
+        scenes.newest.lock().map(|m| m.get(&self.owner) == Some(&self.seq)).unwrap_or(false)
+    }
+}
+
+impl Drop for SceneTicket {
+    fn drop(&mut self) {
+        let Some(scenes) = &self.scenes else {
+            return;
+        };
+        if let Ok(mut newest) = scenes.newest.lock() {
+            if newest.get(&self.owner) == Some(&self.seq) {
+                newest.remove(&self.owner);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    done: AtomicUsize,
+    already_cached: AtomicUsize,
+    skipped_busy: AtomicUsize,
+    stale: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+/// What [`ModelManager::speculate`] did with a scene.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speculated {
+    /// `SPECULATIVE_EMBEDDING` is off.
+    Off,
+    /// No Segment Anything model is loaded (speculation never loads one).
+    NotLoaded,
+    /// No inference place was free right now.
+    Busy,
+    /// The session has uploaded another scene since.
+    Stale,
+    /// Not called from within the server's runtime: nothing to run it on.
+    NoRuntime,
+    /// Running in the background, holding an inference place.
+    Started,
 }
 
 /// A mask and the model that made it.
@@ -234,8 +339,11 @@ impl ModelManager {
             load_seconds: None,
             loads: 0,
             idle_unload_secs: settings.idle_unload.map(|d| d.as_secs()),
+            encoder_runs: None,
+            speculative: SpeculationCounts { enabled: settings.speculative, ..SpeculationCounts::default() },
         };
-        let slot = if none { Slot::Ready(Arc::new(BoxSegmenter::default())) } else { Slot::Empty };
+        let boxed: Option<Arc<dyn Segmenter>> = none.then(|| Arc::new(BoxSegmenter::default()) as Arc<dyn Segmenter>);
+        let slot = boxed.clone().map_or(Slot::Empty, Slot::Ready);
         ModelManager {
             gate: Gate::new(settings.concurrency, settings.queue),
             settings,
@@ -243,7 +351,10 @@ impl ModelManager {
             status: Arc::new(Mutex::new(status)),
             last_used: Mutex::new(Instant::now()),
             loads: Arc::new(AtomicUsize::new(0)),
-            kind_checks: Mutex::new(std::collections::HashMap::new()),
+            kind_checks: Mutex::new(HashMap::new()),
+            in_use: Arc::new(Mutex::new(boxed)),
+            scenes: Arc::new(LatestScenes::default()),
+            speculation: Arc::new(Counters::default()),
         }
     }
 
@@ -322,12 +433,9 @@ impl ModelManager {
     /// they are a kind we serve; a liveness probe only uses a verdict already made.
     fn check_kind(&self, candidate: &Candidate, probe: Probe) -> Result<(), LoadError> {
         let path = &candidate.files.path;
-        let files = if candidate.files.kind == ModelKind::Sam {
-            vec![path.join("encoder.onnx"), path.join("decoder.onnx")]
-        } else {
-            vec![path.clone()]
-        };
-        let fingerprint: Vec<_> = files
+        let fingerprint: Vec<_> = candidate
+            .files
+            .parts()
             .iter()
             .map(|f| std::fs::metadata(f).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
             .collect();
@@ -351,7 +459,111 @@ impl ModelManager {
     pub fn status(&self) -> ModelStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
         status.loads = self.loads.load(Ordering::Relaxed);
+        status.encoder_runs = self.encoder_runs();
+        let c = &self.speculation;
+        status.speculative = SpeculationCounts {
+            enabled: self.settings.speculative,
+            done: c.done.load(Ordering::Relaxed),
+            already_cached: c.already_cached.load(Ordering::Relaxed),
+            skipped_busy: c.skipped_busy.load(Ordering::Relaxed),
+            stale: c.stale.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+        };
         status
+    }
+
+    /// The loaded model, if any; never loads one.
+    fn loaded(&self) -> Option<Arc<dyn Segmenter>> {
+        self.in_use.lock().ok()?.clone()
+    }
+
+    /// Encoder runs of the loaded model so far (`None` when none is loaded).
+    pub fn encoder_runs(&self) -> Option<usize> {
+        self.loaded().map(|s| s.encoder_runs())
+    }
+
+    /// Whether an upload now would be speculated on: the switch is on and a Segment
+    /// Anything model is loaded (cheap; lets the upload skip hashing its scene otherwise).
+    pub fn speculates(&self) -> bool {
+        self.settings.speculative && self.loaded().is_some_and(|s| s.info().kind == ModelKind::Sam)
+    }
+
+    /// Records that `owner` (a session) has just stored a new scene: from now on, its
+    /// older scenes are not speculated on. Call it once the scene is stored.
+    pub fn scene_uploaded(&self, owner: &str) -> SceneTicket {
+        let seq = self.scenes.next.fetch_add(1, Ordering::Relaxed);
+        let tracked = self.settings.speculative
+            && self.scenes.newest.lock().is_ok_and(|mut newest| {
+                let room = newest.len() < LATEST_SCENES_MAX || newest.contains_key(owner);
+                if room {
+                    newest.insert(owner.to_string(), seq);
+                }
+                room
+            });
+        SceneTicket { owner: owner.to_string(), seq, scenes: tracked.then(|| self.scenes.clone()) }
+    }
+
+    /// Computes, in the background, the embedding of `image` (key `image_key`, as the mask
+    /// request will compute it) with the loaded Segment Anything model, if that is worth
+    /// doing now: the switch is on, such a model is loaded (never loads one), an inference
+    /// place is free right now (never queues) and `scene` is still its session's newest
+    /// scene (checked again just before the encoder starts). The place is held while the
+    /// encoder runs, so a mask request waits for at most one such run. Failures are
+    /// logged, never reported to anyone. Returns at once.
+    pub fn speculate(self: &Arc<Self>, scene: SceneTicket, image: RgbImage, image_key: String) -> Speculated {
+        if !self.settings.speculative {
+            return Speculated::Off;
+        }
+        let Some(segmenter) = self.loaded().filter(|s| s.info().kind == ModelKind::Sam) else {
+            return Speculated::NotLoaded;
+        };
+        if !scene.is_newest() {
+            self.speculation.stale.fetch_add(1, Ordering::Relaxed);
+            log::debug!("speculative embedding not started: the session has a newer scene");
+            return Speculated::Stale;
+        }
+        let Ok(runtime) = rocket::tokio::runtime::Handle::try_current() else {
+            return Speculated::NoRuntime;
+        };
+        let Some(pass) = self.gate.try_enter() else {
+            self.speculation.skipped_busy.fetch_add(1, Ordering::Relaxed);
+            log::debug!("speculative embedding skipped: no inference place is free");
+            return Speculated::Busy;
+        };
+        let counters = self.speculation.clone();
+        let work = runtime.spawn_blocking(move || {
+            let _pass = pass;
+            if !scene.is_newest() {
+                return Ok(None);
+            }
+            let prepared = segmenter.prepare(&image, &image_key);
+            drop(image);
+            // After an encoder run, as after a mask; a cache hit freed nothing worth a trim.
+            if !matches!(prepared, Ok(false)) {
+                drishya_alloc::release_free_memory();
+            }
+            prepared.map(Some)
+        });
+        runtime.spawn(async move {
+            let (counter, outcome) = match work.await {
+                Ok(Ok(Some(true))) => (&counters.done, None),
+                Ok(Ok(Some(false))) => (&counters.already_cached, None),
+                Ok(Ok(None)) => (&counters.stale, None),
+                Ok(Err(e)) => (&counters.failed, Some(format!("{e} ({e:?})"))),
+                Err(e) => (&counters.failed, Some(format!("task failed: {e}"))),
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            match outcome {
+                Some(why) => log::warn!("speculative embedding failed (the mask will compute it): {why}"),
+                None => log::debug!("speculative embedding finished"),
+            }
+        });
+        Speculated::Started
+    }
+
+    /// The inference gate itself (tests hold its place to see what a busy server does).
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// Number of model loads started so far.
@@ -404,6 +616,7 @@ impl ModelManager {
         let settings = self.settings.clone();
         let status = self.status.clone();
         let loads = self.loads.clone();
+        let in_use = self.in_use.clone();
         // The load runs in its own task holding the slot: if this request goes away,
         // the load still finishes and the waiting requests get its result.
         let task = rocket::tokio::spawn(async move {
@@ -428,6 +641,9 @@ impl ModelManager {
                 },
             };
             let outcome = settle(&mut slot, result, &status, started);
+            if let Ok(mut in_use) = in_use.lock() {
+                *in_use = outcome.as_ref().ok().cloned();
+            }
             drop(slot);
             outcome
         });
@@ -450,6 +666,9 @@ impl ModelManager {
             return false;
         }
         *slot = Slot::Empty;
+        if let Ok(mut in_use) = self.in_use.lock() {
+            *in_use = None;
+        }
         set_state(&self.status, LoadState::Unloaded, None);
         log::info!("model unloaded after {} s idle", idle.as_secs());
         true
@@ -555,7 +774,7 @@ fn load_one(settings: &ModelSettings, location: &str, checksum: Option<&str>) ->
     let candidate = locate(settings, location, checksum)?;
     check_size(settings, &candidate)?;
     check_memory(settings, &candidate)?;
-    drishya_segment::load(&candidate.files.path).map_err(|e| candidate.error(e))
+    candidate.files.load().map_err(|e| candidate.error(e))
 }
 
 /// A model location that is downloaded rather than read from disk.

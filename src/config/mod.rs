@@ -42,6 +42,7 @@ const BARE_ENV: &[&str] = &[
     "MODEL_IDLE_UNLOAD_SECS",
     "MODEL_RETRY_SECS",
     "BOX_FALLBACK",
+    "SPECULATIVE_EMBEDDING",
     "TEMP_TTL_SECS",
     "TEMP_MAX_MB",
     "RAYON_THREADS",
@@ -99,6 +100,11 @@ pub struct AppConfig {
     pub model_retry_secs: u64,
     /// When every configured model fails, answer with the box itself instead of 503.
     pub box_fallback: bool,
+    /// At upload, when a Segment Anything model is loaded and an inference place is free,
+    /// compute the scene's embedding in the background so the first box runs only the
+    /// decoder (see `models::ModelManager::speculate`). `0`/`false` turns it off.
+    #[serde(deserialize_with = "switch")]
+    pub speculative_embedding: bool,
     pub temp_ttl_secs: u64,
     /// Cap on the bytes kept under the artefact dir; the least recently used sessions
     /// are evicted first (it is RAM when the dir is on /dev/shm).
@@ -158,6 +164,7 @@ impl Default for AppConfig {
             model_idle_unload_secs: 0,
             model_retry_secs: 30,
             box_fallback: false,
+            speculative_embedding: true,
             temp_ttl_secs: 3600,
             temp_max_mb: 128,
             rayon_threads: 1,
@@ -378,6 +385,51 @@ impl std::fmt::Debug for Redacted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() { "(set, not shown)" } else { "(unset)" })
     }
+}
+
+/// A switch as environments spell it: `true`/`false`, `1`/`0`, `on`/`off`, `yes`/`no`
+/// (figment reads `SPECULATIVE_EMBEDDING=0` as the number 0, which a plain `bool` refuses).
+fn switch<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    use serde::de::{Error, Unexpected, Visitor};
+
+    struct Switch;
+
+    impl Visitor<'_> for Switch {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a switch: true/false, 1/0, on/off or yes/no")
+        }
+
+        fn visit_bool<E: Error>(self, value: bool) -> Result<bool, E> {
+            Ok(value)
+        }
+
+        fn visit_u64<E: Error>(self, value: u64) -> Result<bool, E> {
+            match value {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(E::invalid_value(Unexpected::Unsigned(value), &self)),
+            }
+        }
+
+        fn visit_i64<E: Error>(self, value: i64) -> Result<bool, E> {
+            match u64::try_from(value) {
+                Ok(value) => self.visit_u64(value),
+                Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+            }
+        }
+
+        fn visit_str<E: Error>(self, value: &str) -> Result<bool, E> {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "on" | "yes" => Ok(true),
+                "false" | "0" | "off" | "no" => Ok(false),
+                _ => Err(E::invalid_value(Unexpected::Str(value), &self)),
+            }
+        }
+    }
+
+    deserializer.deserialize_any(Switch)
 }
 
 fn split_list(list: &str) -> Vec<String> {
@@ -623,5 +675,27 @@ fn kind_without_value(kind: &rocket::figment::error::Kind) -> String {
         Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => format!("expected {expected}"),
         Kind::InvalidLength(len, expected) => format!("length {len}, expected {expected}"),
         _ => "invalid".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SPECULATIVE_EMBEDDING` as the environment gives it: a string, `0`/`false` off.
+    #[test]
+    fn speculative_embedding_is_on_by_default_and_0_or_false_turns_it_off() {
+        assert!(AppConfig::default().speculative_embedding);
+        assert_eq!(variable_for("speculative_embedding"), "SPECULATIVE_EMBEDDING");
+        for (text, on) in [("0", false), ("false", false), ("off", false), ("1", true), ("TRUE", true), ("on", true)] {
+            // As figment reads the variable: `0` becomes a number, `false` a boolean.
+            let value: rocket::figment::value::Value = text.parse().unwrap_or_else(|e| panic!("{text}: {e:?}"));
+            let figment = Figment::new().merge(Serialized::global("speculative_embedding", value));
+            let cfg: AppConfig = figment.extract().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(cfg.speculative_embedding, on, "SPECULATIVE_EMBEDDING={text}");
+        }
+        let refused = Figment::new().merge(Serialized::global("speculative_embedding", 2)).extract::<AppConfig>();
+        let why = refused.err().map(|e| describe_figment_error(&e)).unwrap_or_default();
+        assert!(why.starts_with("SPECULATIVE_EMBEDDING: ") && why.contains("1/0"), "{why}");
     }
 }

@@ -71,6 +71,13 @@ impl SegmentError {
 pub trait Segmenter: Send + Sync {
     fn info(&self) -> &ModelInfo;
     fn segment(&self, request: &SegmentRequest<'_>) -> Result<GrayImage, SegmentError>;
+    /// Does now the per-image work that a later [`Segmenter::segment`] with the same
+    /// `image_key` would otherwise do (Segment Anything: the encoder run), so that the
+    /// mask then costs only the per-box part. `Ok(true)` when work was done, `Ok(false)`
+    /// when there was nothing to do (no per-image stage, or already prepared).
+    fn prepare(&self, _image: &RgbImage, _image_key: &str) -> Result<bool, SegmentError> {
+        Ok(false)
+    }
     /// Runs of the per-image encoder so far (Segment Anything; the misses of its
     /// embedding cache). 0 for models without one.
     fn encoder_runs(&self) -> usize {

@@ -116,9 +116,11 @@ impl SamSegmenter {
         SegmentError::Unavailable(format!("the model {} could not be prepared", self.info.name))
     }
 
-    fn embedding(&self, image: &RgbImage, key: &str) -> TractResult<Arc<Tensor>> {
+    /// The embedding of `image`, from the cache or from an encoder run (then cached);
+    /// the flag says whether the encoder ran.
+    fn embedding(&self, image: &RgbImage, key: &str) -> TractResult<(Arc<Tensor>, bool)> {
         if let Some(hit) = self.cached(key) {
-            return Ok(hit);
+            return Ok((hit, false));
         }
         let input = preprocess(image)?;
         self.encoder_runs.fetch_add(1, Ordering::Relaxed);
@@ -130,7 +132,7 @@ impl SamSegmenter {
             }
             cache.push_back((key.to_string(), embedding.clone()));
         }
-        Ok(embedding)
+        Ok((embedding, true))
     }
 
     fn cached(&self, key: &str) -> Option<Arc<Tensor>> {
@@ -151,13 +153,19 @@ impl Segmenter for SamSegmenter {
 
     fn segment(&self, request: &SegmentRequest<'_>) -> Result<GrayImage, SegmentError> {
         let (width, height) = request.image.dimensions();
-        let embedding = self.embedding(request.image, request.image_key).map_err(|e| self.failure(e))?;
+        let (embedding, _) = self.embedding(request.image, request.image_key).map_err(|e| self.failure(e))?;
         let decoder = self.decoder.get().map_err(|e| self.failure(e))?;
         let prompt = DecoderPrompt::for_box(request.prompt, (width as usize, height as usize));
         let decoded = run_decoder(decoder, embedding, &prompt).map_err(|e| self.failure(e))?;
         let logits = postprocess(decoded.best(), (width as usize, height as usize));
         let raw = logits.iter().map(|&v| if v > 0.0 { 255 } else { 0 }).collect();
         GrayImage::from_raw(width, height, raw).ok_or_else(|| SegmentError::Inference("mask size".into()))
+    }
+
+    /// Fills the embedding cache for `image_key`: the encoder run a first box would wait for.
+    fn prepare(&self, image: &RgbImage, image_key: &str) -> Result<bool, SegmentError> {
+        let (_, ran) = self.embedding(image, image_key).map_err(|e| self.failure(e))?;
+        Ok(ran)
     }
 }
 
