@@ -96,14 +96,8 @@ impl EvalOp for DirectConv {
         let out_shape = self.output_shape(input.shape())?;
         let rank = input.rank();
         let size = [input.shape()[rank - 2], input.shape()[rank - 1]];
-        let view = input.try_as_plain_ram()?;
-        // SAFETY: `run` writes every element of the output.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-        {
-            let mut out_view = output.try_as_plain_ram_mut()?;
-            self.run(view.as_slice::<f32>()?, size, out_view.as_slice_mut::<f32>()?);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        // `run` writes every output element.
+        super::eval_filled(input, &out_shape, |x, out| self.run(x, size, out))
     }
 }
 
@@ -189,18 +183,8 @@ thread_local! {
 }
 
 /// Replaces each suitable `Conv` (and the ReLU after it) of a decluttered model.
-pub fn replace_convs(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
-    for id in candidates {
-        let Some((op, replaced)) = direct_for(&model, id)? else { continue };
-        let node = model.node(id);
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(&model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.direct", node.name), op, &[x])?;
-        patch.shunt_outside(&model, replaced, out[0])?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+pub fn replace_convs(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_each::<Conv, _>(model, "direct", direct_for)
 }
 
 /// The op for node `id`, and the outlet it stands for (the ReLU's, when folded).

@@ -64,15 +64,8 @@ impl EvalOp for PatchDeconv {
         if input.shape() != &*self.input {
             bail!("PatchDeconv: input {:?}, planned for {:?}", input.shape(), self.input);
         }
-        let view = input.try_as_plain_ram()?;
-        // SAFETY: `run` writes every element of the output (each output pixel belongs to
-        // exactly one input pixel's patch).
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape())? };
-        {
-            let mut out_view = output.try_as_plain_ram_mut()?;
-            self.run(view.as_slice::<f32>()?, out_view.as_slice_mut::<f32>()?);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        // `run` writes every output element: each belongs to exactly one input pixel's patch.
+        super::eval_filled(input, &self.output_shape(), |x, out| self.run(x, out))
     }
 }
 
@@ -138,18 +131,10 @@ thread_local! {
 }
 
 /// Replaces each `Deconv` of a decluttered model whose taps never overlap.
-pub fn replace_deconvs(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Deconv>()).map(|n| n.id).collect();
-    for id in candidates {
-        let Some(op) = patch_deconv_for(&model, id)? else { continue };
-        let node = model.node(id);
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(&model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.patches", node.name), op, &[x])?;
-        patch.shunt_outside(&model, OutletId::new(id, 0), out[0])?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+pub fn replace_deconvs(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_each::<Deconv, _>(model, "patches", |model, id| {
+        Ok(patch_deconv_for(model, id)?.map(|op| (op, OutletId::new(id, 0))))
+    })
 }
 
 fn patch_deconv_for(model: &TypedModel, id: usize) -> TractResult<Option<PatchDeconv>> {

@@ -89,15 +89,8 @@ impl EvalOp for Dense {
         if input.shape() != &*self.layout.input {
             bail!("Dense: input {:?}, planned for {:?}", input.shape(), self.layout.input);
         }
-        let view = input.try_as_plain_ram()?;
-        let a = view.as_slice::<f32>()?;
-        // SAFETY: `run` writes every element of the output.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.layout.output)? };
-        {
-            let mut out_view = output.try_as_plain_ram_mut()?;
-            self.run(a, out_view.as_slice_mut::<f32>()?);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        // `run` writes every output element.
+        super::eval_filled(input, &self.layout.output, |a, out| self.run(a, out))
     }
 }
 
@@ -148,18 +141,8 @@ thread_local! {
 }
 
 /// Replaces each suitable `EinSum` (and the bias `Add` after it) of a decluttered model.
-pub fn replace_dense(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
-    for id in candidates {
-        let Some((op, replaced)) = dense_for(&model, id)? else { continue };
-        let node = model.node(id);
-        let mut patch = TypedModelPatch::default();
-        let a = patch.tap_model(&model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.dense", node.name), op, &[a])?;
-        patch.shunt_outside(&model, replaced, out[0])?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+pub fn replace_dense(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_each::<EinSum, _>(model, "dense", dense_for)
 }
 
 /// An einsum's axes with their sizes, size-1 axes left out (they do not move memory).
