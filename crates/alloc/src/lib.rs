@@ -23,9 +23,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Blocks of at least this size get their own mapping (one huge page).
+/// Blocks of at least this size get their own mapping (one huge page on a 4 KiB-page kernel).
 const BIG: usize = 2 << 20;
-const PAGE: usize = 4096;
+/// The largest alignment a big block is asked for (every page size is a multiple of it).
+const ALIGN: usize = 4096;
 
 static ADVISE_HUGE: AtomicBool = AtomicBool::new(true);
 /// Bytes of big blocks live now (for the benchmark's live-heap figure).
@@ -137,11 +138,36 @@ fn big_block(size: usize) -> (*mut u8, bool) {
 pub struct DrishyaAlloc;
 
 fn is_big(size: usize, align: usize) -> bool {
-    cfg!(target_os = "linux") && size >= BIG && align <= PAGE
+    cfg!(target_os = "linux") && size >= BIG && align <= ALIGN
+}
+
+/// The kernel's page size: 4 KiB on x86-64 and most arm64 kernels, 16 or 64 KiB on some
+/// arm64 ones (Asahi's; RHEL's, Oracle's and Ubuntu's 64k kernels, on Ampere servers among
+/// others). Blocks are rounded to it: `munmap` refuses a range that does not start on a
+/// page boundary, so a 4 KiB rounding there left every trimmed tail mapped. (A huge page is
+/// then 32 or 512 MiB, so the 2 MiB alignment and the advice rarely bring one; the blocks
+/// still go back to the kernel when freed.)
+fn page_size() -> usize {
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    match PAGE.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(unix)]
+            // SAFETY: sysconf reads a value the C library holds; it neither allocates nor
+            // touches memory of ours (so the allocator may call it).
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            #[cfg(not(unix))]
+            let page = 4096;
+            let page = usize::try_from(page).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096);
+            PAGE.store(page, Ordering::Relaxed);
+            page
+        }
+        page => page,
+    }
 }
 
 fn page_round(size: usize) -> usize {
-    (size + PAGE - 1) & !(PAGE - 1)
+    let page = page_size();
+    (size + page - 1) & !(page - 1)
 }
 
 #[cfg(target_os = "linux")]
@@ -374,8 +400,41 @@ pub fn release_free_memory() {
 mod tests {
     use super::*;
 
+    /// Each test maps and unmaps: one at a time, so one's trimmed tail is not another's block.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn blocks_are_trimmed_and_freed_in_whole_pages_of_this_kernel() {
+        let _serial = SERIAL.lock();
+        let page = page_size();
+        #[cfg(unix)]
+        // SAFETY: sysconf only reads.
+        assert_eq!(page as libc::c_long, unsafe { libc::sysconf(libc::_SC_PAGESIZE) });
+        assert!(page.is_power_of_two() && page >= ALIGN, "page size {page}");
+        #[cfg(target_os = "linux")]
+        {
+            // Not a whole number of pages: the block ends inside its last page.
+            let size = (5 << 20) + 100;
+            let block = map::map(size);
+            assert!(!block.is_null());
+            let end = block as usize + page_round(size);
+            assert_eq!(end % page, 0, "the block is rounded to whole {page}-byte pages");
+            // mincore fails with ENOMEM on an unmapped range: the trimmed tail is gone.
+            let mut resident = [0u8; 1];
+            // SAFETY: `end` is page-aligned and `resident` holds one page's entry.
+            let tail = unsafe { libc::mincore(end as *mut libc::c_void, page, resident.as_mut_ptr()) };
+            assert_eq!(tail, -1, "the page after the block is still mapped");
+            // SAFETY: the block comes from `map` and is not used.
+            unsafe { map::unmap(block, size) };
+            // SAFETY: as above; the block's first page must be gone too.
+            let head = unsafe { libc::mincore(block.cast(), page, resident.as_mut_ptr()) };
+            assert_eq!(head, -1, "the freed block is still mapped");
+        }
+    }
+
     #[test]
     fn big_blocks_are_zeroed_aligned_and_keep_contents_through_realloc() {
+        let _serial = SERIAL.lock();
         let a = DrishyaAlloc;
         let layout = Layout::from_size_align(5 << 20, 64).unwrap();
         unsafe {

@@ -31,6 +31,7 @@ pub fn kernel_peak() -> Result<Value, String> {
     let mut out = vec![0f32; rows * outputs];
     let seconds = best_of(|| gemm(&a, &packed, &mut out));
     let gemm_gflops = 2.0 * (rows * inputs * outputs) as f64 / seconds / 1e9;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut value = json!({
         "kernel_family": family,
         "gemm": format!("{rows}x{inputs} * {inputs}x{outputs}"),

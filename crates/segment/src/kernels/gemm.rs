@@ -11,6 +11,7 @@
 /// Outputs per panel (two AVX vectors).
 pub const PANEL: usize = 16;
 /// Inputs per block.
+#[cfg(target_arch = "x86_64")]
 const DEPTH: usize = 256;
 
 /// A constant `[inputs][outputs]` matrix, packed `[outputs / PANEL][inputs][PANEL]`, and a
