@@ -14,6 +14,8 @@ use drishya_segment::{BoxPrompt, ModelKind, SegmentRequest};
 use tract_onnx::prelude::*;
 
 const TOLERANCE: f32 = 1e-4;
+/// U²-Net-p's 3x3 convolutions with at least 32 input channels and dilation 1.
+const WINOGRAD_CONVS: usize = 61;
 
 fn floats(t: &Tensor) -> Vec<f32> {
     t.to_plain_array_view::<f32>().unwrap().iter().copied().collect()
@@ -165,6 +167,15 @@ fn u2netp_matches_onnxruntime() {
     // Every 3x3 convolution runs as ours, padding in its bands: no padded copies are made.
     let direct = ops.iter().filter(|op| *op == "DirectConv").count();
     assert!(direct == 119 && !ops.iter().any(|op| op.ends_with("Pad")), "{direct} DirectConv: {ops:?}");
+    // The wide ones (at least 32 channels in, dilation 1) as Winograd's F(2x2, 3x3).
+    let winograd = plan
+        .model()
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<drishya_segment::ops::conv::DirectConv>())
+        .filter(|op| op.is_winograd())
+        .count();
+    assert_eq!(winograd, WINOGRAD_CONVS, "convolutions run as Winograd");
     let resizes = ops.iter().filter(|op| *op == "PlaneBilinear").count();
     assert!(resizes == 38 && !ops.iter().any(|op| op == "Resize"), "{resizes} of 38 Resize nodes replaced: {ops:?}");
     assert!(
@@ -174,6 +185,7 @@ fn u2netp_matches_onnxruntime() {
     let out = plan.run(tvec!(tensor("u2netp_input").into())).unwrap();
     let (_, expected) = reference("u2netp_output0");
     let diff = max_abs_diff(&floats(&out[0]), &expected);
+    eprintln!("u2netp: max |diff| {diff} against onnxruntime");
     assert!(diff < TOLERANCE, "u2netp differs by {diff}");
 }
 

@@ -18,12 +18,17 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::winograd;
 use crate::kernels::gemm::{gemm_taps, Packed, Rows, PANEL};
 use crate::kernels::transpose::transpose;
 
 /// The input band (pixel-major, padded) is kept near this size (bytes): it is read once per
 /// kernel tap and output panel, so it should stay in L2.
 const BAND_BYTES: usize = 384 << 10;
+/// 3x3 convolutions (dilation 1) with at least this many input channels go through
+/// Winograd's F(2x2, 3x3) (ops/winograd.rs); narrower ones stay on the tap path, where the
+/// product's depth (9 x channels) keeps the kernel busier than the transforms would.
+const WINOGRAD_MIN_CHANNELS: usize = 32;
 
 /// The shape of one convolution: stride 1, one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +52,28 @@ impl Shape {
     }
 }
 
+/// The kernel, packed for one of the two ways of running the convolution.
+enum Weights {
+    /// `[kernel tap][channel]` x outputs (padded to whole panels), with the bias.
+    Taps(Packed),
+    /// Winograd's 16 transformed kernels (3x3, dilation 1, wide enough).
+    Winograd(winograd::Weights),
+}
+
+impl Weights {
+    /// Outputs per product row (padded to whole panels).
+    fn outputs(&self) -> usize {
+        match self {
+            Weights::Taps(w) => w.outputs,
+            Weights::Winograd(w) => w.outputs(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct DirectConv {
     shape: Shape,
-    /// `[kernel tap][channel]` x outputs (padded to whole panels), with the bias.
-    weight: Arc<Packed>,
+    weight: Arc<Weights>,
     relu: bool,
 }
 
@@ -60,13 +82,14 @@ impl std::fmt::Debug for DirectConv {
         let s = &self.shape;
         write!(
             f,
-            "DirectConv({}->{}, {:?} dilation {:?}, pads {:?}{})",
+            "DirectConv({}->{}, {:?} dilation {:?}, pads {:?}{}{})",
             s.channels,
             s.outputs,
             s.kernel,
             s.dilation,
             s.pads,
-            if self.relu { ", relu" } else { "" }
+            if self.relu { ", relu" } else { "" },
+            if self.is_winograd() { ", winograd" } else { "" }
         )
     }
 }
@@ -129,29 +152,40 @@ impl DirectConv {
         Ok(shape)
     }
 
+    /// Whether it runs as Winograd's F(2x2, 3x3).
+    pub fn is_winograd(&self) -> bool {
+        matches!(*self.weight, Weights::Winograd(_))
+    }
+
     /// The convolution of `input` (`[channels][height][width]`) into `out`
-    /// (`[outputs][H'][W']`), a band of output rows at a time.
+    /// (`[outputs][H'][W']`), a band of output rows at a time (an even number for Winograd,
+    /// which makes them two by two).
     fn run(&self, input: &[f32], [height, width]: [usize; 2], out: &mut [f32]) {
         let s = &self.shape;
         let Some([out_h, out_w]) = s.output([height, width]) else { return };
         let [top, _, left, right] = s.pads;
         let (c, padded_w) = (s.channels, width + left + right);
         let halo = s.dilation[0] * (s.kernel[0] - 1);
+        let step = if self.is_winograd() { 2 } else { 1 };
         let band = (BAND_BYTES / (padded_w * c * 4)).saturating_sub(halo).max(halo).max(4).min(out_h);
-        let n = self.weight.outputs;
+        let band = band.next_multiple_of(step);
+        let n = self.weight.outputs();
         // A tap's offset in the band, for output row 0 of the band.
         let taps: Vec<usize> = (0..s.kernel[0] * s.kernel[1])
             .map(|t| ((t / s.kernel[1]) * s.dilation[0] * padded_w + (t % s.kernel[1]) * s.dilation[1]) * c)
             .collect();
         let mut shifted = taps.clone();
         let plane = out_h * out_w;
+        let row = padded_w * c;
         SCRATCH.with_borrow_mut(|[pixels, product]| {
             // Every element used is written before it is read (padding included).
-            pixels.resize((band + halo) * padded_w * c, 0.0);
-            product.resize(out_w * n, 0.0);
+            pixels.resize((band + halo) * row, 0.0);
+            product.resize(step * out_w.next_multiple_of(2) * n, 0.0);
             for y0 in (0..out_h).step_by(band) {
                 let rows = band.min(out_h - y0);
-                for (j, dst) in pixels.chunks_exact_mut(padded_w * c).take(rows + halo).enumerate() {
+                // Winograd's last pair of an odd height reads one row past the input's.
+                let filled = rows.next_multiple_of(step) + halo;
+                for (j, dst) in pixels.chunks_exact_mut(row).take(filled).enumerate() {
                     let Some(y) = (y0 + j).checked_sub(top).filter(|&y| y < height) else {
                         dst.fill(0.0);
                         continue;
@@ -161,15 +195,29 @@ impl DirectConv {
                     let channels = &input[y * width..];
                     transpose(channels, height * width, &mut dst[left * c..], c, [c, width]);
                 }
-                for ry in 0..rows {
-                    shifted.iter_mut().zip(&taps).for_each(|(s, t)| *s = t + ry * padded_w * c);
-                    let from = Rows { a: pixels, count: out_w, stride: c, taps: &shifted };
-                    gemm_taps(from, &self.weight, product);
-                    if self.relu {
-                        product.iter_mut().for_each(|v| *v = v.max(0.0));
+                for ry in (0..rows).step_by(step) {
+                    let made = match &*self.weight {
+                        Weights::Taps(w) => {
+                            shifted.iter_mut().zip(&taps).for_each(|(s, t)| *s = t + ry * row);
+                            let from = Rows { a: pixels, count: out_w, stride: c, taps: &shifted };
+                            gemm_taps(from, w, &mut product[..out_w * n]);
+                            1
+                        }
+                        Weights::Winograd(w) => {
+                            let half = product.len() / 2;
+                            let (first, second) = product.split_at_mut(half);
+                            w.two_rows(&pixels[ry * row..], padded_w, [first, second]);
+                            2.min(rows - ry)
+                        }
+                    };
+                    let per_row = product.len() / step;
+                    for (k, made_row) in product.chunks_exact_mut(per_row).take(made).enumerate() {
+                        if self.relu {
+                            made_row.iter_mut().for_each(|v| *v = v.max(0.0));
+                        }
+                        let y = y0 + ry + k;
+                        transpose(made_row, n, &mut out[y * out_w..], plane, [out_w, s.outputs]);
                     }
-                    let y = y0 + ry;
-                    transpose(product, n, &mut out[y * out_w..], plane, [out_w, s.outputs]);
                 }
             }
         });
@@ -247,10 +295,24 @@ fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(DirectConv, 
     Ok(Some((DirectConv { shape, weight: Arc::new(weight), relu: relu.is_some() }, replaced)))
 }
 
-/// The `OIHW` kernel as `[tap][channel]` x outputs, outputs padded with zeros to whole panels.
-fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape) -> TractResult<Option<Packed>> {
+/// Whether `shape` runs as Winograd's F(2x2, 3x3).
+fn winograd_suits(shape: &Shape) -> bool {
+    shape.kernel == [3, 3]
+        && shape.dilation == [1, 1]
+        && shape.channels >= WINOGRAD_MIN_CHANNELS
+        && shape.outputs.is_multiple_of(PANEL)
+}
+
+/// The `OIHW` kernel for Winograd where it suits, else as `[tap][channel]` x outputs,
+/// outputs padded with zeros to whole panels.
+fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape) -> TractResult<Option<Weights>> {
     let view = kernel.try_as_plain_ram()?;
     let k = view.as_slice::<f32>()?;
+    if winograd_suits(shape) {
+        if let Some(w) = winograd::Weights::new(k, &bias, shape.outputs, shape.channels) {
+            return Ok(Some(Weights::Winograd(w)));
+        }
+    }
     let (c, taps) = (shape.channels, shape.kernel[0] * shape.kernel[1]);
     let n = shape.outputs.div_ceil(PANEL) * PANEL;
     let inputs = taps * c;
@@ -263,7 +325,7 @@ fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape) -> TractResult<Optio
         }
     }
     bias.resize(n, 0.0);
-    Ok(Packed::from_inputs_major(&matrix, bias, inputs, n))
+    Ok(Packed::from_inputs_major(&matrix, bias, inputs, n).map(Weights::Taps))
 }
 
 /// When node `id`'s only reader is `max(x, 0)` (ONNX's Relu, as tract declutters it): its id.
@@ -345,12 +407,20 @@ mod tests {
             (20, 24, [1, 1], [1, 1], [0, 0, 0, 0], [6, 6], false),
             (5, 16, [2, 3], [1, 2], [0, 1, 2, 0], [8, 9], true),
             (64, 16, [3, 3], [1, 1], [1, 1, 1, 1], [40, 700], true),
+            // Winograd: odd and even sizes, uneven pads, several blocks of tiles a row, a
+            // height that leaves a last lone row in a band.
+            (32, 32, [3, 3], [1, 1], [1, 1, 1, 1], [9, 13], true),
+            (48, 64, [3, 3], [1, 1], [0, 2, 1, 0], [7, 8], false),
+            (128, 64, [3, 3], [1, 1], [1, 1, 1, 1], [33, 321], true),
+            (32, 16, [3, 3], [1, 1], [1, 1, 1, 1], [2, 1], false),
         ];
         for (channels, outputs, kernel, dilation, pads, size, relu) in cases {
             let shape = Shape { channels, outputs, kernel, dilation, pads };
             let tract = model(&shape, size, relu)?;
             let ours = replace_convs(tract.clone())?;
             let replaced = ours.nodes().iter().filter(|n| n.op_is::<DirectConv>()).count();
+            let winograd = ours.nodes().iter().filter_map(|n| n.op_as::<DirectConv>()).any(DirectConv::is_winograd);
+            assert_eq!(winograd, winograd_suits(&shape), "{shape:?}");
             let left = ours.nodes().iter().filter(|n| n.op_is::<Conv>() || n.op_is::<TypedBinOp>()).count();
             assert_eq!((replaced, left), (1, 0), "{shape:?}: the conv and its ReLU are replaced");
             let x: Vec<f32> = (0..channels * size[0] * size[1]).map(|i| value(i as u32 * 3 + 1) * 4.0).collect();

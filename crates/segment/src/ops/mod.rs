@@ -10,6 +10,7 @@ pub mod pad;
 pub mod resize;
 pub mod softmax;
 pub mod split;
+pub mod winograd;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{tvec, Op, TVec, TypedModelPatch, TypedOp};
