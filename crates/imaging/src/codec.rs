@@ -12,6 +12,8 @@ use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::metadata::Orientation;
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 
+use crate::params::InputError;
+
 /// Longest side a replacement product is kept at (bigger ones are downscaled first).
 pub const MAX_PRODUCT_SIDE: u32 = 2048;
 
@@ -152,7 +154,7 @@ fn decode_jpeg_reduced(
 
 /// JPEG decoders fill a truncated scan with grey instead of failing: require an
 /// end-of-image marker after the last start-of-scan (entropy data never holds FF D9).
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
+pub(crate) fn jpeg_is_complete(bytes: &[u8]) -> bool {
     let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
     let last_end = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
     matches!((last_scan, last_end), (Some(scan), Some(end)) if end > scan)
@@ -170,7 +172,7 @@ fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 }
 
 /// Sniffs the format (never trusting names) and reads the header within limits.
-fn open_decoder(bytes: &[u8]) -> Result<(ImageFormat, impl ImageDecoder + '_), ImageError> {
+pub(crate) fn open_decoder(bytes: &[u8]) -> Result<(ImageFormat, impl ImageDecoder + '_), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -195,7 +197,7 @@ fn decode_oriented(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
     Ok(image)
 }
 
-fn format_name(format: ImageFormat) -> &'static str {
+pub(crate) fn format_name(format: ImageFormat) -> &'static str {
     match format {
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::Png => "PNG",
@@ -213,7 +215,7 @@ fn decode_limits() -> Limits {
     limits
 }
 
-fn check_dimensions(width: u32, height: u32) -> Result<(), ImageError> {
+pub(crate) fn check_dimensions(width: u32, height: u32) -> Result<(), ImageError> {
     let too_big = width == 0
         || height == 0
         || width > MAX_SIDE
@@ -232,7 +234,7 @@ fn too_many_pixels(width: u32, height: u32) -> ImageError {
     ImageError::TooManyPixels { width, height, max_mp: MAX_PIXELS / 1_000_000, max_side: MAX_SIDE }
 }
 
-fn classify(error: image::ImageError, format: &'static str) -> ImageError {
+pub(crate) fn classify(error: image::ImageError, format: &'static str) -> ImageError {
     match error {
         image::ImageError::Limits(_) => {
             ImageError::TooManyPixels { width: 0, height: 0, max_mp: MAX_PIXELS / 1_000_000, max_side: MAX_SIDE }
@@ -293,6 +295,89 @@ pub fn encode_png<I: PngSource>(image: &I) -> Result<Vec<u8>, ImageError> {
     Ok(out)
 }
 
+/// A format a result is downloaded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    /// Baseline JPEG at a quality of 1-100 (alpha is not kept: RGB and grey only).
+    Jpeg {
+        quality: u8,
+    },
+    /// Lossless WebP: the image crate 0.25 has no lossy WebP encoder.
+    WebP,
+}
+
+/// JPEG quality when the request names none.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+impl OutputFormat {
+    /// From a request's `format` (png, jpeg or jpg, webp; any case; absent = png) and
+    /// `quality` (a whole number 1-100; absent = [`DEFAULT_JPEG_QUALITY`]). A quality is
+    /// checked whatever the format, so a typo is never silently ignored; only JPEG uses it.
+    pub fn parse(format: Option<&str>, quality: Option<&str>) -> Result<Self, InputError> {
+        let quality = match quality.map(str::trim) {
+            None => DEFAULT_JPEG_QUALITY,
+            Some(q) => match q.parse::<u8>() {
+                Ok(q @ 1..=100) => q,
+                _ => return Err(InputError::invalid("quality", "must be a whole number from 1 to 100")),
+            },
+        };
+        match format.map(|f| f.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("png") => Ok(OutputFormat::Png),
+            Some("jpeg" | "jpg") => Ok(OutputFormat::Jpeg { quality }),
+            Some("webp") => Ok(OutputFormat::WebP),
+            Some(_) => Err(InputError::invalid("format", "must be png, jpeg or webp")),
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg { .. } => "image/jpeg",
+            OutputFormat::WebP => "image/webp",
+        }
+    }
+
+    /// File extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg { .. } => "jpg",
+            OutputFormat::WebP => "webp",
+        }
+    }
+}
+
+/// The image's bytes in `format` (PNG as [`encode_png`]).
+pub fn encode_as<I: PngSource>(image: &I, format: OutputFormat) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::new();
+    write_as(image, format, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode_as`] into a writer, so that a large image's bytes need not be held in memory.
+/// The WebP encoder copies the pixels to RGBA first (image-webp), so a WebP needs
+/// 4 more bytes a pixel while it is made; PNG and JPEG work from the buffer as it is.
+pub fn write_as<I: PngSource, W: std::io::Write>(image: &I, format: OutputFormat, out: W) -> Result<(), ImageError> {
+    use image::codecs::jpeg::JpegEncoder;
+    use image::codecs::webp::WebPEncoder;
+    use image::{ExtendedColorType, ImageEncoder};
+    let (raw, width, height, color) = image.parts();
+    let failed = |e: image::ImageError| ImageError::Processing(e.to_string());
+    match format {
+        OutputFormat::Png => PngEncoder::new_with_quality(out, CompressionType::Fast, PngFilter::Adaptive)
+            .write_image(raw, width, height, color)
+            .map_err(failed),
+        OutputFormat::Jpeg { .. } if !matches!(color, ExtendedColorType::Rgb8 | ExtendedColorType::L8) => {
+            Err(ImageError::Processing("JPEG cannot hold an alpha channel".into()))
+        }
+        OutputFormat::Jpeg { quality } => {
+            JpegEncoder::new_with_quality(out, quality).write_image(raw, width, height, color).map_err(failed)
+        }
+        OutputFormat::WebP => WebPEncoder::new_lossless(out).write_image(raw, width, height, color).map_err(failed),
+    }
+}
+
 /// The image buffers we write as PNG.
 pub trait PngSource {
     fn parts(&self) -> (&[u8], u32, u32, image::ExtendedColorType);
@@ -314,6 +399,19 @@ png_source!(RgbaImage, image::ExtendedColorType::Rgba8);
 /// Decodes one of our own PNG artefacts.
 pub fn decode_png(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
     image::load_from_memory_with_format(bytes, ImageFormat::Png).map_err(|_| ImageError::Corrupt { format: "PNG" })
+}
+
+/// The masked object cut out: the scene's pixels with the mask as their alpha.
+pub fn cutout(scene: &RgbImage, mask: &GrayImage) -> Result<RgbaImage, ImageError> {
+    let (width, height) = scene.dimensions();
+    if mask.dimensions() != (width, height) {
+        return Err(ImageError::Processing("the mask and the scene differ in size".into()));
+    }
+    let mut raw = Vec::with_capacity(width as usize * height as usize * 4);
+    for (rgb, alpha) in scene.as_raw().chunks_exact(3).zip(mask.as_raw()) {
+        raw.extend_from_slice(&[rgb[0], rgb[1], rgb[2], *alpha]);
+    }
+    RgbaImage::from_raw(width, height, raw).ok_or_else(|| ImageError::Processing("cut-out buffer size".into()))
 }
 
 /// The scene with the mask as a translucent overlay and a solid outline.
@@ -354,6 +452,40 @@ fn is_edge(mask: &GrayImage, x: u32, y: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_formats_and_qualities_parse_strictly() {
+        let parse = OutputFormat::parse;
+        assert_eq!(parse(None, None).unwrap(), OutputFormat::Png);
+        assert_eq!(parse(Some(" JPG "), Some("75")).unwrap(), OutputFormat::Jpeg { quality: 75 });
+        assert_eq!(parse(Some("jpeg"), None).unwrap(), OutputFormat::Jpeg { quality: DEFAULT_JPEG_QUALITY });
+        assert_eq!(parse(Some("WebP"), Some("100")).unwrap(), OutputFormat::WebP);
+        let bad = [
+            (Some("gif"), None),
+            (Some(""), None),
+            (Some("png"), Some("0")),
+            (None, Some("101")),
+            (Some("jpeg"), Some("abc")),
+            (Some("jpeg"), Some("-1")),
+            (Some("jpeg"), Some("50.0")),
+        ];
+        for (format, quality) in bad {
+            assert!(parse(format, quality).is_err(), "{format:?} {quality:?}");
+        }
+    }
+
+    #[test]
+    fn the_cutout_takes_the_mask_as_alpha_and_jpeg_refuses_alpha() {
+        let scene = RgbImage::from_fn(4, 3, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let mask = GrayImage::from_fn(4, 3, |x, _| image::Luma([if x < 2 { 255 } else { 0 }]));
+        let cut = cutout(&scene, &mask).unwrap();
+        for (x, y, p) in cut.enumerate_pixels() {
+            assert_eq!(p.0, [x as u8, y as u8, 9, mask.get_pixel(x, y)[0]]);
+        }
+        assert!(cutout(&scene, &GrayImage::new(3, 3)).is_err());
+        assert!(encode_as(&cut, OutputFormat::Jpeg { quality: 90 }).is_err());
+        assert!(encode_as(&scene, OutputFormat::Jpeg { quality: 90 }).unwrap().starts_with(&[0xFF, 0xD8]));
+    }
 
     fn png_of(image: &RgbImage) -> Vec<u8> {
         encode_png(image).unwrap()

@@ -12,7 +12,7 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::{GrayImage, RgbImage, RgbaImage};
 
 /// Which pixels of the scene the product's colours are matched to.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum GradeTarget {
     /// The scene pixels under the mask (the product being replaced).
     MaskedArea,
@@ -21,7 +21,7 @@ pub enum GradeTarget {
 }
 
 /// Colour-grading settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Grading {
     /// Statistics to move towards.
     pub target: GradeTarget,
@@ -29,8 +29,9 @@ pub struct Grading {
     pub strength: f32,
 }
 
-/// User settings of one "replace product" request.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// User settings of one "replace product" request (serialised to repeat the composite at
+/// full resolution, see `fullres`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// Product's shorter side relative to the mask box's shorter side, 0.5..=2.0.
     pub scale_factor: f32,
@@ -74,9 +75,9 @@ pub enum CompositeError {
 }
 
 /// Mask values above this are "in".
-const MASK_THRESHOLD: u8 = 127;
+pub(crate) const MASK_THRESHOLD: u8 = 127;
 /// Inside-mask pixels at most this far from the edge are softened by the seam blur.
-const HARMONISE_BAND: f32 = 2.0;
+pub(crate) const HARMONISE_BAND: f32 = 2.0;
 /// Largest feather width honoured, in pixels.
 const MAX_FEATHER: u32 = 30;
 
@@ -113,15 +114,7 @@ pub fn replace_product(
     check_inputs(scene, mask, product)?;
     let bbox = mask_bbox(mask).ok_or(CompositeError::EmptyMask)?;
     let mut placed = place_product(product, bbox, params.scale)?;
-    if let Some(grading) = params.grading {
-        let target = match grading.target {
-            GradeTarget::MaskedArea => masked_stats(scene, mask, bbox),
-            GradeTarget::WholeImage => ChannelStats::from_rgb(scene.as_raw().chunks_exact(3)),
-        };
-        if let Some(target) = target {
-            grade_product(&mut placed, &target, grading.strength);
-        }
-    }
+    grading_luts(scene, mask, bbox, &placed, params.grading).apply(&mut placed);
     let field = MaskField::new(mask, bbox, params.feather);
     let mut out = scene.clone();
     let ctx = Layers { bbox, placed: &placed, field: &field };
@@ -133,14 +126,14 @@ pub fn replace_product(
 }
 
 /// Validated and clamped settings.
-struct Params {
-    scale: f64,
-    feather: u32,
-    grading: Option<Grading>,
+pub(crate) struct Params {
+    pub(crate) scale: f64,
+    pub(crate) feather: u32,
+    pub(crate) grading: Option<Grading>,
 }
 
 impl Params {
-    fn from_settings(s: &Settings) -> Result<Self, CompositeError> {
+    pub(crate) fn from_settings(s: &Settings) -> Result<Self, CompositeError> {
         if !s.scale_factor.is_finite() {
             return Err(CompositeError::InvalidSettings("the product scale must be a number"));
         }
@@ -156,7 +149,7 @@ impl Params {
     }
 }
 
-fn check_inputs(scene: &RgbImage, mask: &GrayImage, product: &RgbaImage) -> Result<(), CompositeError> {
+pub(crate) fn check_inputs(scene: &RgbImage, mask: &GrayImage, product: &RgbaImage) -> Result<(), CompositeError> {
     if scene.dimensions() != mask.dimensions() {
         return Err(CompositeError::SizeMismatch {
             scene_w: scene.width(),
@@ -172,16 +165,16 @@ fn check_inputs(scene: &RgbImage, mask: &GrayImage, product: &RgbaImage) -> Resu
 }
 
 /// The visible part of the resized product, in coordinates local to `B`.
-struct Placed {
+pub(crate) struct Placed {
     /// Where the pixels sit, relative to the top-left corner of `B`.
-    rect: Rect,
+    pub(crate) rect: Rect,
     /// Straight (non-premultiplied) RGBA, `rect.w * rect.h * 4` bytes.
-    rgba: Vec<u8>,
+    pub(crate) rgba: Vec<u8>,
 }
 
 impl Placed {
     /// RGBA at `B`-local `(x, y)`, or `None` outside the product.
-    fn pixel(&self, x: u32, y: u32) -> Option<[u8; 4]> {
+    pub(crate) fn pixel(&self, x: u32, y: u32) -> Option<[u8; 4]> {
         if !self.rect.contains(x, y) {
             return None;
         }
@@ -216,9 +209,24 @@ fn centre_axis(len: u32, full: u64) -> (u32, u32, u64) {
 /// Resize the product (Lanczos3, premultiplied alpha) directly to the part of
 /// it visible inside `bbox`, centred on `bbox`.
 fn place_product(product: &RgbaImage, bbox: Rect, scale: f64) -> Result<Placed, CompositeError> {
+    place_product_rows(product, bbox, scale, 0..bbox.h)
+}
+
+/// [`place_product`] for the rows `rows` of `B` only (`B`-local; the full-resolution
+/// composite works in strips). The filter reads source pixels beyond the crop, so a
+/// strip's rows are the rows the whole placement would have.
+pub(crate) fn place_product_rows(
+    product: &RgbaImage,
+    bbox: Rect,
+    scale: f64,
+    rows: std::ops::Range<u32>,
+) -> Result<Placed, CompositeError> {
     let (tw, th) = target_size(product.dimensions(), bbox, scale);
     let (x, w, skip_x) = centre_axis(bbox.w, tw);
     let (y, h, skip_y) = centre_axis(bbox.h, th);
+    // The visible rows of the product, cut to `rows`.
+    let (top, bottom) = (y.max(rows.start), (y + h).min(rows.end));
+    let (y, h, skip_y) = (top, bottom.saturating_sub(top), skip_y + u64::from(top.saturating_sub(y)));
     let rect = Rect { x, y, w, h };
     if w == 0 || h == 0 {
         return Ok(Placed { rect, rgba: Vec::new() });
@@ -287,22 +295,57 @@ fn masked_stats(scene: &RgbImage, mask: &GrayImage, bbox: Rect) -> Option<Channe
     ChannelStats::from_rgb(pixels)
 }
 
-/// Move the product's opaque pixels towards `target` by `strength`
+/// The colour grading of one composite: a lookup table per channel (`None`: unchanged).
+/// Made once at working resolution and applied at any resolution, so the full-resolution
+/// result has the colours of the preview.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GradeLuts([Option<[u8; 256]>; 3]);
+
+impl GradeLuts {
+    /// Grades the product's opaque pixels.
+    pub(crate) fn apply(&self, placed: &mut Placed) {
+        if self.0.iter().all(Option::is_none) {
+            return;
+        }
+        for p in placed.rgba.chunks_exact_mut(4).filter(|p| p[3] > 0) {
+            for (v, lut) in p.iter_mut().zip(&self.0) {
+                if let Some(lut) = lut {
+                    *v = lut[usize::from(*v)];
+                }
+            }
+        }
+    }
+}
+
+/// The grading of `placed` (the product placed in `bbox` of `scene`) under `grading`.
+pub(crate) fn grading_luts(
+    scene: &RgbImage,
+    mask: &GrayImage,
+    bbox: Rect,
+    placed: &Placed,
+    grading: Option<Grading>,
+) -> GradeLuts {
+    let Some(grading) = grading else { return GradeLuts::default() };
+    let target = match grading.target {
+        GradeTarget::MaskedArea => masked_stats(scene, mask, bbox),
+        GradeTarget::WholeImage => ChannelStats::from_rgb(scene.as_raw().chunks_exact(3)),
+    };
+    match target {
+        Some(target) => product_luts(placed, &target, grading.strength),
+        None => GradeLuts::default(),
+    }
+}
+
+/// Tables that move the product's opaque pixels towards `target` by `strength`
 /// (`new = (x − μp)/σp · σ' + μ'`, clipped); channels with σp = 0 are left alone.
-fn grade_product(placed: &mut Placed, target: &ChannelStats, strength: f32) {
+fn product_luts(placed: &Placed, target: &ChannelStats, strength: f32) -> GradeLuts {
     let opaque = placed.rgba.chunks_exact(4).filter(|p| p[3] > 0);
-    let Some(ChannelStats(src)) = ChannelStats::from_rgb(opaque) else { return };
+    let Some(ChannelStats(src)) = ChannelStats::from_rgb(opaque) else { return GradeLuts::default() };
     let mut luts = [None; 3];
     for ((lut, p), t) in luts.iter_mut().zip(src).zip(target.0) {
         *lut = grade_lut(p, t, f64::from(strength));
     }
-    for p in placed.rgba.chunks_exact_mut(4).filter(|p| p[3] > 0) {
-        for (v, lut) in p.iter_mut().zip(&luts) {
-            if let Some(lut) = lut {
-                *v = lut[usize::from(*v)];
-            }
-        }
-    }
+    GradeLuts(luts)
 }
 
 /// Lookup table of the grading transform for one channel, `None` if σp = 0.
@@ -321,7 +364,7 @@ fn grade_lut(product: Moments, target: Moments, s: f64) -> Option<[u8; 256]> {
 
 /// Distance of every pixel of `B` to the nearest pixel outside the mask,
 /// stored with a one-pixel ring around `B` (which is always outside).
-struct MaskField {
+pub(crate) struct MaskField {
     /// Padded width (`B.w + 2`).
     stride: usize,
     /// Euclidean distance, 0 outside the mask (infinite for a hard mask).
@@ -331,7 +374,7 @@ struct MaskField {
 
 impl MaskField {
     /// Build the field; the distance transform only runs when `feather > 0`.
-    fn new(mask: &GrayImage, bbox: Rect, feather: u32) -> Self {
+    pub(crate) fn new(mask: &GrayImage, bbox: Rect, feather: u32) -> Self {
         let (stride, rows) = (bbox.w as usize + 2, bbox.h as usize + 2);
         let mut dist = vec![0.0f32; stride * rows];
         for (ly, row) in dist.chunks_exact_mut(stride).enumerate().skip(1).take(bbox.h as usize) {
@@ -349,13 +392,13 @@ impl MaskField {
     }
 
     /// Distance at `B`-local `(x, y)`.
-    fn distance(&self, x: u32, y: u32) -> f32 {
+    pub(crate) fn distance(&self, x: u32, y: u32) -> f32 {
         let i = (y as usize + 1) * self.stride + x as usize + 1;
         self.dist.get(i).copied().unwrap_or(0.0)
     }
 
     /// Mask weight in 0..=1: 0 outside, ramping to 1 at `feather` px inside.
-    fn weight(&self, x: u32, y: u32) -> f32 {
+    pub(crate) fn weight(&self, x: u32, y: u32) -> f32 {
         let d = self.distance(x, y);
         match (d > 0.0, self.feather) {
             (false, _) => 0.0,
@@ -505,7 +548,7 @@ fn harmonise_seam(out: &mut RgbImage, ctx: &Layers) {
 }
 
 /// Mean of the 3×3 neighbourhood of `(x, y)` (neighbours outside the image skipped).
-fn box_mean(img: &RgbImage, x: u32, y: u32) -> [u8; 3] {
+pub(crate) fn box_mean(img: &RgbImage, x: u32, y: u32) -> [u8; 3] {
     let (mut sum, mut n) = ([0u32; 3], 0u32);
     for ny in y.saturating_sub(1)..=y.saturating_add(1) {
         for nx in x.saturating_sub(1)..=x.saturating_add(1) {

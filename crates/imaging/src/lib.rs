@@ -5,9 +5,10 @@
 
 pub mod codec;
 pub mod composite;
+pub mod fullres;
 pub mod geometry;
 pub mod params;
 
-pub use codec::{decode_product, decode_scene, encode_png, ImageError, Scene};
+pub use codec::{decode_product, decode_scene, encode_as, encode_png, ImageError, OutputFormat, Scene};
 pub use composite::CompositeError;
 pub use geometry::{clip_box, BadBox, BoxPrompt};
