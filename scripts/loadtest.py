@@ -48,7 +48,8 @@ directory, and the server gets STORAGE_URL=s3://BUCKET/loadtest, AWS_ENDPOINT_UR
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (random), AWS_REGION=us-east-1 and
 AWS_ALLOW_HTTP=true (uploads in flight still go to TEMP_DIR). The disk sampler then reads
 ROOT/BUCKET/loadtest/sessions and counts only the artefact objects (image.png, mask.png,
-mask_overlay.png, result.png; any other file there is left out and named in the result).
+mask_overlay.png, result.png, original.img, replacement.bin; any other file there is left
+out and named in the result).
 s3s-fs is stopped by its pid and its root removed at the end of the scenario; its peak RSS
 and CPU time are reported (it is outside the cgroup, but shares the CPUs). With --store
 local the server's STORAGE_URL and AWS_* variables are removed from its environment. The
@@ -56,13 +57,23 @@ store is in the result JSON ("store", and /health's directories.store as seen) a
 printed tables. --store s3 does not combine with --cap-check (that measures artefacts on
 tmpfs inside the cgroup).
 
+--fullres is the full-resolution scenario: U2-Net-p, N = 16 (unless --n), each flow uploads
+the 24 MP JPEG (WORKDIR/scene_24mp.jpg unless --upload) and, after the usual download, also
+GET /download_full?format=--fullres-format (png by default), checked by content type and
+magic bytes; the route's latency is in the tables with the others. Its memory is what
+the scenario is for: the full-size photo is decoded on the server for every such download.
+--measure-fullres runs one flow each on the 12 MP and the 24 MP JPEG and downloads the
+full-resolution result once in each format, timing it and reading the server's peak RSS
+over that download alone (/proc/PID/clear_refs resets VmHWM before it); printed as a table
+and kept in the JSON ("fullres_measures").
+
 Standard library only. Needs root and a writable cgroup v1 memory hierarchy (or v2).
 
 usage: loadtest.py [--quick | --cap-check] [--bin PATH] [--models u2netp,sam] [--n 1,4,16,64]
                    [--flows-per-client K] [--time-limit S] [--max-requests R] [--cap-mb MB]
                    [--upload PATH] [--limit-mb 512] [--shm] [--strict] [--json PATH]
                    [--workdir DIR] [--shared DIR] [--store local|s3] [--s3s-fs PATH]
-                   [--distinct-uploads]
+                   [--distinct-uploads] [--fullres [--fullres-format png|jpeg|webp] | --measure-fullres]
 """
 
 import argparse
@@ -84,12 +95,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CG_V1 = "/sys/fs/cgroup/memory"
 CUP_BOX = (0.27, 0.03, 0.70, 0.78)  # the product's box as a fraction of the image (as tools/bench/src/inputs.rs)
-ROUTES = ["login", "upload_image", "generate_mask", "replace_product", "download_result"]
+ROUTES = ["login", "upload_image", "generate_mask", "replace_product", "download_result", "download_full"]
 MIB = 1024 * 1024
 PAGE = 4096
 # What one job writes into a session (upload; mask; replace), by file name; the temporary
 # file of a write in flight (".mask.png.<random>.tmp") counts with the file it becomes.
-JOB_FILES = {"image.png": "upload", "mask.png": "mask", "mask_overlay.png": "mask", "result.png": "replace"}
+JOB_FILES = {
+    "image.png": "upload",
+    "original.img": "upload",
+    "mask.png": "mask",
+    "mask_overlay.png": "mask",
+    "result.png": "replace",
+    "replacement.bin": "replace",
+}
+# --fullres: what GET /download_full answers per format (content type, magic bytes).
+FULLRES_FORMATS = {
+    "png": ("image/png", b"\x89PNG"),
+    "jpeg": ("image/jpeg", b"\xff\xd8\xff"),
+    "webp": ("image/webp", b"RIFF"),
+}
 MAX_RESTARTS = 5  # per flow: more evictions of one flow than that is a failure
 # --store s3: the bucket and key prefix the server is given (objects under
 # PREFIX/sessions/<id>/<file>.png), and the variables that select the store, removed from
@@ -419,6 +443,7 @@ class Scenario:
         self.requests = 0
         self.retries_503 = 0
         self.first_mask_at = None
+        self.fullres_measures = []
         self.deadline = None
         self.max_requests = args.max_requests or (20 + n * args.flows_per_client * 40)
         self.stop = threading.Event()
@@ -528,6 +553,45 @@ class Scenario:
         check("download_result", status, data)
         if not data.startswith(b"\x89PNG"):
             raise RuntimeError("download_result answered 200 without a PNG")
+        if self.args.measure_fullres:
+            for fmt_name in FULLRES_FORMATS:
+                self.measure_full(client, check, fmt_name)
+        elif self.args.fullres:
+            self.download_full(client, check, self.args.fullres_format)
+
+    def download_full(self, client, check, fmt_name):
+        """GET /download_full in fmt_name; checks the type and magic; returns the byte count."""
+        query = "?format=" + fmt_name + ("&quality=90" if fmt_name == "jpeg" else "")
+        status, hdrs, data = self.call(client, "download_full", "GET", "/download_full" + query)
+        check("download_full", status, data)
+        ctype = dict((k.lower(), v) for k, v in hdrs).get("content-type")
+        want_type, magic = FULLRES_FORMATS[fmt_name]
+        if ctype != want_type or not data.startswith(magic):
+            raise RuntimeError(f"download_full ({fmt_name}) answered {ctype} {data[:8]!r}")
+        return len(data)
+
+    def measure_full(self, client, check, fmt_name):
+        """--measure-fullres: one download in fmt_name, timed, with the server's peak RSS
+        over it alone (VmHWM reset to the current RSS first, /proc/PID/clear_refs 5)."""
+        pid = self.proc.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        before = proc_status(pid)
+        t = time.monotonic()
+        size = self.download_full(client, check, fmt_name)
+        elapsed = time.monotonic() - t
+        after = proc_status(pid)
+        with self.lock:
+            self.fullres_measures.append(
+                {
+                    "format": fmt_name,
+                    "seconds": round(elapsed, 2),
+                    "bytes": size,
+                    "rss_before_mb": round(before.get("VmRSS", 0) / MIB, 1),
+                    "peak_rss_mb": round(after.get("VmHWM", 0) / MIB, 1),
+                    "cgroup_usage_after_mb": round(self.cg.usage() / MIB, 1),
+                }
+            )
 
     def worker(self, index):
         for k in range(self.args.flows_per_client):
@@ -825,6 +889,9 @@ class Scenario:
                 "memsw_failcnt": summary.get("memsw_failcnt"),
                 "oom_kills": summary["oom_kills"],
                 "failures": self.failures[:10],
+                "upload": self.upload_name,
+                "fullres_format": args.fullres_format if args.fullres else None,
+                "fullres_measures": self.fullres_measures,
                 "artefacts": {
                     "cap_mb": args.cap_mb,
                     "server_temp_max_mb": args.server_cap_mb if args.cap_mb is not None else None,
@@ -1002,6 +1069,19 @@ def main():
     p.add_argument(
         "--cap-mb", type=int, default=None, help="TEMP_MAX_MB for the server (default: the app's; 128 with --cap-check)"
     )
+    p.add_argument(
+        "--fullres",
+        action="store_true",
+        help="the full-resolution scenario: U2-Net-p, N = 16, the 24 MP JPEG; every flow also downloads "
+        "/download_full (--fullres-format)",
+    )
+    p.add_argument("--fullres-format", choices=sorted(FULLRES_FORMATS), default="png")
+    p.add_argument(
+        "--measure-fullres",
+        action="store_true",
+        help="one flow each on the 12 MP and the 24 MP JPEG (U2-Net-p), timing /download_full in every "
+        "format with the server's peak RSS over each download",
+    )
     p.add_argument("--upload", default=None, help="the scene photo to upload (default WORKDIR/scene_12mp.jpg)")
     p.add_argument("--bin", default=os.path.join(REPO, "target", "release", "drishya"))
     p.add_argument("--models", default=None, help="comma list of u2netp, sam")
@@ -1048,6 +1128,13 @@ def main():
         args.models = args.models or "u2netp"
         args.n = args.n or "3"
         args.flows_per_client = args.flows_per_client or 67
+    if args.fullres or args.measure_fullres:
+        if args.cap_check:
+            raise SystemExit("loadtest: --fullres and --measure-fullres do not combine with --cap-check")
+        args.models = args.models or "u2netp"
+        args.n = args.n or ("1" if args.measure_fullres else "16")
+        args.upload = args.upload or os.path.join(args.workdir, "scene_24mp.jpg")
+        args.fullres = args.fullres or not args.measure_fullres
     args.flows_per_client = args.flows_per_client or 1
     # For proving the check can fail: the server gets another cap than the one checked.
     args.server_cap_mb = int(os.environ.get("LOADTEST_CAP_SERVER_MB") or args.cap_mb or 0)
@@ -1090,11 +1177,16 @@ def main():
             f"the check holds it to {args.cap_mb} MB (this run is meant to fail)",
             file=sys.stderr,
         )
+    # --measure-fullres: the 12 MP photo first, then the upload (the 24 MP one).
+    uploads = [(os.path.basename(upload), jpeg)]
+    if args.measure_fullres:
+        with open(os.path.join(args.workdir, "scene_12mp.jpg"), "rb") as f:
+            uploads.insert(0, ("scene_12mp.jpg", f.read()))
     results = []
     for model in models:
-        for n in ns:
-            print(f"loadtest: {model} N={n} ...", file=sys.stderr)
-            r = Scenario(args, model, models_all[model], n, jpeg, product, os.path.basename(upload)).run()
+        for n, (upload_name, upload_bytes) in ((n, u) for n in ns for u in uploads):
+            print(f"loadtest: {model} N={n} {upload_name} ...", file=sys.stderr)
+            r = Scenario(args, model, models_all[model], n, upload_bytes, product, upload_name).run()
             results.append(r)
             a = r["artefacts"]
             print(
@@ -1106,6 +1198,15 @@ def main():
                 file=sys.stderr,
             )
     print_table(results)
+    measured = [(r["upload"], m) for r in results for m in r.get("fullres_measures", [])]
+    if measured:
+        print("\n/download_full, one at a time: time, and the server's peak RSS over the download alone")
+        print(f"{'upload':<16} {'format':<6} {'s':>6} {'MB out':>7} {'RSS before':>10} {'peak RSS':>9}")
+        for name, m in measured:
+            print(
+                f"{name:<16} {m['format']:<6} {m['seconds']:>6.2f} {m['bytes'] / MIB:>7.1f} "
+                f"{m['rss_before_mb']:>10.1f} {m['peak_rss_mb']:>9.1f}"
+            )
     cap_bad = []
     if args.cap_check:
         for r in results:

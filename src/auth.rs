@@ -19,15 +19,25 @@
 //! (OWASP's "device cookies") and is throttled on its own counter instead of its address's.
 //! What an attacker can still do is lock out browsers that never logged in from the
 //! address they share with it, for the back-off's length (at most five minutes at a time).
+//!
+//! **API tokens.** Scripts send `Authorization: Bearer <token>` with a token of
+//! `API_TOKENS` instead of posting the login form ([`TokenAuth`]). A token's session is
+//! derived from it (a keyed hash with the app's secret), so a script's calls share one
+//! session and its artefacts. A bearer request is never bound to a cookie: it needs no
+//! cross-origin check (a page on another site cannot add the header without a CORS
+//! preflight, which this app never grants), and a refused token is a 401 even when a valid
+//! cookie came with it. Only the `Bearer` scheme is read: a proxy's `Basic` credentials
+//! pass through to the cookie check as before.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hkdf::Hkdf;
 use rocket::fairing::AdHoc;
 use rocket::form::Form;
-use rocket::http::{Cookie, CookieJar, Header, SameSite, Status};
+use rocket::http::{ContentType, Cookie, CookieJar, Header, SameSite, Status};
 use rocket::request::{FromRequest, Outcome, Request};
 use rocket::response::Redirect;
 use rocket::{Route, State};
@@ -213,16 +223,190 @@ impl Sessions {
     }
 }
 
-/// Manages [`Sessions`].
+/// Manages [`Sessions`] and [`TokenAuth`] (after the configuration stage, whose
+/// `API_TOKENS` it reads).
 pub fn stage() -> AdHoc {
-    AdHoc::on_ignite("Sessions", |rocket| async move { rocket.manage(Sessions::default()) })
+    AdHoc::on_ignite("Sessions", |rocket| async move {
+        let tokens = rocket.state::<AppConfig>().map(|cfg| cfg.api_tokens.clone()).unwrap_or_default();
+        let auth = TokenAuth::new(&tokens, &secret_material(rocket.figment()));
+        rocket.manage(Sessions::default()).manage(auth)
+    })
 }
 
-/// A logged-in browser session. Routes that take a `User` answer 401 without one.
+/// A logged-in session: a browser's cookie or a script's API token. Routes that take a
+/// `User` answer 401 without one.
 pub struct User {
     pub session: SessionId,
     pub issued_ms: u64,
+    /// Came with a valid API token rather than a cookie (nothing to revoke at logout).
+    pub via_token: bool,
 }
+
+/// Shortest API token accepted: even in hex, 16 random characters are 64 bits, beyond
+/// guessing over HTTP.
+pub const MIN_TOKEN_CHARS: usize = 16;
+/// Longest: a header line, not a body.
+pub const MAX_TOKEN_CHARS: usize = 512;
+
+/// `API_TOKENS` as configured: a secret, so `Debug` shows only how many there are and
+/// nothing serialises it. Read from a string only: figment reads an all-digit value as a
+/// number, which would lose leading zeros, so such a value is refused at launch.
+#[derive(Clone, Default)]
+pub struct ApiTokens(Vec<String>);
+
+impl ApiTokens {
+    /// The comma-separated list as given (empty entries kept, for [`ApiTokens::check`]).
+    pub fn parse(list: &str) -> Self {
+        if list.trim().is_empty() {
+            return ApiTokens(Vec::new());
+        }
+        ApiTokens(list.split(',').map(|t| t.trim().to_string()).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The first problem, naming the entry by position and never quoting it.
+    pub fn check(&self) -> Result<(), String> {
+        // RFC 6750's b64token characters: what a bearer header can carry unquoted.
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+        for (i, token) in self.0.iter().enumerate() {
+            let n = i + 1;
+            if token.is_empty() {
+                return Err(format!("entry {n} is empty (a doubled or trailing comma?)"));
+            }
+            if token.len() < MIN_TOKEN_CHARS {
+                return Err(format!("entry {n} is shorter than {MIN_TOKEN_CHARS} characters"));
+            }
+            if token.len() > MAX_TOKEN_CHARS {
+                return Err(format!("entry {n} is longer than {MAX_TOKEN_CHARS} characters"));
+            }
+            if !token.chars().all(allowed) {
+                return Err(format!("entry {n} may hold only letters, digits and - . _ ~ + / ="));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "({} set, not shown)", self.0.len())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ApiTokens {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct List;
+
+        impl serde::de::Visitor<'_> for List {
+            type Value = ApiTokens;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a comma-separated list of tokens, each with at least one letter")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<ApiTokens, E> {
+                Ok(ApiTokens::parse(value))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ApiTokens, E> {
+                Ok(ApiTokens::default())
+            }
+        }
+
+        deserializer.deserialize_any(List)
+    }
+}
+
+/// The configured API tokens as the guard checks them: each token's SHA-256 (compared in
+/// constant time, and of one length whatever the token's, so a comparison tells nothing
+/// of either) and the session derived from it.
+pub struct TokenAuth {
+    tokens: Vec<([u8; 32], SessionId)>,
+}
+
+const TOKEN_SESSION_INFO: &[u8] = b"drishya/api-token-session/v1";
+
+impl TokenAuth {
+    /// `secret` keys the derivation of sessions: a session id is seen in the store (a
+    /// directory or a bucket's keys), and without the key it cannot be used to test
+    /// guesses of the token offline.
+    pub fn new(tokens: &ApiTokens, secret: &[u8]) -> Self {
+        let tokens = tokens
+            .0
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|token| (Sha256::digest(token.as_bytes()).into(), token_session(secret, token)))
+            .collect();
+        TokenAuth { tokens }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// The session of `given` if it is one of the tokens. Every configured token is
+    /// compared, matched or not, as `password_matches` compares a password.
+    pub fn session_for(&self, given: &str) -> Option<SessionId> {
+        let digest: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        let mut found = None;
+        for (expected, session) in &self.tokens {
+            if bool::from(digest.as_slice().ct_eq(expected.as_slice())) {
+                found = Some(session.clone());
+            }
+        }
+        found
+    }
+}
+
+/// The session of `token`: 128 bits of HKDF-SHA-256 keyed by the app's secret.
+fn token_session(secret: &[u8], token: &str) -> SessionId {
+    let mut id = [0u8; 16];
+    // 16 bytes is far below HKDF-SHA-256's 255 * 32 byte limit: cannot fail.
+    if Hkdf::<Sha256>::new(Some(secret), token.as_bytes()).expand(TOKEN_SESSION_INFO, &mut id).is_err() {
+        unreachable!("HKDF-SHA-256 output of 16 bytes is always valid");
+    }
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    SessionId::parse(&hex).unwrap_or_else(SessionId::random)
+}
+
+/// The key material for [`TokenAuth`]: Rocket's `secret_key` as configured (the same on
+/// every replica and across restarts, so a token keeps its session), else a random one
+/// for this process (development without `SECRET_KEY`, whose cookies die with it too).
+/// Without a key the figment still holds Rocket's default, the zero key, which everyone
+/// knows: that counts as none.
+fn secret_material(figment: &rocket::figment::Figment) -> Vec<u8> {
+    let provided = figment.extract_inner::<rocket::config::SecretKey>("secret_key").is_ok_and(|k| k.is_provided());
+    provided
+        .then(|| figment.find_value("secret_key").ok())
+        .flatten()
+        .and_then(|value| serde_json::to_vec(&value).ok())
+        .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec())
+}
+
+/// The token of the request's `Authorization` header that uses the Bearer scheme, looked
+/// for among all of them (a proxy may have added its own; other schemes, such as its Basic
+/// credentials, are not ours to judge). Two bearer credentials are ambiguous: neither is
+/// used, and the request is refused as one with a bad token (the empty token, which no
+/// configured token can be).
+fn bearer_token<'r>(request: &'r Request<'_>) -> Option<&'r str> {
+    let mut bearers = request.headers().get("Authorization").filter_map(|value| {
+        let value = value.trim();
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    let first = bearers.next()?;
+    Some(if bearers.next().is_some() { "" } else { first })
+}
+
+/// Set on a request whose bearer token was refused, for the 401's message.
+struct TokenRefused(bool);
 
 /// The session in `request`'s cookie, if it is one the server still accepts.
 fn session_of(request: &Request<'_>) -> Option<Result<SessionToken, SessionRefused>> {
@@ -288,11 +472,31 @@ impl<'r> FromRequest<'r> for User {
     type Error = ();
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
+        // A bearer request carries no cookie authority: no cross-origin check, and a
+        // refused token never falls back to a cookie that came with it.
+        if let Some(given) = bearer_token(request) {
+            let session = request.rocket().state::<TokenAuth>().and_then(|auth| auth.session_for(given));
+            return match session {
+                Some(session) => Outcome::Success(User { session, issued_ms: now_ms(), via_token: true }),
+                None => {
+                    // Never the token itself: it may be a real one with a typo.
+                    let why = match request.rocket().state::<TokenAuth>() {
+                        Some(auth) if auth.enabled() => "not one of API_TOKENS",
+                        _ => "API_TOKENS is not set",
+                    };
+                    log::info!("{} {}: API token refused ({why})", request.method(), request.uri().path());
+                    request.local_cache(|| TokenRefused(true));
+                    Outcome::Error((Status::Unauthorized, ()))
+                }
+            };
+        }
         if request.method() != rocket::http::Method::Get && is_cross_origin(request) {
             return Outcome::Error((Status::Forbidden, ()));
         }
         match session_of(request) {
-            Some(Ok(token)) => Outcome::Success(User { session: token.session, issued_ms: token.issued_ms }),
+            Some(Ok(token)) => {
+                Outcome::Success(User { session: token.session, issued_ms: token.issued_ms, via_token: false })
+            }
             Some(Err(why)) => {
                 log::info!("session cookie refused: {why}");
                 // The browser stops sending a cookie that can never work again.
@@ -594,8 +798,11 @@ async fn logout(
     cfg: &State<AppConfig>,
 ) -> Redirect {
     if let Some(user) = user {
-        let token = SessionToken::new(user.session.clone(), user.issued_ms);
-        sessions.revoke(&token, cfg.session_lifetime(), now_ms());
+        // A token's session has no cookie to revoke: its artefacts go, the token stays valid.
+        if !user.via_token {
+            let token = SessionToken::new(user.session.clone(), user.issued_ms);
+            sessions.revoke(&token, cfg.session_lifetime(), now_ms());
+        }
         // A shared store is a network call: off the async workers.
         let store = store.inner().clone();
         let _ = rocket::tokio::task::spawn_blocking(move || store.remove_session(&user.session)).await;
@@ -633,10 +840,13 @@ fn index(
     jar: &CookieJar<'_>,
     https: Https,
 ) -> Template {
-    if user.is_none() {
+    let Some(user) = user else {
         return login_template(cfg, assets, None);
+    };
+    // A script's token earns no browser cookie: bearer requests are not cookie-bound.
+    if !user.via_token {
+        ensure_device_cookie(jar, cfg, https.0);
     }
-    ensure_device_cookie(jar, cfg, https.0);
     Template::render(
         "index",
         context! {
@@ -651,6 +861,33 @@ fn index(
 
 pub fn routes() -> Vec<Route> {
     routes![index, login, logout]
+}
+
+/// Every 401 as `{"error": ...}`; a refused API token says so, with RFC 6750's
+/// `WWW-Authenticate` (browsers never get that header: they would not know the scheme).
+#[catch(401)]
+fn unauthorized(request: &Request<'_>) -> Unauthorized {
+    Unauthorized { token_refused: request.local_cache(|| TokenRefused(false)).0 }
+}
+
+struct Unauthorized {
+    token_refused: bool,
+}
+
+impl<'r> rocket::response::Responder<'r, 'static> for Unauthorized {
+    fn respond_to(self, request: &'r Request<'_>) -> rocket::response::Result<'static> {
+        let message = if self.token_refused { "invalid API token" } else { "login required" };
+        let body = serde_json::json!({ "error": message }).to_string();
+        let mut response = (Status::Unauthorized, (ContentType::JSON, body)).respond_to(request)?;
+        if self.token_refused {
+            response.set_header(Header::new("WWW-Authenticate", r#"Bearer realm="drishya", error="invalid_token""#));
+        }
+        Ok(response)
+    }
+}
+
+pub fn catchers() -> Vec<rocket::Catcher> {
+    catchers![unauthorized]
 }
 
 #[cfg(test)]

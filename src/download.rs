@@ -15,7 +15,9 @@
 //!   file is removed and `dest` is left as it was (absent, or the previous file);
 //! * progress is logged at least every 10 % (every 8 MiB when the length is
 //!   unknown), and URLs are always logged through [`redact_url`]: their user
-//!   information, query string and fragment can hold access tokens.
+//!   information, query string and fragment can hold access tokens;
+//! * the transfers under way are listed by [`in_progress`] (for `/health`, which the
+//!   page polls to show "downloading n %" while the first mask waits for the model).
 //!
 //! Limits: a body that ends by closing the connection (no `Content-Length`, not
 //! chunked) cannot be told apart from a cut-off one, so give `sha256` for such
@@ -29,8 +31,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 /// Size of the single buffer the body is streamed through.
@@ -188,6 +192,8 @@ pub fn download(req: &DownloadRequest) -> Result<u64, DownloadError> {
     log_start(&url, req, announced);
     let started = Instant::now();
     let transfer = Transfer { url: &url, max_bytes: req.max_bytes, announced, read_timeout: req.read_timeout };
+    // Listed from the first body byte until this function returns, whatever the outcome.
+    let _listed = Listed::new(&url, announced);
     let mut reader = response.into_body().into_reader();
     let copied = copy_body(&mut reader, &mut part, &transfer)?;
     verify_checksum(expected_sha256.as_deref(), &copied.sha256, &url)?;
@@ -488,6 +494,7 @@ fn copy_body(reader: &mut impl Read, part: &mut PartFile, t: &Transfer) -> Resul
         hasher.update(chunk);
         got = total;
         progress.advance(got);
+        Listed::update(t.url, got);
     }
     match t.announced {
         Some(expected) if got != expected => {
@@ -552,6 +559,75 @@ fn log_done(dest: &Path, copied: &Copied, elapsed: Duration) {
         secs(elapsed),
         copied.sha256
     );
+}
+
+/// One model download under way, as `/health` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DownloadProgress {
+    /// The model's URL, redacted.
+    pub url: String,
+    /// Bytes received so far.
+    pub bytes: u64,
+    /// The announced length, when the server gave one.
+    pub total_bytes: Option<u64>,
+    /// Whole percent received (rounded down), when the length is known.
+    pub percent: Option<u8>,
+}
+
+impl DownloadProgress {
+    fn percent_of(bytes: u64, total: Option<u64>) -> Option<u8> {
+        total.map(|t| (u128::from(bytes.min(t)) * 100 / u128::from(t.max(1))) as u8)
+    }
+}
+
+/// The downloads under way in this process. Loads are one at a time (the model slot's
+/// lock), so the list holds at most one entry but for tests downloading side by side.
+static ACTIVE: Mutex<Vec<DownloadProgress>> = Mutex::new(Vec::new());
+
+/// The model downloads under way now: cheap (a copy of a list of at most a few entries).
+#[must_use]
+pub fn in_progress() -> Vec<DownloadProgress> {
+    ACTIVE.lock().map(|list| list.clone()).unwrap_or_else(|e| e.into_inner().clone())
+}
+
+/// A transfer's entry in [`ACTIVE`], removed when dropped. Entries are found by their
+/// (redacted) URL: two simultaneous downloads of the same URL share one line, which is
+/// all a progress display needs.
+struct Listed {
+    url: String,
+}
+
+impl Listed {
+    fn new(url: &str, total: Option<u64>) -> Self {
+        let entry = DownloadProgress {
+            url: url.to_owned(),
+            bytes: 0,
+            total_bytes: total,
+            percent: DownloadProgress::percent_of(0, total),
+        };
+        let mut list = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        list.push(entry);
+        Listed { url: url.to_owned() }
+    }
+
+    /// Records `got` bytes received for `url`. Called per read: an uncontended lock
+    /// costs nothing beside a read from the network.
+    fn update(url: &str, got: u64) {
+        let mut list = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = list.iter_mut().find(|e| e.url == url) {
+            entry.bytes = got;
+            entry.percent = DownloadProgress::percent_of(got, entry.total_bytes);
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut list = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = list.iter().position(|e| e.url == self.url) {
+            list.remove(at);
+        }
+    }
 }
 
 /// Logs download progress every 10 % of a known length, or every 8 MiB.
@@ -761,6 +837,78 @@ mod tests {
         assert!(msg.contains("quantize") && msg.contains("smaller model") && msg.contains("MAX_MODEL_MB"), "{msg}");
         let streamed = too_large("http://h/m", 350 * MB + 1, 350 * MB, false).to_string();
         assert!(streamed.contains("over the 350 MB limit (its size was not announced"), "{streamed}");
+    }
+
+    /// A transfer half-way shows in `in_progress` with its bytes and percent (URL
+    /// redacted), and is gone once the download has returned.
+    #[test]
+    fn lists_a_download_while_it_runs_and_forgets_it_after() {
+        use std::io::BufRead;
+        use std::net::TcpListener;
+        use std::sync::mpsc;
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let body = vec![7u8; 256 * 1024];
+        let (len, half) = (body.len() as u64, body.len() / 2);
+        let (go_on, resume) = mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut reader = io::BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line != "\r\n" {
+                line.clear();
+            }
+            let mut stream = stream;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            stream.write_all(head.as_bytes()).expect("head");
+            stream.write_all(&body[..half]).expect("first half");
+            stream.flush().expect("flush");
+            resume.recv().expect("resume");
+            stream.write_all(&body[half..]).expect("second half");
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("m.onnx");
+        let url = format!("http://127.0.0.1:{port}/m.onnx?token=secret");
+        let shown = format!("http://127.0.0.1:{port}/m.onnx?***");
+        let fetch = {
+            let (url, dest) = (url.clone(), dest.clone());
+            std::thread::spawn(move || {
+                download(&DownloadRequest {
+                    url: &url,
+                    dest: &dest,
+                    sha256: None,
+                    max_bytes: 1 << 30,
+                    connect_timeout: Duration::from_secs(5),
+                    read_timeout: Duration::from_secs(20),
+                })
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let seen = loop {
+            let entry = in_progress().into_iter().find(|e| e.url == shown);
+            if let Some(e) = entry.filter(|e| e.bytes == half as u64) {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "the half-way download never showed: {:?}", in_progress());
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(seen.total_bytes, Some(len));
+        assert_eq!(seen.percent, Some(50));
+        go_on.send(()).expect("resume the server");
+        let got = fetch.join().expect("download thread");
+        server.join().expect("server thread");
+        assert_eq!(got.ok(), Some(len));
+        assert!(in_progress().iter().all(|e| e.url != shown), "still listed after the end: {:?}", in_progress());
+        assert!(!format!("{:?}", in_progress()).contains("secret"));
+    }
+
+    #[test]
+    fn percent_is_whole_and_capped() {
+        assert_eq!(DownloadProgress::percent_of(0, Some(3)), Some(0));
+        assert_eq!(DownloadProgress::percent_of(2, Some(3)), Some(66));
+        assert_eq!(DownloadProgress::percent_of(5, Some(3)), Some(100));
+        assert_eq!(DownloadProgress::percent_of(5, None), None);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Busy {
 pub struct Gate {
     admission: Arc<Semaphore>,
     running: Arc<Semaphore>,
+    /// The two sizes, for [`Gate::occupancy`] (a semaphore does not say its own).
+    places: usize,
+    running_places: usize,
 }
 
 /// Admitted (holding a queue place), not yet running.
@@ -50,7 +53,17 @@ impl Gate {
         Gate {
             admission: Arc::new(Semaphore::new(running.max(1) + queue)),
             running: Arc::new(Semaphore::new(running.max(1))),
+            places: running.max(1) + queue,
+            running_places: running.max(1),
         }
+    }
+
+    /// Jobs holding a running place now, and jobs admitted without one (queued, or paused
+    /// while they wait on another gate): the metrics' queue depths.
+    pub fn occupancy(&self) -> (usize, usize) {
+        let running = self.running_places.saturating_sub(self.running.available_permits());
+        let admitted = self.places.saturating_sub(self.admission.available_permits());
+        (running, admitted.saturating_sub(running))
     }
 
     /// Takes a queue place, or says how long to wait.
@@ -116,30 +129,48 @@ impl ImageJobs {
     }
 
     pub(crate) fn admit(&self) -> Result<Admitted, Busy> {
-        self.0.admit(IMAGE_RETRY_SECS)
+        self.0.admit(IMAGE_RETRY_SECS).inspect_err(|_| crate::observe::gate_refused("image"))
     }
 
-    pub(crate) async fn run(admitted: Admitted) -> Result<Pass, Busy> {
-        admitted.run().await.ok_or(Busy { retry_after: IMAGE_RETRY_SECS })
+    pub(crate) async fn run(admitted: Admitted) -> Result<ImageJob, Busy> {
+        admitted.run().await.map(ImageJob::new).ok_or(Busy { retry_after: IMAGE_RETRY_SECS })
     }
 
     /// Waits for a place for a job on `upload`, then lets the next upload in. While the
     /// job waits in the queue, the upload's file is flushed and dropped from the page
     /// cache, which the container's memory cgroup counts: 64 queued 4 MB uploads would
     /// otherwise all be charged to it (docs/performance.md §2 item 5).
-    pub(crate) async fn enter_with(&self, upload: &TempFile<'_>, slot: UploadSlot) -> Result<Pass, Busy> {
+    pub(crate) async fn enter_with(&self, upload: &TempFile<'_>, slot: UploadSlot) -> Result<ImageJob, Busy> {
         let busy = Busy { retry_after: IMAGE_RETRY_SECS };
-        match self.0.admit(IMAGE_RETRY_SECS)?.try_run() {
-            Ok(pass) => Ok(pass),
+        match self.admit()?.try_run() {
+            Ok(pass) => Ok(ImageJob::new(pass)),
             Err(queued) => {
                 if let Some(path) = upload.path().map(Path::to_path_buf) {
                     // Best effort: a failure only leaves the pages cached.
                     let _ = spawn_blocking(move || storage::uncache(&path)).await;
                 }
                 drop(slot);
-                queued.run().await.ok_or(busy)
+                queued.run().await.map(ImageJob::new).ok_or(busy)
             }
         }
+    }
+}
+
+/// A running image job: its [`Pass`], and the timer that gives its running time to the
+/// metrics when the job ends or pauses.
+pub struct ImageJob {
+    pass: Pass,
+    _timer: crate::observe::ImageJobTimer,
+}
+
+impl ImageJob {
+    fn new(pass: Pass) -> Self {
+        ImageJob { pass, _timer: crate::observe::ImageJobTimer::start() }
+    }
+
+    /// As [`Pass::pause`]; the stretch run so far is recorded.
+    pub fn pause(self) -> Admitted {
+        self.pass.pause()
     }
 }
 
@@ -164,12 +195,18 @@ impl<'r> FromRequest<'r> for UploadSlot {
         match gate.0.enter(IMAGE_RETRY_SECS).await {
             Ok(pass) => Outcome::Success(UploadSlot(pass)),
             Err(busy) => {
+                crate::observe::gate_refused("upload");
                 // For the catcher: the 503 carries Retry-After like every other "busy".
                 request.local_cache(|| Some(busy));
                 Outcome::Error((Status::ServiceUnavailable, busy))
             }
         }
     }
+}
+
+/// The upload gate of `rocket` (for the metrics' queue depths).
+pub fn uploads(rocket: &rocket::Rocket<rocket::Orbit>) -> Option<&Gate> {
+    rocket.state::<UploadGate>().map(|gate| &gate.0)
 }
 
 /// Manages the image-job gate from `IMAGE_CONCURRENCY` / `IMAGE_QUEUE`.

@@ -14,7 +14,8 @@ use rocket::{Route, State};
 
 use crate::auth::User;
 use crate::config::{environment_name, AppConfig};
-use crate::models::{ModelManager, Probe};
+use crate::download;
+use crate::models::{LoadState, ModelManager, Probe};
 use crate::storage::{Artefacts, DirHealth};
 use crate::sysmem;
 
@@ -91,10 +92,27 @@ async fn health(
         },
         "directories": dirs,
     });
+    // Inside `model`, so that the documented top-level keys stay as they are.
+    if let Some(m) = answer.get_mut("model").and_then(Value::as_object_mut) {
+        m.insert("download".into(), json!(download::in_progress().into_iter().next()));
+        let free = models.gate().free_places();
+        let loading = model.state == LoadState::Loading;
+        m.insert("queue".into(), queue(cfg.inference_concurrency, cfg.inference_queue, free, loading));
+    }
     if user.is_none() {
         without_paths(&mut answer, cfg);
     }
     Json(answer)
+}
+
+/// The inference gate as the page shows it while a mask waits: `admitted` requests hold a
+/// place (running or waiting), `waiting` of them have no running place yet; during a load
+/// every admitted request waits for the model.
+fn queue(running_max: usize, waiting_max: usize, free: usize, loading: bool) -> Value {
+    let running_max = running_max.max(1);
+    let admitted = (running_max + waiting_max).saturating_sub(free);
+    let waiting = if loading { admitted } else { admitted.saturating_sub(running_max) };
+    json!({ "running_max": running_max, "waiting_max": waiting_max, "admitted": admitted, "waiting": waiting })
 }
 
 /// Readiness: 200 when a mask could be served now (a model loaded, or present and
@@ -174,6 +192,21 @@ pub fn routes() -> Vec<Route> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[rocket::async_test]
+    async fn queue_counts_the_places_taken_on_the_real_gate() {
+        let gate = crate::gate::Gate::new(1, 3);
+        assert_eq!(
+            queue(1, 3, gate.free_places(), false),
+            json!({"running_max": 1, "waiting_max": 3, "admitted": 0, "waiting": 0})
+        );
+        let _running = gate.enter(1).await.expect("a place");
+        let _waiting = [gate.admit(1).expect("queued"), gate.admit(1).expect("queued")];
+        let figures = queue(1, 3, gate.free_places(), false);
+        assert_eq!((figures["admitted"].as_u64(), figures["waiting"].as_u64()), (Some(3), Some(2)));
+        let figures = queue(1, 3, gate.free_places(), true);
+        assert_eq!(figures["waiting"].as_u64(), Some(3), "during a load every admitted request waits");
+    }
 
     #[test]
     fn anonymous_answers_show_file_names_only() {

@@ -11,11 +11,15 @@ pub mod auth;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod exports;
 pub mod flow;
 pub mod front;
 pub mod gate;
 pub mod health;
 pub mod models;
+pub mod observe;
+pub mod oneshot;
+pub mod openapi;
 pub mod storage;
 pub mod sysmem;
 pub mod web;
@@ -44,11 +48,15 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .attach(gate::stage())
         .attach(Template::fairing())
         .attach(web::headers())
+        .attach(observe::stage())
         .attach(web::assets())
         .manage(Arc::new(auth::Throttle::default()))
         .mount("/", auth::routes())
         .mount("/", api::routes())
+        .mount("/", exports::routes())
         .mount("/", health::routes())
+        .mount("/", [oneshot::routes(), openapi::routes()].concat())
         .mount("/static", web::static_files())
         .register("/", api::catchers())
+        .register("/", auth::catchers())
 }

@@ -579,11 +579,12 @@ impl ModelManager {
         image_key: String,
         prompt: BoxPrompt,
     ) -> Result<MaskOutcome, MaskError> {
-        let admitted = self.gate.admit(self.retry_hint())?;
+        let admitted = self.gate.admit(self.retry_hint()).inspect_err(|_| crate::observe::gate_refused("inference"))?;
         let segmenter = self.segmenter().await?;
         let _running =
             admitted.run().await.ok_or_else(|| MaskError::Unavailable("the service is shutting down".into()))?;
         let model = segmenter.info().clone();
+        let started = Instant::now();
         let mask = spawn_blocking(move || {
             let mask = segmenter.segment(&SegmentRequest { image: &image, image_key: &image_key, prompt });
             drishya_alloc::release_free_memory();
@@ -591,6 +592,7 @@ impl ModelManager {
         })
         .await
         .map_err(|e| SegmentError::Inference(format!("inference task failed: {e}")))??;
+        crate::observe::inference_ran(model.kind, started.elapsed());
         if let Ok(mut last) = self.last_used.lock() {
             *last = Instant::now();
         }
@@ -691,6 +693,7 @@ fn settle(
     started: Instant,
 ) -> Result<Arc<dyn Segmenter>, MaskError> {
     let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    crate::observe::model_load_settled(result.loaded.is_some(), result.fallback_to_box);
     s.skipped = result.skipped.clone();
     match result.loaded {
         Some(segmenter) => {

@@ -106,6 +106,10 @@ impl Fairing for Headers {
             response.set_header(Header::new("Cache-Control", cache));
         }
         let took = request.local_cache(|| Started(Instant::now())).0.elapsed();
+        // With LOG_FORMAT=json the request line is `observe`'s, a JSON object.
+        if crate::observe::json_request_log(request) {
+            return;
+        }
         // The path only: a query string may carry a credential (`/login?password=...`).
         log::info!(
             target: "drishya::request",
@@ -158,7 +162,11 @@ impl log::Log for Logger {
             log::Level::Warn if indent.is_empty() => "Warning: ",
             _ => "",
         };
-        let line = format!("{indent}{label}{text}\n");
+        let line = if crate::observe::json_logs() {
+            crate::observe::json_record(level, target, &text)
+        } else {
+            format!("{indent}{label}{text}\n")
+        };
         // One write per line, so that lines from several threads do not interleave.
         let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), line.as_bytes());
     }
@@ -199,6 +207,10 @@ pub fn install_logger(level: rocket::config::LogLevel) {
     static LOGGER: Logger = Logger;
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level.into());
+        // From the first line on: the app's own switch (at ignite) comes after a few.
+        if crate::config::configured_log_format() == crate::observe::LogFormat::Json {
+            crate::observe::use_json_lines();
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 /* Drishya — the page logic.
  *
  * Sections: helpers · status and errors · model status · stage and views ·
- * box tool · scene upload · mask · product and settings · replace · wiring.
+ * box tool (with its undo history) · scene upload · mask · product and settings ·
+ * replace and downloads · wiring.
  * Network calls live in api.js (window.DrishyaApi).
  * Box coordinates are kept in WORKING-IMAGE pixels (the image the server
  * holds); the canvas only converts to and from screen pixels when drawing
@@ -48,6 +49,10 @@ function initApp() {
     sceneProgress: $('scene-progress'), sceneBar: $('scene-progress-bar'),
     stepSelect: $('step-select'), stepProduct: $('step-product'), stepResult: $('step-result'),
     boxReadout: $('box-readout'), boxAll: $('box-all'), boxClear: $('box-clear'),
+    boxUndo: $('box-undo'), boxRedo: $('box-redo'), settingsReset: $('settings-reset'),
+    downloadCutout: $('download-cutout'), downloadMask: $('download-mask'), downloadFull: $('download-full'),
+    downloadFormat: $('download-format'), downloadQuality: $('download-quality'),
+    downloadQualityField: $('download-quality-field'),
     generate: $('generate-mask'), maskInfo: $('mask-info'),
     productInput: $('product-input'), productDrop: $('product-dropzone'),
     productThumbWrap: $('product-thumb-wrap'), productThumb: $('product-thumb'),
@@ -74,7 +79,11 @@ function initApp() {
     view: 'scene',
     busy: false,
     health: null,
+    // Box history of the current photo: `past` holds the boxes before each change (null =
+    // no box), newest last; `future` the ones undone, for redo.
+    history: { past: [], future: [] },
   };
+  const HISTORY_MAX = 100;
 
   /* ---------------------------------------------------------- helpers */
 
@@ -124,24 +133,35 @@ function initApp() {
   }
 
   let busyTimer = null;
+  let busyStarted = null; // Date.now() when a timed busy state began
+  let busyDetail = '';    // what the server says about the wait (download, queue)
+
+  function renderBusySub() {
+    const elapsed = busyStarted == null ? '' : `${Math.floor((Date.now() - busyStarted) / 1000)} s`;
+    el.busySub.textContent = [elapsed, busyDetail].filter(Boolean).join(' · ');
+  }
 
   function startBusy(text, { progress = null, timer = false } = {}) {
     state.busy = true;
     el.busy.hidden = false;
     setBusyText(text);
     setBusyProgress(progress);
+    busyDetail = '';
+    busyStarted = timer ? Date.now() : null;
     el.busySub.textContent = '';
     clearInterval(busyTimer);
-    if (timer) {
-      const started = Date.now();
-      busyTimer = setInterval(() => {
-        el.busySub.textContent = `${Math.floor((Date.now() - started) / 1000)} s`;
-      }, 1000);
-    }
+    if (timer) busyTimer = setInterval(renderBusySub, 1000);
     updateControls();
   }
 
+  function setBusyDetail(text) {
+    busyDetail = text || '';
+    renderBusySub();
+  }
+
   function setBusyText(text) {
+    // Unchanged text is not written again: the status line is read out by screen readers.
+    if (el.busyText.textContent === text) return;
     el.busyText.textContent = text;
     setStatus(text);
   }
@@ -155,11 +175,16 @@ function initApp() {
     state.busy = false;
     el.busy.hidden = true;
     clearInterval(busyTimer);
+    busyStarted = null;
+    busyDetail = '';
     updateControls();
   }
 
+  let retryingUntil = 0; // while a 503's Retry-After runs, its countdown owns the busy text
+
   /** Shown while a 503 Retry-After is being waited out. */
   function onServerBusy(seconds, attempt) {
+    retryingUntil = Date.now() + seconds * 1000;
     setBusyText(`Server busy, retrying in ${seconds}s… (retry ${attempt} of ${Api.MAX_BUSY_RETRIES})`);
   }
 
@@ -192,10 +217,14 @@ function initApp() {
     const fallback = Boolean(model.fallback_to_box);
     const unusable = st === 'failed' || st === 'none';
     const name = modelName(model);
+    const download = model.download;
+    const label = download
+      ? `downloading${download.percent != null ? ` ${download.percent} %` : '…'}`
+      : MODEL_STATE_LABEL[st] || st;
     el.modelDot.className = `dot dot-${st}`;
     el.modelText.textContent = unusable && fallback
       ? 'Box fallback'
-      : `${name} · ${MODEL_STATE_LABEL[st] || st}`;
+      : `${name} · ${label}`;
     el.modelChip.title = unusable && fallback
       ? 'No segmentation model: the box itself is used as the mask'
       : `Segmentation model ${name}: ${MODEL_STATE_LABEL[st] || st}`;
@@ -205,6 +234,9 @@ function initApp() {
       ['Model', st === 'none' ? 'none' : `${name}${model.kind ? ` (${model.kind})` : ''}`],
       ['State', MODEL_STATE_LABEL[st] || st],
     ];
+    if (download) rows.push(['Download', downloadText(download)]);
+    const queue = model.queue;
+    if (queue && queue.admitted > 0) rows.push(['Queue', `${queue.admitted} in progress, ${queue.waiting} waiting`]);
     if (model.file_size_mb != null) rows.push(['File size', `${Number(model.file_size_mb).toFixed(1)} MB`]);
     if (model.load_seconds != null) rows.push(['Load time', `${Number(model.load_seconds).toFixed(1)} s`]);
     if (configured.length > 1) rows.push(['Fallback chain', configured.join(' → ')]);
@@ -221,6 +253,14 @@ function initApp() {
       dl.append(dt, dd);
     }
     el.modelDetails.replaceChildren(dl);
+  }
+
+  /** "42 % · 1.9 MB of 4.6 MB", or the bytes so far when the server gave no length. */
+  function downloadText(download) {
+    const got = fmtBytes(download.bytes || 0);
+    return download.percent != null && download.total_bytes
+      ? `${download.percent} % · ${got} of ${fmtBytes(download.total_bytes)}`
+      : `${got} so far`;
   }
 
   async function refreshHealth() {
@@ -419,7 +459,10 @@ function initApp() {
     if (cancelled || !b || b.x1 - b.x0 < minImg || b.y1 - b.y0 < minImg) {
       state.box = before; // a click or a tiny drag keeps the previous box
     }
-    if (!sameBox(before, state.box)) onBoxChanged();
+    if (!sameBox(before, state.box)) {
+      remember(before);
+      onBoxChanged();
+    }
     drawBox();
     renderBoxReadout();
   }
@@ -444,17 +487,76 @@ function initApp() {
   }
 
   function onBoxChanged() {
-    if (state.mask) state.mask.stale = true;
+    // The server's mask is for the box it was made from: undoing back to that box makes it
+    // current again, any other box makes it stale.
+    if (state.mask) state.mask.stale = !(state.box && state.mask.box && sameIntBox(intBox(), state.mask.box));
     if (state.view === 'mask') setView('scene');
     renderMaskInfo();
     updateControls();
   }
 
+  function sameIntBox(a, b) {
+    return a.x_min === b.x_min && a.y_min === b.y_min && a.x_max === b.x_max && a.y_max === b.y_max;
+  }
+
   function setBox(box) {
+    const before = state.box;
     state.box = box;
+    if (!sameBox(before, box)) remember(before);
     onBoxChanged();
     drawBox();
     renderBoxReadout();
+  }
+
+  /* ---------------------------------------------------------- box history (undo / redo) */
+
+  /** Records the box as it was before a change; a new change drops what was undone. */
+  function remember(before) {
+    const h = state.history;
+    h.past.push(before ? { ...before } : null);
+    if (h.past.length > HISTORY_MAX) h.past.shift();
+    h.future = [];
+  }
+
+  const canUndo = () => Boolean(state.image) && !state.busy && !drag && state.history.past.length > 0;
+  const canRedo = () => Boolean(state.image) && !state.busy && !drag && state.history.future.length > 0;
+
+  /** Moves the current box onto `to` and takes the top of `from` as the box. */
+  function travel(from, to, what) {
+    to.push(state.box ? { ...state.box } : null);
+    state.box = from.pop();
+    onBoxChanged();
+    drawBox();
+    renderBoxReadout();
+    setStatus(state.box ? `${what}: ${el.boxReadout.textContent}` : `${what}: no box.`);
+  }
+
+  function undoBox() {
+    if (canUndo()) travel(state.history.past, state.history.future, 'Undone');
+  }
+
+  function redoBox() {
+    if (canRedo()) travel(state.history.future, state.history.past, 'Redone');
+  }
+
+  /** Where Ctrl+Z belongs to the field (its own text undo), not to the box. */
+  function isTyping(target) {
+    if (!target || !(target instanceof Element)) return false;
+    if (target.isContentEditable || target.tagName === 'TEXTAREA') return true;
+    if (target.tagName !== 'INPUT') return false;
+    return !['range', 'checkbox', 'radio', 'button', 'submit', 'reset', 'file', 'color'].includes(target.type);
+  }
+
+  /** Ctrl/Cmd+Z undoes, Ctrl/Cmd+Shift+Z and Ctrl+Y redo, anywhere on the page but in a text field. */
+  function onHistoryKey(e) {
+    if (e.altKey || !(e.ctrlKey || e.metaKey) || isTyping(e.target)) return;
+    const key = e.key.toLowerCase();
+    let action = null;
+    if (key === 'z') action = e.shiftKey ? redoBox : undoBox;
+    else if (key === 'y' && e.ctrlKey && !e.shiftKey) action = redoBox;
+    if (!action || !state.image) return;
+    e.preventDefault();
+    action();
   }
 
   function defaultBox() {
@@ -621,6 +723,7 @@ function initApp() {
       name: file.name, url,
     };
     state.box = null;
+    state.history = { past: [], future: [] }; // a box of the last photo means nothing on this one
     state.mask = null;
     state.result = null;
     const resized = state.image.sourceWidth !== res.width || state.image.sourceHeight !== res.height;
@@ -644,21 +747,48 @@ function initApp() {
     return 'Loading model (first use)…';
   }
 
-  /** While the model loads, poll /health so the text can move on to "Segmenting…". */
-  function watchModelLoad() {
+  /** Polls /health every `every` ms until stopped, saying what the mask waits for. */
+  function watchMaskWait(every = 1000) {
     let stopped = false;
     (async () => {
       while (!stopped) {
-        await new Promise((r) => setTimeout(r, 1500));
+        await new Promise((r) => setTimeout(r, every));
         if (stopped) break;
         const health = await refreshHealth();
-        if (!stopped && health && modelState(health) === 'ready') {
-          setBusyText('Segmenting…');
-          break;
-        }
+        if (!stopped && health) showMaskWait(health);
       }
     })();
     return () => { stopped = true; };
+  }
+
+  /**
+   * The busy card while a mask waits: the model's download (percent, bar), its load, or the
+   * inference queue. The server cannot tell one request's place in line, so the queue is
+   * shown as counts.
+   */
+  function showMaskWait(health) {
+    if (Date.now() < retryingUntil) return;
+    const model = health.model || {};
+    const queue = model.queue || {};
+    const st = modelState(health);
+    if (model.download) {
+      const d = model.download;
+      setBusyText(d.percent != null ? `Downloading model… ${d.percent} %` : 'Downloading model…');
+      setBusyProgress(d.percent != null ? d.percent / 100 : null);
+      // The percentage is in the text above: the detail says how much has arrived.
+      const arrived = d.total_bytes ? `${fmtBytes(d.bytes || 0)} of ${fmtBytes(d.total_bytes)}` : `${fmtBytes(d.bytes || 0)} so far`;
+      setBusyDetail([arrived, queue.admitted > 1 ? `${queue.admitted} requests are waiting for it` : '']
+        .filter(Boolean).join(' · '));
+      return;
+    }
+    setBusyProgress(null);
+    if (st === 'loading') {
+      setBusyText('Loading model…');
+      setBusyDetail(queue.admitted > 1 ? `${queue.admitted} requests are waiting for it` : '');
+    } else if (st === 'ready') {
+      setBusyText('Segmenting…');
+      setBusyDetail(queue.waiting > 0 ? `queue: ${queue.admitted} in progress, ${queue.waiting} waiting` : '');
+    }
   }
 
   async function generateMask() {
@@ -668,12 +798,12 @@ function initApp() {
     const health = await refreshHealth();
     const text = busyTextForModel(health);
     startBusy(text, { timer: true });
-    const stopWatch = text.startsWith('Loading model') ? watchModelLoad() : () => {};
+    const stopWatch = watchMaskWait();
     try {
       const res = await Api.generateMask(box, { onBusy: onServerBusy });
       const url = await Api.maskUrl();
       if (state.mask) revoke(state.mask.url);
-      state.mask = { ...res, url, stale: false };
+      state.mask = { ...res, url, stale: false, box };
       setView('mask');
       revealStage();
       renderMaskInfo();
@@ -778,6 +908,26 @@ function initApp() {
     $('grade-target').classList.toggle('is-disabled', !el.grading.checked);
   }
 
+  const settingInputs = () => [el.scale, el.feather, el.strength, el.blending, el.grading, ...el.gradeRadios];
+  const isToggle = (input) => input.type === 'checkbox' || input.type === 'radio';
+
+  /** The defaults are what the page's HTML sets (`defaultValue`, `defaultChecked`), nothing coded twice. */
+  function settingsAtDefaults() {
+    return settingInputs().every((i) => (isToggle(i) ? i.checked === i.defaultChecked : i.value === i.defaultValue));
+  }
+
+  function resetSettings() {
+    if (state.busy || settingsAtDefaults()) return;
+    for (const input of settingInputs()) {
+      if (isToggle(input)) input.checked = input.defaultChecked;
+      else input.value = input.defaultValue;
+    }
+    renderSettings();
+    markResultStale();
+    updateControls();
+    setStatus('Settings are back to their defaults.');
+  }
+
   function markResultStale() {
     if (state.result && !state.result.stale) {
       state.result.stale = true;
@@ -826,6 +976,35 @@ function initApp() {
     return 'Ready: press “Replace product”.';
   }
 
+  /** JPEG quality from its field: a whole number 1–100, 90 when the field holds nothing usable. */
+  function jpegQuality() {
+    const raw = el.downloadQuality.value.trim();
+    const value = Math.round(Number(raw));
+    return raw !== '' && Number.isFinite(value) ? clamp(value, 1, 100) : 90;
+  }
+
+  /** `/download_full?format=…` (+ `&quality=…` for JPEG, the only format that uses it). */
+  function fullDownloadHref() {
+    const format = el.downloadFormat.value;
+    const params = new URLSearchParams({ format });
+    if (format === 'jpeg') params.set('quality', String(jpegQuality()));
+    return `${el.downloadFull.dataset.href}?${params}`;
+  }
+
+  function renderFullDownload() {
+    const format = el.downloadFormat.value;
+    el.downloadQualityField.hidden = format !== 'jpeg';
+    el.downloadFull.setAttribute('download', `product_replaced_full.${format === 'jpeg' ? 'jpg' : format}`);
+  }
+
+  /** A download link is a real link only while there is something to download. */
+  function setLink(link, enabled, href) {
+    if (enabled) link.setAttribute('href', href);
+    else link.removeAttribute('href');
+    link.setAttribute('aria-disabled', String(!enabled));
+    link.tabIndex = enabled ? 0 : -1;
+  }
+
   /* ---------------------------------------------------------- controls */
 
   function updateControls() {
@@ -839,6 +1018,9 @@ function initApp() {
     el.sceneDrop.disabled = busy;
     el.boxAll.disabled = busy || !hasImage;
     el.boxClear.disabled = busy || !state.box;
+    el.boxUndo.disabled = !canUndo();
+    el.boxRedo.disabled = !canRedo();
+    el.settingsReset.disabled = busy || settingsAtDefaults();
     el.generate.disabled = busy || !hasImage || !state.box;
     el.generate.textContent = state.mask && !state.mask.stale ? 'Generate mask again' : 'Generate mask';
     el.productDrop.disabled = busy || !hasImage;
@@ -853,10 +1035,11 @@ function initApp() {
     el.download.classList.toggle('btn-secondary', !resultFresh);
     el.replace.classList.toggle('btn-primary', !resultFresh);
     el.replace.classList.toggle('btn-secondary', resultFresh);
-    if (canDownload) el.download.setAttribute('href', el.download.dataset.href);
-    else el.download.removeAttribute('href');
-    el.download.setAttribute('aria-disabled', String(!canDownload));
-    el.download.tabIndex = canDownload ? 0 : -1;
+    setLink(el.download, canDownload, el.download.dataset.href);
+    setLink(el.downloadFull, canDownload, fullDownloadHref());
+    const canDownloadMask = Boolean(state.mask) && !busy;
+    setLink(el.downloadCutout, canDownloadMask, el.downloadCutout.dataset.href);
+    setLink(el.downloadMask, canDownloadMask, el.downloadMask.dataset.href);
   }
 
   /* ---------------------------------------------------------- wiring */
@@ -919,15 +1102,27 @@ function initApp() {
     el.boxClear.addEventListener('click', () => setBox(null));
     el.generate.addEventListener('click', generateMask);
     el.replace.addEventListener('click', replaceProduct);
-    el.download.addEventListener('click', (e) => {
-      if (el.download.getAttribute('aria-disabled') === 'true') e.preventDefault();
+    for (const link of [el.download, el.downloadFull, el.downloadCutout, el.downloadMask]) {
+      link.addEventListener('click', (e) => {
+        if (link.getAttribute('aria-disabled') === 'true') e.preventDefault();
+      });
+    }
+    el.boxUndo.addEventListener('click', undoBox);
+    el.boxRedo.addEventListener('click', redoBox);
+    document.addEventListener('keydown', onHistoryKey);
+    el.settingsReset.addEventListener('click', resetSettings);
+    el.downloadFormat.addEventListener('change', () => { renderFullDownload(); updateControls(); });
+    el.downloadQuality.addEventListener('input', updateControls);
+    el.downloadQuality.addEventListener('change', () => {
+      el.downloadQuality.value = String(jpegQuality()); // show the value that will be sent
+      updateControls();
     });
 
     for (const tab of el.tabs) tab.addEventListener('click', () => setView(tab.dataset.view));
 
     for (const input of [el.scale, el.feather, el.strength, el.blending, el.grading, ...el.gradeRadios]) {
-      input.addEventListener('input', () => { renderSettings(); markResultStale(); });
-      input.addEventListener('change', () => { renderSettings(); markResultStale(); });
+      input.addEventListener('input', () => { renderSettings(); markResultStale(); updateControls(); });
+      input.addEventListener('change', () => { renderSettings(); markResultStale(); updateControls(); });
     }
 
     el.errorDismiss.addEventListener('click', clearError);
@@ -938,6 +1133,7 @@ function initApp() {
 
   wire();
   renderSettings();
+  renderFullDownload();
   renderBoxReadout();
   updateControls();
   refreshHealth();

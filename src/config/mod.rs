@@ -59,6 +59,9 @@ const BARE_ENV: &[&str] = &[
     "AWS_DEFAULT_REGION",
     "AWS_ALLOW_HTTP",
     "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    "API_TOKENS",
+    "METRICS_TOKEN",
+    "LOG_FORMAT",
 ];
 
 /// `SESSION_MAX_AGE` bounds: a minute (shorter is a typo, not a policy) to 30 days.
@@ -143,6 +146,16 @@ pub struct AppConfig {
     pub secret_key_source: Option<KeySource>,
     /// `SECRET_KEY` is an example file's placeholder (accepted, flagged). Set by [`figment`].
     pub secret_key_placeholder: bool,
+    /// Bearer tokens for scripts (`API_TOKENS`, comma-separated; see `auth::TokenAuth`).
+    /// A secret: `Debug` shows only their number, never serialised.
+    #[serde(skip_serializing)]
+    pub api_tokens: crate::auth::ApiTokens,
+    /// The bearer token `/metrics` asks for (`METRICS_TOKEN`); unset, `/metrics` is open.
+    /// A secret: never printed, never serialised.
+    #[serde(skip_serializing)]
+    pub metrics_token: Redacted,
+    /// `LOG_FORMAT`: `text` (the human lines) or `json` (one JSON object per line).
+    pub log_format: crate::observe::LogFormat,
 }
 
 impl Default for AppConfig {
@@ -185,6 +198,9 @@ impl Default for AppConfig {
             aws_virtual_hosted_style_request: false,
             secret_key_source: None,
             secret_key_placeholder: false,
+            api_tokens: crate::auth::ApiTokens::default(),
+            metrics_token: Redacted::default(),
+            log_format: crate::observe::LogFormat::default(),
         }
     }
 }
@@ -273,6 +289,16 @@ impl AppConfig {
                 }
             }
             Ok(_) => {}
+        }
+        if let Err(why) = self.api_tokens.check() {
+            return invalid("API_TOKENS", &why);
+        }
+        if let Some(token) = self.metrics_token() {
+            // As an API token: long enough not to be guessed over HTTP, and one header word.
+            let ok = (16..=512).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return invalid("METRICS_TOKEN", "must be 16-512 printable characters without spaces");
+            }
         }
         if matches!(&self.app_password, Some(p) if p.is_empty()) {
             return invalid("APP_PASSWORD", "must not be empty when set");
@@ -369,6 +395,11 @@ impl AppConfig {
     /// How long a login lasts (`SESSION_MAX_AGE`).
     pub fn session_lifetime(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.session_max_age)
+    }
+
+    /// The token `/metrics` asks for, when one is set (empty is unset, as a blank variable).
+    pub fn metrics_token(&self) -> Option<&str> {
+        self.metrics_token.0.as_deref().filter(|t| !t.is_empty())
     }
 
     pub fn upload_limit_bytes(&self) -> u64 {
@@ -493,6 +524,12 @@ fn settings() -> Figment {
 /// The port the server listens on, as configured (for `drishya healthcheck`).
 pub fn configured_port() -> Option<u16> {
     settings().extract_inner("port").ok()
+}
+
+/// `LOG_FORMAT` as configured, for the logger installed before the app is built (a bad
+/// value is the text format here, and stops the start in [`stage`]).
+pub fn configured_log_format() -> crate::observe::LogFormat {
+    settings().extract_inner("log_format").unwrap_or_default()
 }
 
 /// Gives Rocket a key for `text` (see `secret`) and records how it was made.
@@ -662,7 +699,11 @@ fn describe_figment_error(error: &rocket::figment::Error) -> String {
         return error.kind.to_string();
     }
     let var = variable_for(&key);
-    if key == "secret_key" || key == "app_password" {
+    // A token of digits only is read as a number and refused: never quote it.
+    if key == "metrics_token" {
+        return format!("{var}: not a usable value ({})", kind_without_value(&error.kind));
+    }
+    if key == "secret_key" || key == "app_password" || key == "api_tokens" {
         return format!("{var}: not a usable value ({})", kind_without_value(&error.kind));
     }
     format!("{var}: {}", error.kind)

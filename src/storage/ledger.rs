@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 /// Artefact files per session (`Artefact::index`).
-pub const FILES: usize = 4;
+pub const FILES: usize = 6;
 
 /// Space a file of `len` bytes takes: whole pages, as tmpfs and most filesystems allocate.
 pub fn footprint(len: u64) -> u64 {
@@ -234,8 +234,11 @@ mod tests {
     fn a_resync_keeps_pins_and_trim_brings_a_grown_disk_back_under_the_cap() {
         let mut ledger = Ledger::default();
         ledger.pin("pinned", at(0));
-        let scan =
-            |id: &str, bytes: u64, t: u64| SessionUsage { id: id.into(), bytes: [bytes, 0, 0, 0], last_used: at(t) };
+        let scan = |id: &str, bytes: u64, t: u64| SessionUsage {
+            id: id.into(),
+            bytes: [bytes, 0, 0, 0, 0, 0],
+            last_used: at(t),
+        };
         ledger.resync(vec![scan("old", 100, 1), scan("pinned", 100, 2), scan("new", 100, 3)]);
         assert_eq!(ledger.total(), 300);
         assert_eq!(ledger.trim(150), vec!["old".to_string(), "new".to_string()], "the pinned one stays");
@@ -245,8 +248,11 @@ mod tests {
     #[test]
     fn a_listing_older_than_a_write_in_flight_never_hides_its_bytes() {
         let mut ledger = Ledger::default();
-        let listed =
-            |id: &str, bytes: u64, t: u64| SessionUsage { id: id.into(), bytes: [bytes, 0, 0, 0], last_used: at(t) };
+        let listed = |id: &str, bytes: u64, t: u64| SessionUsage {
+            id: id.into(),
+            bytes: [bytes, 0, 0, 0, 0, 0],
+            last_used: at(t),
+        };
         ledger.pin("busy", at(0));
         ledger.set("busy", 0, 300, at(5));
         ledger.set("busy", 1, 200, at(5));

@@ -195,6 +195,33 @@ pub fn uncache(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A file for a download too large to hold in memory while a client reads it: made in
+/// `dir` (on disk, where uploads in flight wait) and unlinked at once, so it goes when its
+/// last handle closes, whatever happens to the request.
+pub fn spool_file(dir: &Path) -> Result<fs::File, StorageError> {
+    fs::create_dir_all(dir).map_err(StorageError::from_write)?;
+    let suffix: u64 = rand::rng().random();
+    let path = dir.join(format!(".drishya-download.{suffix:016x}.tmp"));
+    let mut options = fs::OpenOptions::new();
+    options.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&path).map_err(StorageError::from_write)?;
+    fs::remove_file(&path).map_err(StorageError::from_write)?;
+    Ok(file)
+}
+
+/// A written spool file flushed to disk, out of the page cache (the container's memory
+/// limit counts it) and rewound for reading; returns its length.
+pub fn finish_spool(file: &mut fs::File) -> Result<u64, StorageError> {
+    use std::io::Seek;
+    file.sync_data().map_err(StorageError::from_write)?;
+    drop_cached_pages(file);
+    let len = file.seek(io::SeekFrom::End(0))?;
+    file.rewind()?;
+    Ok(len)
+}
+
 fn read_uncached(path: &Path) -> io::Result<Vec<u8>> {
     let mut file = fs::File::open(path)?;
     let mut bytes = Vec::new();

@@ -1,11 +1,12 @@
-//! Per-session artefacts (scene, mask, overlay, result PNGs) behind one small trait,
+//! Per-session artefacts (scene, mask, overlay, result PNGs; the photo as uploaded and the
+//! last replacement's product and settings, for the full-resolution result) behind one small trait,
 //! [`Backend`] (put, get, delete, list by session with last-use times), with a byte cap
 //! that holds at every write (see `ledger`) and a TTL sweep, both written once here for
 //! every backend.
 //!
 //! Backends: [`LocalDir`] (a directory on this machine, the default: nothing else to run)
 //! and [`S3Bucket`] (an S3-compatible bucket that several replicas share; any replica can
-//! then serve any request of a flow). Keys are `sessions/<session id>/<artefact>.png`: the
+//! then serve any request of a flow). Keys are `sessions/<session id>/<artefact file name>`: the
 //! session id is random, server-generated and carried in an encrypted cookie, so no key
 //! is ever built from user input.
 
@@ -20,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 pub use ledger::SessionUsage;
 use ledger::{footprint, Ledger};
-pub use local::{uncache, LocalDir};
+pub use local::{finish_spool, spool_file, uncache, LocalDir};
 pub use s3::{S3Bucket, S3Settings, S3SettingsError};
 
 use rand::Rng;
@@ -43,10 +44,23 @@ pub enum Artefact {
     Mask,
     MaskOverlay,
     Result,
+    /// The uploaded photo's own bytes, for the full-resolution result (kept only when the
+    /// working image is smaller than the photo).
+    Original,
+    /// What the last `/replace_product` used: its settings and the product's bytes
+    /// (drishya_imaging::fullres::Replacement), so the full-resolution result repeats it.
+    Replacement,
 }
 
 impl Artefact {
-    const ALL: [Artefact; ledger::FILES] = [Artefact::Image, Artefact::Mask, Artefact::MaskOverlay, Artefact::Result];
+    const ALL: [Artefact; ledger::FILES] = [
+        Artefact::Image,
+        Artefact::Mask,
+        Artefact::MaskOverlay,
+        Artefact::Result,
+        Artefact::Original,
+        Artefact::Replacement,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -58,6 +72,9 @@ impl Artefact {
             Artefact::Mask => "mask.png",
             Artefact::MaskOverlay => "mask_overlay.png",
             Artefact::Result => "result.png",
+            // No name may start with another (the local listing matches by prefix).
+            Artefact::Original => "original.img",
+            Artefact::Replacement => "replacement.bin",
         }
     }
 
@@ -65,7 +82,8 @@ impl Artefact {
         match self {
             Artefact::Image => "no scene image for this session (none uploaded yet, or it expired): upload it again",
             Artefact::Mask | Artefact::MaskOverlay => "no mask yet: generate a mask first",
-            Artefact::Result => "no result yet: replace the product first",
+            Artefact::Result | Artefact::Replacement => "no result yet: replace the product first",
+            Artefact::Original => "the full-resolution photo is not kept for this session: upload it again",
         }
     }
 }
@@ -307,7 +325,7 @@ impl Artefacts {
             let mut ledger = self.ledger();
             let before = ledger.bytes_of(id, file);
             let evicted = ledger.reserve(id, file, footprint(bytes.len() as u64), self.max_bytes, now);
-            let evicted = evicted.map_err(|_| StorageError::CapReached)?;
+            let evicted = evicted.map_err(|_| crate::observe::cap_refused())?;
             if !evicted.is_empty() {
                 self.discard(&evicted, "cap");
                 log::info!("artefact cap: evicted {} idle session(s)", evicted.len());

@@ -7,11 +7,19 @@
 //     upload (file picker), draw + redraw the box, generate the mask, product image by
 //     drag-and-drop, scale by keyboard + feathering + grading strength, replace, compare,
 //     download and check the PNG (size = working image, pixels outside the box = the
-//     original's), logout.
+//     original's), logout. Also: undo/redo of the box (buttons, Ctrl+Z, Ctrl+Shift+Z, Ctrl+Y;
+//     not while typing in a field; undo back to the mask's box makes the mask current again),
+//     the cut-out (PNG with alpha, transparent outside the box, the scene's pixels where the
+//     mask is) and mask downloads, the full-resolution download in PNG, JPEG (quality) and
+//     WebP, and "Reset settings" (the page's defaults again, and the next replace sends them).
 //   phone 375x812 @3x, touch: login, upload by drag-and-drop of a photo WIDER than 1280 px
 //     (coffee.png upscaled 3x to 1800x1200 in the page, as a JPEG: the server downscales it
-//     to 1280x853), draw the box with touch events, generate the mask, product, replace, and
-//     no horizontal overflow anywhere.
+//     to 1280x853), draw the box with touch events, generate the mask, product, replace, no
+//     horizontal overflow anywhere, and the full-resolution JPEG is 1800x1200.
+//   model download progress (SLOW_BASE, a second server whose model URL is served slowly by
+//     tests/browser/slow-model-server.mjs): the busy card and the model chip show the download
+//     percentage rising, a second user's page says how many requests wait for the model, and
+//     /health lists no download and an empty queue afterwards.
 // Wire checks (the Flask client's format): the upload answer's original_* equal width/height
 // (the working image) and source_* carry the photo's own size; the box sent to /generate_mask
 // is in working-image pixels, inside width x height, where the user drew it (drag points on
@@ -30,6 +38,8 @@ import { boxDistance, boxFromDrag, boxInside, captureRequests, isWireFraction, p
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, '..', '..');
 const BASE = (process.argv[2] || process.env.BASE_URL || '').replace(/\/$/, '');
+// A second server whose model comes from a host that trickles it (scripts/browser-test).
+const SLOW_BASE = (process.env.SLOW_BASE || '').replace(/\/$/, '');
 const OUT = path.resolve(process.argv[3] || process.env.OUT_DIR || path.join(REPO, 'test-output', 'browser'));
 const IMAGES = path.resolve(REPO, process.env.DRISHYA_IMAGES || '../shared/images');
 const PASSWORD = process.env.APP_PASSWORD || 'test-password';
@@ -80,8 +90,8 @@ function watchPage(page, label) {
 
 /* ------------------------------------------------------------ page helpers */
 
-async function login(page, password) {
-  await page.goto(`${BASE}/`);
+async function login(page, password, base = BASE) {
+  await page.goto(`${base}/`);
   await page.fill('#password', password);
   const [response] = await Promise.all([
     page.waitForResponse((r) => r.url().endsWith('/login') && r.request().method() === 'POST'),
@@ -143,9 +153,13 @@ async function recordBusyTexts(page) {
     window.__busyTexts = [];
     const target = document.getElementById('busy-text');
     const busy = document.getElementById('busy');
+    const sub = document.getElementById('busy-sub');
+    window.__busySubs = [];
     const note = () => { if (!busy.hidden) window.__busyTexts.push(target.textContent); };
     new MutationObserver(note).observe(target, { childList: true, characterData: true, subtree: true });
     new MutationObserver(note).observe(busy, { attributes: true, attributeFilter: ['hidden'] });
+    new MutationObserver(() => { if (!busy.hidden) window.__busySubs.push(sub.textContent); })
+      .observe(sub, { childList: true, characterData: true, subtree: true });
   });
 }
 
@@ -199,6 +213,37 @@ async function makeProductPng(page) {
     return btoa(s);
   });
   return Buffer.from(b64, 'base64');
+}
+
+/** The settings controls as the user sees them: values, switches and the values shown beside them. */
+async function readSettingControls(page) {
+  return page.evaluate(() => {
+    const $ = (id) => document.getElementById(id);
+    const method = document.querySelector('input[name="grading_method"]:checked');
+    return {
+      scale: $('scale').value, feather: $('feather').value, strength: $('strength').value,
+      blending: $('blending').checked, grading: $('grading').checked, method: method ? method.value : null,
+      shown: [$('scale-value').textContent, $('feather-value').textContent, $('strength-value').textContent],
+    };
+  });
+}
+
+const DOWNLOAD_LINKS = ['#download', '#download-full', '#download-cutout', '#download-mask'];
+
+/** Which download links are enabled (aria-disabled false and a real href). */
+async function enabledLinks(page) {
+  return page.evaluate((ids) => ids.filter((id) => {
+    const a = document.querySelector(id);
+    return a.getAttribute('aria-disabled') === 'false' && a.hasAttribute('href');
+  }), DOWNLOAD_LINKS);
+}
+
+/** Clicks a download link and returns {name, bytes} of what the browser saved. */
+async function downloadVia(page, selector, saveAs) {
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click(selector)]);
+  const saved = path.join(OUT, saveAs);
+  await download.saveAs(saved);
+  return { name: download.suggestedFilename(), bytes: fs.readFileSync(saved), url: download.url() };
 }
 
 /** Records the text fields the page puts into FormData (the bytes on the wire are read separately, by captureRequests). */
@@ -351,6 +396,10 @@ async function desktopPass(browser) {
     const chip = await page.textContent('#model-chip-text');
     check('model status shown from /health', /u2netp|fallback|model/i.test(chip), chip);
     check('"Generate mask" disabled before a photo', await page.isDisabled('#generate-mask'));
+    const defaultSettings = await readSettingControls(page);
+    check('Reset settings disabled while the settings are the defaults', await page.isDisabled('#settings-reset'));
+    check('no download is offered before a mask or a result', (await enabledLinks(page)).length === 0,
+      JSON.stringify(await enabledLinks(page)));
     await shot(page, '03-main-empty');
 
     // A server error is shown verbatim: upload a text file as the scene.
@@ -416,6 +465,26 @@ async function desktopPass(browser) {
     await checkOutlineDrawn(page, 'desktop', drawn, imgSize);
     const readout = await page.textContent('#box-readout');
     check('the box can be redrawn', readout !== firstReadout, readout);
+
+    // Undo / redo of the box: the buttons, Ctrl+Z, Ctrl+Shift+Z and Ctrl+Y.
+    const readBox = () => page.textContent('#box-readout');
+    check('Undo enabled after a box change, Redo not yet', await page.isEnabled('#box-undo') && await page.isDisabled('#box-redo'));
+    await page.click('#box-undo');
+    const undone = await readBox();
+    check('Undo (button) restores the previous box', undone === firstReadout, `${undone} | want ${firstReadout}`);
+    await checkOutlineDrawn(page, 'after undo', boxFromDrag(drawnRect, toScreen(20, 300), toScreen(120, 380), imgSize), imgSize);
+    check('Redo enabled after an undo', await page.isEnabled('#box-redo'));
+    await page.click('#box-redo');
+    check('Redo (button) brings the box back', (await readBox()) === readout, await readBox());
+    await page.keyboard.press('Control+z');
+    check('Ctrl+Z restores the previous box', (await readBox()) === firstReadout, await readBox());
+    await page.keyboard.press('Control+Shift+z');
+    check('Ctrl+Shift+Z redoes', (await readBox()) === readout, await readBox());
+    await page.keyboard.press('Control+z');
+    await page.keyboard.press('Control+y');
+    check('Ctrl+Y redoes', (await readBox()) === readout, await readBox());
+    check('Redo disabled once everything is redone', await page.isDisabled('#box-redo'));
+    await checkOutlineDrawn(page, 'after redo', drawn, imgSize);
     check('"Generate mask" enabled once a box exists', await page.isEnabled('#generate-mask'));
     await shot(page, '06-box-drawn');
 
@@ -443,6 +512,27 @@ async function desktopPass(browser) {
     check('mask overlay view selected', await page.getAttribute('[data-view="mask"]', 'aria-pressed') === 'true');
     await page.waitForFunction(() => document.getElementById('stage-img').complete);
     await shot(page, '08-mask');
+
+    // Downloads of the mask: offered now, the result's not yet.
+    const afterMask = await enabledLinks(page);
+    check('cut-out and mask downloads enabled once there is a mask, result downloads not yet',
+      afterMask.includes('#download-cutout') && afterMask.includes('#download-mask') && !afterMask.includes('#download') && !afterMask.includes('#download-full'),
+      JSON.stringify(afterMask));
+    const cut = await downloadVia(page, '#download-cutout', 'downloaded-product_cutout.png');
+    check('cut-out download is named product_cutout.png', cut.name === 'product_cutout.png', cut.name);
+    checkCutoutPng(cut.bytes, sent, mask);
+    const maskFile = await downloadVia(page, '#download-mask', 'downloaded-product_mask.png');
+    check('mask download is named product_mask.png', maskFile.name === 'product_mask.png', maskFile.name);
+    checkMaskPng(maskFile.bytes, sent, mask);
+
+    // A new box makes the mask stale; undoing back to the box the mask was made for makes it current again.
+    await dragMouse(page, toScreen(30, 30), toScreen(110, 110));
+    const staleInfo = (await page.textContent('#mask-info')).trim();
+    check('a different box marks the mask stale', /box has changed/i.test(staleInfo), staleInfo);
+    await page.keyboard.press('Control+z');
+    const freshInfo = (await page.textContent('#mask-info')).trim();
+    check('Ctrl+Z back to the mask\'s box makes the mask current again', /^Mask ready/.test(freshInfo) && (await readBox()) === readout,
+      `${freshInfo} | ${await readBox()}`);
 
     // Product image by drag-and-drop (a PNG with transparency made in the page).
     const product = await makeProductPng(page);
@@ -497,6 +587,60 @@ async function desktopPass(browser) {
     const savedPath = path.join(OUT, 'downloaded-product_replaced_image.png');
     await download.saveAs(savedPath);
     checkDownloadedPng(fs.readFileSync(savedPath), sent);
+    const allLinks = await enabledLinks(page);
+    check('every download is enabled once there is a result', DOWNLOAD_LINKS.every((id) => allLinks.includes(id)), JSON.stringify(allLinks));
+
+    // Full resolution: PNG by default, JPEG with its quality, WebP.
+    check('full-resolution download defaults to PNG, the quality field hidden',
+      (await page.getAttribute('#download-full', 'href')) === '/download_full?format=png' && !(await page.isVisible('#download-quality')),
+      await page.getAttribute('#download-full', 'href'));
+    const fullPng = await downloadVia(page, '#download-full', 'downloaded-full.png');
+    checkFullPng(fullPng.bytes, sent);
+    await page.selectOption('#download-format', 'jpeg');
+    check('choosing JPEG shows its quality field', await page.isVisible('#download-quality'));
+    await page.fill('#download-quality', '80');
+    // Typing in a field: Ctrl+Z is the field's own undo, the box stays.
+    const boxBeforeTyping = await readBox();
+    await page.focus('#download-quality');
+    await page.keyboard.press('Control+z');
+    check('Ctrl+Z while typing in a field leaves the box alone', (await readBox()) === boxBeforeTyping, await readBox());
+    await page.fill('#download-quality', '80');
+    const jpegHref = await page.getAttribute('#download-full', 'href');
+    check('JPEG link carries format and quality', jpegHref === '/download_full?format=jpeg&quality=80', jpegHref);
+    const fullJpeg = await downloadVia(page, '#download-full', 'downloaded-full.jpg');
+    const jpegDims = jpegSize(fullJpeg.bytes);
+    check('full-resolution JPEG is a JPEG of the photo\'s size (600x400)', jpegDims && jpegDims.width === 600 && jpegDims.height === 400,
+      `${fullJpeg.name}, ${fullJpeg.bytes.length} bytes, ${JSON.stringify(jpegDims)}`);
+    await page.selectOption('#download-format', 'webp');
+    check('WebP hides the quality field again', !(await page.isVisible('#download-quality')));
+    const fullWebp = await downloadVia(page, '#download-full', 'downloaded-full.webp');
+    const b = fullWebp.bytes;
+    check('full-resolution WebP is a lossless WebP', b.length > 30 && b.toString('latin1', 0, 4) === 'RIFF' &&
+      b.toString('latin1', 8, 12) === 'WEBP' && b.toString('latin1', 12, 16) === 'VP8L', `${fullWebp.name}, ${b.length} bytes`);
+    await page.selectOption('#download-format', 'png');
+
+    // Reset: back to the settings the page loaded with, and the next replace sends them.
+    check('Reset settings enabled once settings differ from the defaults', await page.isEnabled('#settings-reset'));
+    await page.click('#settings-reset');
+    const resetSettings = await readSettingControls(page);
+    check('Reset settings restores every default, values shown included', JSON.stringify(resetSettings) === JSON.stringify(defaultSettings),
+      `${JSON.stringify(resetSettings)} | defaults ${JSON.stringify(defaultSettings)}`);
+    check('after a reset the result is marked as out of date and Reset is disabled',
+      /Settings changed/.test(await page.textContent('#replace-hint')) && await page.isDisabled('#settings-reset'),
+      await page.textContent('#replace-hint'));
+    const resetBodies = await captureRequests(page, '**/replace_product');
+    const again = page.waitForResponse((r) => r.url().endsWith('/replace_product'), { timeout: 120_000 });
+    await page.click('#replace');
+    check('replace after a reset succeeds', (await again).status() === 200);
+    const resetWire = resetBodies.length ? parseMultipart(resetBodies[resetBodies.length - 1].body, resetBodies[resetBodies.length - 1].contentType).fields : {};
+    check('replace after a reset sends the defaults',
+      resetWire.scale_factor === Number(defaultSettings.scale).toFixed(2) && resetWire.feather_amount === defaultSettings.feather &&
+      resetWire.use_blending === String(defaultSettings.blending) && resetWire.enable_color_grading === String(defaultSettings.grading) &&
+      resetWire.color_grade_strength === String(Number(defaultSettings.strength) / 100) && resetWire.grading_method === defaultSettings.method,
+      JSON.stringify(resetWire));
+    await page.unroute('**/replace_product');
+    await page.waitForFunction(() => !document.getElementById('replace').disabled);
+    await shot(page, '12-after-reset');
 
     // Keyboard: the buttons are reachable and the view buttons work with Enter.
     await page.focus('[data-view="scene"]');
@@ -548,6 +692,111 @@ function checkDownloadedPng(bytes, box) {
   check('corner pixels equal the original', corners);
   check('every pixel outside the box equals the original', outsideDiff === 0, `${outsideDiff} of ${outside} differ`);
   check('pixels inside the box were replaced', insideDiff > 1000, `${insideDiff} px changed`);
+}
+
+/** PNG colour type (IHDR byte 25) and whether a tRNS chunk is present: the file's own alpha, not the decoder's. */
+function pngAlphaKind(bytes) {
+  const colorType = bytes.length > 25 ? bytes[25] : -1;
+  return { colorType, alpha: colorType === 4 || colorType === 6 || bytes.includes(Buffer.from('tRNS', 'latin1')) };
+}
+
+/** The cut-out: the working image's size, with alpha; transparent outside the box; opaque pixels are the scene's. */
+function checkCutoutPng(bytes, box, mask) {
+  let img;
+  try {
+    img = decodePng(bytes);
+  } catch (err) {
+    check('cut-out is a PNG', false, err.message);
+    return;
+  }
+  const kind = pngAlphaKind(bytes);
+  check('cut-out is a PNG with an alpha channel', kind.alpha, `colour type ${kind.colorType}`);
+  check('cut-out is the working image size (600x400)', img.width === 600 && img.height === 400, `${img.width}x${img.height}`);
+  if (img.width !== 600 || img.height !== 400) return;
+  const scene = decodePng(fs.readFileSync(SCENE));
+  const margin = 2;
+  let outsideVisible = 0;
+  let opaque = 0;
+  let notScene = 0;
+  for (let y = 0; y < img.height; y += 1) {
+    for (let x = 0; x < img.width; x += 1) {
+      const i = (y * img.width + x) * 4;
+      const a = img.data[i + 3];
+      const inBox = x >= box.x_min - margin && x < box.x_max + margin && y >= box.y_min - margin && y < box.y_max + margin;
+      if (!inBox && a !== 0) outsideVisible += 1;
+      if (a >= 128) {
+        opaque += 1;
+        if ([0, 1, 2].some((c) => img.data[i + c] !== scene.data[i + c])) notScene += 1;
+      }
+    }
+  }
+  check('every pixel of the cut-out outside the box is transparent', outsideVisible === 0, `${outsideVisible} visible outside`);
+  check('the cut-out shows as many pixels as the mask has', Math.abs(opaque - mask.mask_pixels) <= mask.mask_pixels * 0.01,
+    `${opaque} opaque, mask ${mask.mask_pixels}`);
+  check('the cut-out\'s visible pixels are the scene\'s own', notScene === 0, `${notScene} differ`);
+}
+
+/** The mask: the working image's size, white inside the mask, nothing white outside the box. */
+function checkMaskPng(bytes, box, mask) {
+  let img;
+  try {
+    img = decodePng(bytes);
+  } catch (err) {
+    check('mask download is a PNG', false, err.message);
+    return;
+  }
+  check('mask download is the working image size (600x400)', img.width === 600 && img.height === 400, `${img.width}x${img.height}`);
+  let white = 0;
+  let whiteOutside = 0;
+  for (let y = 0; y < img.height; y += 1) {
+    for (let x = 0; x < img.width; x += 1) {
+      if (img.data[(y * img.width + x) * 4] < 128) continue;
+      white += 1;
+      if (x < box.x_min - 2 || x >= box.x_max + 2 || y < box.y_min - 2 || y >= box.y_max + 2) whiteOutside += 1;
+    }
+  }
+  check('mask download is white where the mask is, only inside the box',
+    whiteOutside === 0 && Math.abs(white - mask.mask_pixels) <= mask.mask_pixels * 0.01, `${white} white (${whiteOutside} outside), mask ${mask.mask_pixels}`);
+}
+
+/** The full-resolution PNG of a photo no larger than the working image: its size, the scene outside the box. */
+function checkFullPng(bytes, box) {
+  let img;
+  try {
+    img = decodePng(bytes);
+  } catch (err) {
+    check('full-resolution PNG is a PNG', false, err.message);
+    return;
+  }
+  const scene = decodePng(fs.readFileSync(SCENE));
+  let outsideDiff = 0;
+  let insideDiff = 0;
+  const sized = img.width === scene.width && img.height === scene.height;
+  for (let i = 0; sized && i < img.width * img.height; i += 1) {
+    const x = i % img.width;
+    const y = Math.floor(i / img.width);
+    const same = [0, 1, 2].every((c) => img.data[i * 4 + c] === scene.data[i * 4 + c]);
+    const inBox = x >= box.x_min - 2 && x <= box.x_max + 2 && y >= box.y_min - 2 && y <= box.y_max + 2;
+    if (!same) { if (inBox) insideDiff += 1; else outsideDiff += 1; }
+  }
+  check('full-resolution PNG: the photo\'s size, replaced inside the box, the photo outside',
+    sized && outsideDiff === 0 && insideDiff > 1000, `${img.width}x${img.height}, ${outsideDiff} differ outside, ${insideDiff} inside`);
+}
+
+/** Width and height from a JPEG's start-of-frame marker, or null when it is not a JPEG. */
+function jpegSize(bytes) {
+  if (bytes.length < 4 || bytes[0] !== 0xff || bytes[1] !== 0xd8) return null;
+  let at = 2;
+  while (at + 9 < bytes.length) {
+    if (bytes[at] !== 0xff) return null;
+    const marker = bytes[at + 1];
+    const length = bytes.readUInt16BE(at + 2);
+    if (marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker)) {
+      return { height: bytes.readUInt16BE(at + 5), width: bytes.readUInt16BE(at + 7) };
+    }
+    at += 2 + length;
+  }
+  return null;
 }
 
 /* ------------------------------------------------------------ phone pass */
@@ -676,11 +925,93 @@ async function phonePass(browser) {
     await shot(page, 'm08-compare');
     await checkNoOverflow(page, 'phone compare view');
     await shot(page, 'm09-full-page', { fullPage: true });
+
+    // Full resolution is the photo's own size (1800x1200), not the 1280x853 working image.
+    await page.selectOption('#download-format', 'jpeg');
+    const phoneFull = await downloadVia(page, '#download-full', 'downloaded-phone-full.jpg');
+    const phoneDims = jpegSize(phoneFull.bytes);
+    check('phone: "Download full resolution" gives the photo\'s own size, not the working image\'s',
+      phoneDims && phoneDims.width === big.width && phoneDims.height === big.height, `${JSON.stringify(phoneDims)} vs ${big.width}x${big.height}`);
   } catch (err) {
     check('phone pass ran to the end', false, err.message.split('\n')[0]);
     await shot(page, 'phone-FAILURE', { fullPage: true }).catch(() => {});
   } finally {
     await context.close();
+  }
+}
+
+/* ------------------------------------------------------------ model download progress */
+
+/** Logs in on `base`, uploads coffee.png through the picker and adds the keyboard's default box. */
+async function readyForMask(page, base) {
+  const good = await login(page, PASSWORD, base);
+  must(`${base}: login`, good.status() === 303, `status ${good.status()}`);
+  await page.waitForSelector('#scene-dropzone', { state: 'visible' });
+  const [chooser] = await Promise.all([page.waitForEvent('filechooser'), page.click('#scene-button')]);
+  const [upResp] = await Promise.all([page.waitForResponse((r) => r.url().endsWith('/upload_image')), chooser.setFiles(SCENE)]);
+  must(`${base}: upload`, upResp.status() === 200, `status ${upResp.status()}`);
+  await page.waitForSelector('#figure', { state: 'visible' });
+  await page.focus('#box-canvas');
+  await page.keyboard.press('Enter');
+  must(`${base}: a box to segment`, await page.isEnabled('#generate-mask'));
+  await recordBusyTexts(page);
+}
+
+/**
+ * The first mask on a server whose model is a URL served slowly: the page says it is
+ * downloading, with a percentage that grows, the model chip too, and a second user's page
+ * says how many requests wait for the model; both masks come from the model in the end.
+ */
+async function progressPass(browser) {
+  if (!check('progress pass: scripts/browser-test started the slow-model server (SLOW_BASE)', Boolean(SLOW_BASE))) return;
+  const contexts = [];
+  try {
+    const pages = [];
+    for (const label of ['progress-a', 'progress-b']) {
+      const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
+      contexts.push(context);
+      const page = await context.newPage();
+      watchPage(page, label);
+      await readyForMask(page, SLOW_BASE);
+      pages.push(page);
+    }
+    const [a, b] = pages;
+    const chipBefore = await a.textContent('#model-chip-text');
+    const maskA = a.waitForResponse((r) => r.url().endsWith('/generate_mask'), { timeout: MASK_TIMEOUT_MS });
+    await a.click('#generate-mask');
+    await a.waitForFunction(() => /Downloading model… \d+ %/.test(document.getElementById('busy-text').textContent), null, { timeout: 30_000 });
+    await shot(a, 'p01-downloading');
+    const chipDuring = await a.textContent('#model-chip-text');
+    check('the model chip says the model is downloading, with its percentage', /downloading \d+ %/.test(chipDuring), `${chipBefore} -> ${chipDuring}`);
+    const maskB = b.waitForResponse((r) => r.url().endsWith('/generate_mask'), { timeout: MASK_TIMEOUT_MS });
+    await b.click('#generate-mask');
+    await b.waitForFunction(() => /2 requests are waiting for it/.test(document.getElementById('busy-sub').textContent), null, { timeout: 30_000 })
+      .catch(() => {});
+    await shot(b, 'p02-second-user-waiting');
+    const [ra, rb] = [await maskA, await maskB];
+    const [ja, jb] = [await ra.json(), await rb.json()];
+    must('both first masks succeed once the model has arrived', ra.status() === 200 && rb.status() === 200, `${ra.status()} ${rb.status()}`);
+    check('the masks come from the downloaded model, not the box', ja.fallback === false && jb.fallback === false && ja.kind !== 'box',
+      `${ja.model} ${ja.kind}, ${jb.model} ${jb.kind}`);
+    const textsA = await a.evaluate(() => window.__busyTexts);
+    const percents = [...new Set(textsA.map((t) => /Downloading model… (\d+) %/.exec(t)).filter(Boolean).map((m) => Number(m[1])))];
+    check('the page showed the download progress growing (several percentages, rising)',
+      percents.length >= 2 && percents.every((p, i) => i === 0 || p > percents[i - 1]), JSON.stringify(percents));
+    const subsA = await a.evaluate(() => window.__busySubs);
+    check('the progress says how much of the model has arrived', subsA.some((t) => /[\d.]+ (KB|MB) of [\d.]+ MB/.test(t)),
+      JSON.stringify([...new Set(subsA)].slice(-4)));
+    const subsB = await b.evaluate(() => window.__busySubs);
+    check('a second user\'s page says how many requests wait for the model', subsB.some((t) => /2 requests are waiting for it/.test(t)),
+      JSON.stringify([...new Set(subsB)].slice(-4)));
+    const health = await (await a.request.get(`${SLOW_BASE}/health`)).json();
+    check('/health: no download listed once it is done, the queue empty',
+      health.model.download === null && health.model.queue.admitted === 0 && health.model.state === 'ready', JSON.stringify({ d: health.model.download, q: health.model.queue, s: health.model.state }));
+    await a.waitForFunction(() => !/downloading/.test(document.getElementById('model-chip-text').textContent));
+    await shot(a, 'p03-mask-after-download');
+  } catch (err) {
+    check('progress pass ran to the end', false, err.message.split('\n')[0]);
+  } finally {
+    for (const context of contexts) await context.close();
   }
 }
 
@@ -716,6 +1047,8 @@ async function main() {
     await desktopPass(browser);
     log('\n== phone 375x812 @3x, touch ==');
     await phonePass(browser);
+    log('\n== model download progress (a model host that trickles the file) ==');
+    await progressPass(browser);
   } finally {
     await browser.close();
   }
