@@ -101,7 +101,14 @@ fn two_replicas_sharing_a_bucket_serve_one_flow_between_them() {
     assert_eq!(download.status(), Status::Ok);
     let result = decode(&download.into_bytes().unwrap());
     assert_eq!((result.width(), result.height()), (overlay.width(), overlay.height()));
-    assert_eq!(s3.objects("shared/sessions").len(), 4, "scene, mask, overlay, result");
+    let stored = s3.objects("shared/sessions");
+    assert_eq!(stored.len(), 5, "scene, mask, overlay, result, the replacement it was made with: {stored:?}");
+    assert!(stored.iter().any(|o| o.ends_with("/replacement.bin")), "{stored:?}");
+    // The full-resolution result, from the other replica: what the first stored is enough.
+    let full = user.on(b.client.get("/download_full?format=png")).dispatch();
+    assert_eq!(full.status(), Status::Ok);
+    let full = decode(&full.into_bytes().unwrap());
+    assert_eq!((full.width(), full.height()), (result.width(), result.height()));
 
     // Another user's session on either replica sees none of it.
     let other = Browser::login(&b);
