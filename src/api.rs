@@ -31,7 +31,8 @@ fn session<'a>(store: &'a Store, user: &'a User) -> Session<'a> {
     Session { store: store.inner(), id: &user.session }
 }
 
-fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
+/// A form that could not be read: too large (413) or malformed (400).
+pub(crate) fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
     if errors.status() == Status::PayloadTooLarge {
         return InputError::TooLarge { limit_mb: cfg.max_upload_mb }.into();
     }
@@ -39,8 +40,9 @@ fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
     InputError::MalformedForm(first).into()
 }
 
-/// A file field: too large (413), missing (400 naming it), or the file.
-fn file_field<'a, 'r>(
+/// A file field: too large (413), a disk that could not take it (the store's error),
+/// missing (400 naming it), or the file.
+pub(crate) fn file_field<'a, 'r>(
     field: &'a rocket::form::Result<'r, TempFile<'r>>,
     name: &'static str,
     cfg: &AppConfig,
@@ -61,7 +63,7 @@ fn file_field<'a, 'r>(
 }
 
 /// The whole upload, read from Rocket's temp file (already capped by the `file` limit).
-async fn read_upload(file: &TempFile<'_>) -> ApiResult<Vec<u8>> {
+pub(crate) async fn read_upload(file: &TempFile<'_>) -> ApiResult<Vec<u8>> {
     let mut bytes = Vec::with_capacity(usize::try_from(file.len()).unwrap_or(0));
     let mut reader = file.open().await.map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
     reader.read_to_end(&mut bytes).await.map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;

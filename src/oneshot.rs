@@ -20,18 +20,18 @@ use drishya_imaging::codec::{self, OutputFormat};
 use drishya_imaging::params::{self, ReplaceFields};
 use rocket::form::{Errors, Form};
 use rocket::fs::TempFile;
-use rocket::http::{ContentType, Header, Status};
-use rocket::tokio::io::AsyncReadExt;
+use rocket::http::{ContentType, Header};
 use rocket::tokio::task::spawn_blocking;
 use rocket::{Request, Route, State};
 
+use crate::api::{file_field, form_error, read_upload};
 use crate::auth::User;
 use crate::config::AppConfig;
 use crate::error::{ApiError, ApiResult, InputError};
 use crate::flow::{self, Session};
 use crate::gate::{ImageJobs, UploadSlot};
 use crate::models::ModelManager;
-use crate::storage::{Artefact, Artefacts, SessionId, StorageError};
+use crate::storage::{Artefact, Artefacts, SessionId};
 
 #[derive(FromForm)]
 struct OneShotForm<'r> {
@@ -80,43 +80,6 @@ impl OneShotForm<'_> {
             grading_method: self.grading_method,
         })
     }
-}
-
-/// A form that could not be read: too large (413) or malformed (400), as the step routes.
-fn form_error(errors: &Errors<'_>, cfg: &AppConfig) -> ApiError {
-    if errors.status() == Status::PayloadTooLarge {
-        return InputError::TooLarge { limit_mb: cfg.max_upload_mb }.into();
-    }
-    let first = errors.iter().next().map(|e| e.to_string()).unwrap_or_default();
-    InputError::MalformedForm(first).into()
-}
-
-/// A file field: too large (413), a disk that could not take it (the store's error),
-/// missing (400 naming it), or the file.
-fn file_field<'a, 'r>(
-    field: &'a rocket::form::Result<'r, TempFile<'r>>,
-    name: &'static str,
-    cfg: &AppConfig,
-) -> ApiResult<&'a TempFile<'r>> {
-    let errors = match field {
-        Ok(file) => return Ok(file),
-        Err(errors) if errors.status() == Status::PayloadTooLarge => return Err(form_error(errors, cfg)),
-        Err(errors) => errors,
-    };
-    for error in errors.iter() {
-        if let rocket::form::error::ErrorKind::Io(io) = &error.kind {
-            let io = std::io::Error::new(io.kind(), io.to_string());
-            return Err(StorageError::from_write(io).into());
-        }
-    }
-    Err(InputError::MissingField(name).into())
-}
-
-async fn read_upload(file: &TempFile<'_>) -> ApiResult<Vec<u8>> {
-    let mut bytes = Vec::with_capacity(usize::try_from(file.len()).unwrap_or(0));
-    let mut reader = file.open().await.map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
-    reader.read_to_end(&mut bytes).await.map_err(|e| ApiError::Internal(format!("reading upload: {e}")))?;
-    Ok(bytes)
 }
 
 /// This request's own session: removed by [`Transient::finish`] when the work is done, or

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use image::{GenericImageView, Rgb, RgbImage, Rgba, RgbaImage};
+use image::{GenericImageView, Rgb, RgbImage};
 use rocket::http::{ContentType, Status};
 
 /// The cup in coffee.png (600x400), with a little room.
@@ -16,14 +16,6 @@ fn coffee() -> Vec<u8> {
 }
 
 /// A product: a green bottle-like shape on transparency.
-fn product_png() -> Vec<u8> {
-    let mut product = RgbaImage::new(120, 240);
-    for (x, y, p) in product.enumerate_pixels_mut() {
-        let inside = (x as i32 - 60).abs() < 40 || (y < 60 && (x as i32 - 60).abs() < 15);
-        *p = if inside { Rgba([20, 160, 60, 255]) } else { Rgba([0, 0, 0, 0]) };
-    }
-    drishya_imaging::encode_png(&product).unwrap()
-}
 
 fn replace<'c>(
     client: &'c rocket::local::blocking::Client,

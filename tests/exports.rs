@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use image::{GenericImageView, GrayImage, RgbImage, Rgba, RgbaImage};
+use image::{GenericImageView, GrayImage, RgbImage};
 use rocket::http::{ContentType, Status};
 use rocket::local::blocking::Client;
 
@@ -26,14 +26,6 @@ fn big_coffee_jpeg(width: u32, height: u32) -> Vec<u8> {
 }
 
 /// A product: a green bottle-like shape on transparency.
-fn product_png() -> Vec<u8> {
-    let mut product = RgbaImage::new(120, 240);
-    for (x, y, p) in product.enumerate_pixels_mut() {
-        let inside = (x as i32 - 60).abs() < 40 || (y < 60 && (x as i32 - 60).abs() < 15);
-        *p = if inside { Rgba([20, 160, 60, 255]) } else { Rgba([0, 0, 0, 0]) };
-    }
-    drishya_imaging::encode_png(&product).unwrap()
-}
 
 fn replace(client: &Client) {
     let product = product_png();

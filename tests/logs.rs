@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::process::*;
@@ -22,13 +21,7 @@ fn the_log_has_one_line_per_request_and_no_query_strings() {
         ("TEMP_DIR", dir.path().join("artefacts").display().to_string()),
         ("MODELS", "models/u2netp.onnx".to_string()),
     ];
-    let child = command(dir.path(), &env)
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("the binary starts");
-    let mut server = Server { child, port };
-    health_within(&mut server, Duration::from_secs(10)).expect("/health answers");
+    let server = start_logged(dir.path(), &env, port, log.try_clone().unwrap(), log);
 
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
     let login = request(port, "POST", "/login?password=query-secret-one", &form, b"password=wrong").unwrap();

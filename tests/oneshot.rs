@@ -20,15 +20,6 @@ fn coffee() -> Vec<u8> {
     read(&shared("images/coffee.png"))
 }
 
-fn product_png() -> Vec<u8> {
-    let mut product = image::RgbaImage::new(120, 240);
-    for (x, y, p) in product.enumerate_pixels_mut() {
-        let inside = (x as i32 - 60).abs() < 40 || (y < 60 && (x as i32 - 60).abs() < 15);
-        *p = if inside { image::Rgba([20, 160, 60, 255]) } else { image::Rgba([0, 0, 0, 0]) };
-    }
-    drishya_imaging::encode_png(&product).unwrap()
-}
-
 fn token_app(extra: &[(&str, &str)]) -> App {
     let mut settings = vec![("api_tokens", TOKEN)];
     settings.extend_from_slice(extra);

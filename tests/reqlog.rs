@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::process::*;
@@ -47,13 +46,8 @@ fn with_log_format_json_each_request_is_one_json_line_without_secrets() {
         ("API_TOKENS", TOKEN.to_string()),
         ("LOG_FORMAT", "json".to_string()),
     ];
-    let child = command(dir.path(), &env)
-        .stdout(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(&err_path).unwrap()))
-        .spawn()
-        .expect("the binary starts");
-    let mut server = Server { child, port };
-    health_within(&mut server, Duration::from_secs(10)).expect("/health answers");
+    let (stdout, stderr) = (std::fs::File::create(&log_path).unwrap(), std::fs::File::create(&err_path).unwrap());
+    let server = start_logged(dir.path(), &env, port, stdout, stderr);
 
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
     let wrong = request(port, "POST", "/login?password=query-secret-one", &form, b"password=wrong-guess-9").unwrap();

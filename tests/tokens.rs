@@ -27,15 +27,6 @@ fn coffee() -> Vec<u8> {
     read(&shared("images/coffee.png"))
 }
 
-fn product_png() -> Vec<u8> {
-    let mut product = image::RgbaImage::new(120, 240);
-    for (x, y, p) in product.enumerate_pixels_mut() {
-        let inside = (x as i32 - 60).abs() < 40 || (y < 60 && (x as i32 - 60).abs() < 15);
-        *p = if inside { image::Rgba([20, 160, 60, 255]) } else { image::Rgba([0, 0, 0, 0]) };
-    }
-    drishya_imaging::encode_png(&product).unwrap()
-}
-
 fn upload_as<'c>(request: LocalRequest<'c>, bytes: &[u8]) -> LocalResponse<'c> {
     let (ct, body) =
         multipart(&[Part::File { name: "image", filename: "coffee.png", content_type: "image/png", bytes }]);
@@ -262,7 +253,6 @@ fn tokens_are_not_in_debug_output_nor_in_health() {
 #[test]
 fn the_token_never_reaches_the_log() {
     use common::process::*;
-    use std::process::Stdio;
     let dir = app_dir();
     let port = free_port();
     let log_path = dir.path().join("server.log");
@@ -276,13 +266,7 @@ fn the_token_never_reaches_the_log() {
         ("API_TOKENS", "logged-token-never-0123456789".to_string()),
         ("ROCKET_LOG_LEVEL", "debug".to_string()),
     ];
-    let child = command(dir.path(), &env)
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("the binary starts");
-    let mut server = Server { child, port };
-    health_within(&mut server, Duration::from_secs(10)).expect("/health answers");
+    let server = start_logged(dir.path(), &env, port, log.try_clone().unwrap(), log);
 
     let good = [("Authorization", "Bearer logged-token-never-0123456789")];
     assert_eq!(request(port, "GET", "/get_image", &good, b"").unwrap().status, 404);

@@ -125,6 +125,16 @@ pub fn generate_mask<'c>(client: &'c Client, b: [i64; 4]) -> LocalResponse<'c> {
     client.post("/generate_mask").header(ContentType::JSON).body(body.to_string()).dispatch()
 }
 
+/// A product to paste: a green bottle (body and neck) on transparency, 120x240, as PNG.
+pub fn product_png() -> Vec<u8> {
+    let mut product = image::RgbaImage::new(120, 240);
+    for (x, y, p) in product.enumerate_pixels_mut() {
+        let inside = (x as i32 - 60).abs() < 40 || (y < 60 && (x as i32 - 60).abs() < 15);
+        *p = if inside { image::Rgba([20, 160, 60, 255]) } else { image::Rgba([0, 0, 0, 0]) };
+    }
+    drishya_imaging::encode_png(&product).expect("png")
+}
+
 pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
     drishya_imaging::encode_png(image).expect("png")
 }

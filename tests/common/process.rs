@@ -1,6 +1,7 @@
 //! Real processes on real sockets: the binary started as deployments start it, and a
 //! tiny HTTP/1.1 client (one request per connection) to talk to it.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,15 @@ pub fn command(dir: &Path, env: &[(&str, String)]) -> Command {
 pub fn start(dir: &Path, env: &[(&str, String)], port: u16) -> Server {
     let child = command(dir, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("the binary starts");
     Server { child, port }
+}
+
+/// The binary with its standard output and error going to `stdout` and `stderr` (they may
+/// be one file, cloned), once `/health` answers (within 10 s).
+pub fn start_logged(dir: &Path, env: &[(&str, String)], port: u16, stdout: File, stderr: File) -> Server {
+    let child = command(dir, env).stdout(stdout).stderr(stderr).spawn().expect("the binary starts");
+    let mut server = Server { child, port };
+    health_within(&mut server, Duration::from_secs(10)).expect("/health answers");
+    server
 }
 
 /// How long until `/health` answers 200 (polled every 10 ms), if within `limit`.
