@@ -156,26 +156,34 @@ async fn replace(
     let settings = form.settings()?;
     let format = OutputFormat::parse(form.format, form.quality)?;
 
+    let call = Call { scene, product, coords, settings, format };
     let transient = Transient::new(store.inner());
-    let result = run(&transient, slot, scene, product, coords, settings, format, cfg, jobs, models).await;
+    let result = run(&transient, slot, call, Services { cfg, jobs, models }).await;
     transient.finish().await;
     result.map(|bytes| Composite { bytes, format })
 }
 
-/// The three steps of flow.rs in `transient`'s session, then the encoding.
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    transient: &Transient,
-    slot: UploadSlot,
-    scene: &TempFile<'_>,
-    product: &TempFile<'_>,
+/// What one call asks for, checked: the two files, the box in the photo's pixels, the
+/// replacement's settings and the answer's format.
+struct Call<'a, 'r> {
+    scene: &'a TempFile<'r>,
+    product: &'a TempFile<'r>,
     coords: [f64; 4],
     settings: drishya_imaging::composite::Settings,
     format: OutputFormat,
-    cfg: &AppConfig,
-    jobs: &ImageJobs,
-    models: &Arc<ModelManager>,
-) -> ApiResult<Vec<u8>> {
+}
+
+/// What a call runs through: the app's settings, its gates and its model owner.
+struct Services<'a> {
+    cfg: &'a AppConfig,
+    jobs: &'a ImageJobs,
+    models: &'a Arc<ModelManager>,
+}
+
+/// The three steps of flow.rs in `transient`'s session, then the encoding.
+async fn run(transient: &Transient, slot: UploadSlot, call: Call<'_, '_>, with: Services<'_>) -> ApiResult<Vec<u8>> {
+    let Call { scene, product, coords, settings, format } = call;
+    let Services { cfg, jobs, models } = with;
     let session = || transient.session().ok_or_else(|| ApiError::Internal("the transient session is gone".into()));
     let store = &transient.store;
     let id = transient.id.clone().ok_or_else(|| ApiError::Internal("the transient session is gone".into()))?;
