@@ -7,6 +7,7 @@ pub mod deconv;
 pub mod dense;
 pub mod mbconv;
 pub mod pad;
+pub mod pool;
 pub mod resize;
 pub mod softmax;
 pub mod split;

@@ -40,12 +40,14 @@ pub enum GraphKind {
 /// taps never overlap as [`crate::ops::deconv::PatchDeconv`], its batched products of two activations (windowed
 /// attention) as [`crate::ops::batched::BatchedMatMul`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
 /// last-axis softmaxes (with a constant bias added first) by [`crate::ops::softmax::RowSoftmax`],
-/// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`].
+/// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`], its 2x2
+/// stride-2 max poolings by [`crate::ops::pool::HalvingMaxPool`].
 pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
         let typed = crate::ops::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
+        let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::batched::replace_batched(crate::ops::dense::replace_dense(typed)?)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
         let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
