@@ -92,7 +92,10 @@ impl SamSegmenter {
             if let Some(job) = encoder_job {
                 job();
             }
-            promise.fulfil(onnx::graph_from_proto(&decoder).and_then(plan_decoder));
+            // The protobuf's weights are in the graph now: not held while it is optimised.
+            let graph = onnx::graph_from_proto(&decoder);
+            drop(decoder);
+            promise.fulfil(graph.and_then(plan_decoder));
         };
         std::thread::Builder::new().name("sam-planner".into()).spawn(planner)?;
         Ok(SamSegmenter {

@@ -58,10 +58,10 @@ impl Encoder {
         if let Some((front, tail_proto, fact)) = FusedEncoder::cut(&proto, side) {
             drop(proto);
             let (promise, tail) = deferred();
-            let job: PlanJob = Box::new(move || promise.fulfil(plan_part(&tail_proto, fact)));
+            let job: PlanJob = Box::new(move || promise.fulfil(plan_part(tail_proto, fact)));
             return Ok((Encoder::Fused(Box::new(FusedEncoder { front, tail })), Some(job)));
         }
-        Ok((Encoder::Whole(plan_part(&proto, f32::fact([1, 3, side, side]))?), None))
+        Ok((Encoder::Whole(plan_part(proto, f32::fact([1, 3, side, side]))?), None))
     }
 
     /// Runs the encoder: the embedding.
@@ -164,6 +164,11 @@ fn part(shell: &ModelProto, graph: &GraphProto, nodes: &[NodeProto], input: Opti
     ModelProto { graph: Some(part_graph), ..shell.clone() }
 }
 
-fn plan_part(proto: &ModelProto, input_fact: TypedFact) -> TractResult<Plan> {
-    onnx::optimise(onnx::graph_from_proto(proto)?.with_input_fact(0, input_fact.into())?)
+/// The protobuf is consumed: its weights are copied into the graph, and dropping them
+/// before optimising keeps them out of the planning's peak, which on a first mask overlaps
+/// the fused front's (docs/performance.md, flow_sam's peak).
+fn plan_part(proto: ModelProto, input_fact: TypedFact) -> TractResult<Plan> {
+    let graph = onnx::graph_from_proto(&proto);
+    drop(proto);
+    onnx::optimise(graph?.with_input_fact(0, input_fact.into())?)
 }
