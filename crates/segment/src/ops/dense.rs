@@ -24,7 +24,6 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::GeluExact;
@@ -266,30 +265,10 @@ fn dense_for(model: &TypedModel, id: usize) -> TractResult<Option<(Dense, Outlet
 }
 
 /// When node `id`'s only reader is an `Add` of an f32 constant of `n` values along the
-/// output's axis `n_pos` (size 1 on every other axis: `[1, .., 1, n]` for a row-major
-/// output, `[1, n, 1, 1]` for a convolution's channels): that constant and the `Add`.
+/// output's axis `n_pos` (`[1, .., 1, n]` for a row-major output, `[1, n, 1, 1]` for a
+/// convolution's channels): that constant and the `Add`.
 fn bias_after(model: &TypedModel, id: usize, n: usize, n_pos: usize) -> TractResult<Option<(Vec<f32>, usize)>> {
-    let outlet = OutletId::new(id, 0);
-    let readers = model.outlet_successors(outlet);
-    let [reader] = readers else { return Ok(None) };
-    let add = model.node(reader.node);
-    let is_add = add.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Add");
-    if !is_add || add.inputs.len() != 2 || model.output_outlets()?.contains(&outlet) {
-        return Ok(None);
-    }
-    let other = add.inputs[1 - reader.slot];
-    let Some(c) = model.outlet_fact(other)?.konst.as_ref().filter(|c| c.datum_type() == f32::datum_type()) else {
-        return Ok(None);
-    };
-    let shape = c.shape();
-    let rank = model.outlet_fact(outlet)?.rank();
-    let along_n = shape.len() == rank && shape.iter().enumerate().all(|(i, &d)| d == if i == n_pos { n } else { 1 });
-    let same_shape = model.outlet_fact(OutletId::new(add.id, 0))?.shape == model.outlet_fact(outlet)?.shape;
-    if !along_n || !same_shape {
-        return Ok(None);
-    }
-    let view = c.try_as_plain_ram()?;
-    Ok(Some((view.as_slice::<f32>()?.to_vec(), add.id)))
+    super::const_after(model, OutletId::new(id, 0), "Add", n, n_pos)
 }
 
 /// When `outlet`'s only reader is tract's exact GELU (f32 in, f32 out): that op's outlet.
@@ -306,6 +285,7 @@ fn gelu_after(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Outlet
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod deconv;
 pub mod dense;
 pub mod mbconv;
+pub mod norm;
 pub mod pad;
 pub mod pool;
 pub mod resize;
@@ -15,6 +16,7 @@ pub mod winograd;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{tvec, Op, TVec, TypedModelPatch, TypedOp};
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 
 /// The loop the single-input rewrites share: for each node whose op is a `T`, `make` may
 /// give the op standing for it and the outlet it replaces (the node's own, or that of an op
@@ -53,4 +55,37 @@ pub(crate) fn eval_filled(
         run(view.as_slice::<f32>()?, out_view.as_slice_mut::<f32>()?);
     }
     Ok(tvec!(output.into_tvalue()))
+}
+
+/// When `outlet`'s only reader is the binary op `op` (tract's name: "Add", "Mul") of it and
+/// an f32 constant of `n` values along axis `pos` (size 1 on every other axis: `[1, .., 1, n]`
+/// along rows, `[1, n, 1, 1]` along a map's channels), with the output's shape: that
+/// constant's values and the op's node.
+pub(crate) fn const_after(
+    model: &TypedModel,
+    outlet: OutletId,
+    op: &str,
+    n: usize,
+    pos: usize,
+) -> TractResult<Option<(Vec<f32>, usize)>> {
+    let readers = model.outlet_successors(outlet);
+    let [reader] = readers else { return Ok(None) };
+    let node = model.node(reader.node);
+    let is_op = node.op_as::<TypedBinOp>().is_some_and(|b| b.0.name() == op);
+    if !is_op || node.inputs.len() != 2 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let other = node.inputs[1 - reader.slot];
+    let Some(c) = model.outlet_fact(other)?.konst.as_ref().filter(|c| c.datum_type() == f32::datum_type()) else {
+        return Ok(None);
+    };
+    let shape = c.shape();
+    let rank = model.outlet_fact(outlet)?.rank();
+    let along = shape.len() == rank && shape.iter().enumerate().all(|(i, &d)| d == if i == pos { n } else { 1 });
+    let same_shape = model.outlet_fact(OutletId::new(node.id, 0))?.shape == model.outlet_fact(outlet)?.shape;
+    if !along || !same_shape {
+        return Ok(None);
+    }
+    let view = c.try_as_plain_ram()?;
+    Ok(Some((view.as_slice::<f32>()?.to_vec(), node.id)))
 }

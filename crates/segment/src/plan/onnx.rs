@@ -41,7 +41,8 @@ pub enum GraphKind {
 /// attention) as [`crate::ops::batched::BatchedMatMul`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
 /// last-axis softmaxes (with a constant bias added first) by [`crate::ops::softmax::RowSoftmax`],
 /// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`], its 2x2
-/// stride-2 max poolings by [`crate::ops::pool::HalvingMaxPool`].
+/// stride-2 max poolings by [`crate::ops::pool::HalvingMaxPool`], its layer normalisations
+/// by [`crate::ops::norm::LayerNorm`].
 pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
@@ -49,6 +50,7 @@ pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::batched::replace_batched(crate::ops::dense::replace_dense(typed)?)?;
+        let typed = crate::ops::norm::replace_layer_norms(typed)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
         let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
         optimised.into_compact()?.into_runnable()
