@@ -17,6 +17,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Deconv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use crate::kernels::conv::gelu;
 use crate::kernels::gemm::{gemm, Packed, PANEL};
 use crate::kernels::transpose::transpose;
 
@@ -31,11 +32,15 @@ pub struct PatchDeconv {
     kernel: [usize; 2],
     /// `[I][O x kh x kw]`, columns padded to whole panels, with the bias.
     weight: Arc<Packed>,
+    /// The exact GELU after it (the SAM decoder's last upscaling), applied to each block's
+    /// product while it is in cache.
+    gelu: bool,
 }
 
 impl std::fmt::Debug for PatchDeconv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PatchDeconv({:?} -> {} channels, {:?} patches)", self.input, self.outputs, self.kernel)
+        write!(f, "PatchDeconv({:?} -> {} channels, {:?} patches", self.input, self.outputs, self.kernel)?;
+        write!(f, "{})", if self.gelu { ", GELU" } else { "" })
     }
 }
 
@@ -106,6 +111,9 @@ impl PatchDeconv {
                 transpose(&input[p0..], pixels, rows, channels, [channels, count]);
                 product.resize(count * n, 0.0);
                 gemm(rows, &self.weight, product);
+                if self.gelu {
+                    gelu(product);
+                }
                 // Column-major, so each column's pixels are read in order.
                 columns.resize(n * count, 0.0);
                 transpose(product, n, columns, count, [count, self.outputs * patch]);
@@ -133,7 +141,11 @@ thread_local! {
 /// Replaces each `Deconv` of a decluttered model whose taps never overlap.
 pub fn replace_deconvs(model: TypedModel) -> TractResult<TypedModel> {
     super::replace_each::<Deconv, _>(model, "patches", |model, id| {
-        Ok(patch_deconv_for(model, id)?.map(|op| (op, OutletId::new(id, 0))))
+        let Some(mut op) = patch_deconv_for(model, id)? else { return Ok(None) };
+        let own = OutletId::new(id, 0);
+        let gelu = super::dense::gelu_after(model, own)?;
+        op.gelu = gelu.is_some();
+        Ok(Some((op, gelu.unwrap_or(own))))
     })
 }
 
@@ -199,7 +211,13 @@ fn patch_deconv_for(model: &TypedModel, id: usize) -> TractResult<Option<PatchDe
     }
     let column_bias = (0..padded).map(|c| if c < columns { bias[c / patch] } else { 0.0 }).collect();
     let Some(weight) = Packed::from_inputs_major(&matrix, column_bias, channels, padded) else { return Ok(None) };
-    Ok(Some(PatchDeconv { input: input.into(), outputs, kernel: [dims[2], dims[3]], weight: Arc::new(weight) }))
+    Ok(Some(PatchDeconv {
+        input: input.into(),
+        outputs,
+        kernel: [dims[2], dims[3]],
+        weight: Arc::new(weight),
+        gelu: false,
+    }))
 }
 
 #[cfg(test)]
@@ -214,6 +232,11 @@ mod tests {
     /// One ONNX-style `ConvTranspose` as tract declutters it: input `[1, I, H, W]`,
     /// kernel `[O, I, kh, kw]` with stride `stride`.
     fn model(input: [usize; 4], kernel: [usize; 4], stride: [usize; 2]) -> TractResult<TypedModel> {
+        model_then(input, kernel, stride, false)
+    }
+
+    /// The same, with tract's exact GELU after it when `gelu`.
+    fn model_then(input: [usize; 4], kernel: [usize; 4], stride: [usize; 2], gelu: bool) -> TractResult<TypedModel> {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact(input))?;
         let k = model.add_const("k", Tensor::from_shape(&kernel, &values(kernel.iter().product(), 1.1))?)?;
@@ -228,7 +251,11 @@ mod tests {
             kernel[0],
         );
         let op = Deconv::new(spec, KernelFormat::OIHW, tvec![0, 0], 1);
-        let y = model.wire_node("deconv", op, &[x, k, b])?;
+        let mut y = model.wire_node("deconv", op, &[x, k, b])?;
+        if gelu {
+            use tract_onnx::tract_core::ops::{element_wise::ElementWiseOp, nn::GeluExact};
+            y = model.wire_node("gelu", ElementWiseOp(Box::new(GeluExact {}), None), &y)?;
+        }
         model.select_output_outlets(&y)?;
         Ok(model)
     }
@@ -236,12 +263,19 @@ mod tests {
     #[test]
     fn matches_tracts_deconvolution_for_the_decoders_upscaling_and_odd_shapes() -> TractResult<()> {
         // The decoder's two (shrunk), a 3x2 patch, and a width that splits no block evenly.
-        for (input, kernel) in
-            [([1, 32, 8, 8], [8, 32, 2, 2]), ([1, 8, 16, 16], [4, 8, 2, 2]), ([1, 5, 7, 300], [3, 5, 3, 2])]
-        {
-            let tract = model(input, kernel, [kernel[2], kernel[3]])?;
+        // The last with the GELU the decoder's second upscaling has after it, folded in.
+        let cases = [
+            ([1, 32, 8, 8], [8, 32, 2, 2], false),
+            ([1, 8, 16, 16], [4, 8, 2, 2], false),
+            ([1, 5, 7, 300], [3, 5, 3, 2], false),
+        ];
+        for (input, kernel, gelu) in cases.into_iter().chain([([1, 8, 16, 16], [4, 8, 2, 2], true)]) {
+            let tract = model_then(input, kernel, [kernel[2], kernel[3]], gelu)?;
             let ours = replace_deconvs(tract.clone())?;
+            let ops: Vec<String> = ours.nodes().iter().map(|n| format!("{:?}", n.op)).collect();
             assert_eq!(ours.nodes().iter().filter(|n| n.op_is::<PatchDeconv>()).count(), 1, "{kernel:?}");
+            assert!(!ops.iter().any(|op| op.contains("Gelu")), "tract's GELU left in: {ops:?}");
+            assert_eq!(ops.iter().any(|op| op.starts_with("PatchDeconv") && op.contains("GELU")), gelu, "{ops:?}");
             let x = Tensor::from_shape(&input, &values(input.iter().product(), 0.4))?;
             let run = |m: TypedModel| -> TractResult<Tensor> {
                 Ok(m.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?.remove(0).into_tensor())

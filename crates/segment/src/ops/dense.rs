@@ -173,7 +173,7 @@ pub fn replace_dense(model: TypedModel) -> TractResult<TypedModel> {
 }
 
 /// An einsum's axes with their sizes, size-1 axes left out (they do not move memory).
-fn sized(labels: &str, shape: &[usize]) -> Option<Vec<(char, usize)>> {
+pub(super) fn sized(labels: &str, shape: &[usize]) -> Option<Vec<(char, usize)>> {
     let labels: Vec<char> = labels.chars().collect();
     (labels.len() == shape.len()).then(|| labels.into_iter().zip(shape.iter().copied()).filter(|a| a.1 != 1).collect())
 }
@@ -272,7 +272,7 @@ fn bias_after(model: &TypedModel, id: usize, n: usize, n_pos: usize) -> TractRes
 }
 
 /// When `outlet`'s only reader is tract's exact GELU (f32 in, f32 out): that op's outlet.
-fn gelu_after(model: &TypedModel, outlet: OutletId) -> TractResult<Option<OutletId>> {
+pub(super) fn gelu_after(model: &TypedModel, outlet: OutletId) -> TractResult<Option<OutletId>> {
     let [reader] = model.outlet_successors(outlet) else { return Ok(None) };
     let node = model.node(reader.node);
     let is_gelu = node.op_as::<ElementWiseOp>().is_some_and(|op| op.0.is::<GeluExact>() && op.1.is_none());

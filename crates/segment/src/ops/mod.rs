@@ -6,6 +6,7 @@ pub mod conv;
 pub mod deconv;
 pub mod dense;
 pub mod mbconv;
+pub mod mix;
 pub mod norm;
 pub mod pad;
 pub mod pool;

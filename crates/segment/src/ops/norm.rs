@@ -11,7 +11,8 @@
 //!
 //! Replaced: `Sub(x, m)` where `m` is `Reduce<Sum>` of `x` over one axis times `1/n` (or
 //! divided by `n`), read only by an `RmsNorm` over that axis; a product by a constant along
-//! that axis after it and the addition of one after that are folded in when present.
+//! that axis after it, the addition of one after that and an exact GELU after those are
+//! folded in when present.
 
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
+
+use crate::kernels::conv::gelu;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerNorm {
@@ -28,6 +31,9 @@ pub struct LayerNorm {
     /// Per position along the axis (ones and zeros when the graph has none).
     scale: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
+    /// The exact GELU after it (the SAM decoder's LayerNorm2d layers), applied to each
+    /// row or plane as it is written.
+    gelu: bool,
 }
 
 impl Eq for LayerNorm {}
@@ -97,6 +103,9 @@ impl LayerNorm {
                 for (((o, v), g), b) in out.iter_mut().zip(row).zip(scale).zip(bias) {
                     *o = (v - mean) * inv * g + b;
                 }
+                if self.gelu {
+                    gelu(out);
+                }
             }
             return;
         }
@@ -119,6 +128,9 @@ impl LayerNorm {
                 let (g, b) = (scale[c], bias[c]);
                 for (((o, v), m), inv) in out.iter_mut().zip(plane).zip(&mean).zip(&var) {
                     *o = (v - m) * inv * g + b;
+                }
+                if self.gelu {
+                    gelu(out);
                 }
             }
         }
@@ -165,7 +177,12 @@ fn layer_norm_for(model: &TypedModel, id: usize) -> TractResult<Option<(LayerNor
     if let Some((_, node)) = &bias {
         replaced = OutletId::new(*node, 0);
     }
+    let gelu = super::dense::gelu_after(model, replaced)?;
+    if let Some(outlet) = gelu {
+        replaced = outlet;
+    }
     let op = LayerNorm {
+        gelu: gelu.is_some(),
         shape,
         axis,
         eps,
@@ -225,7 +242,7 @@ mod tests {
 
     /// tract's own chain for a layer normalisation of `shape` over `axis` (the mean as a
     /// sum times `1/n`, the `RmsNorm`, optionally a scale and a bias along the axis).
-    fn chain(shape: &[usize], axis: usize, affine: bool) -> TypedModel {
+    fn chain(shape: &[usize], axis: usize, affine: bool, then_gelu: bool) -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact(shape)).unwrap();
         let sum = model.wire_node("sum", Reduce::new(tvec!(axis), Reducer::Sum), &[x]).unwrap();
@@ -244,12 +261,16 @@ mod tests {
             let b = model.add_const("b", Tensor::from_shape(&along, &noise(n, 9)).unwrap()).unwrap();
             out = model.wire_node("biased", bin(Add), &[out[0], b]).unwrap();
         }
+        if then_gelu {
+            use tract_onnx::tract_core::ops::{element_wise::ElementWiseOp, nn::GeluExact};
+            out = model.wire_node("gelu", ElementWiseOp(Box::new(GeluExact {}), None), &out).unwrap();
+        }
         model.select_output_outlets(&out).unwrap();
         model
     }
 
-    fn check(shape: &[usize], axis: usize, affine: bool) {
-        let model = chain(shape, axis, affine);
+    fn check(shape: &[usize], axis: usize, affine: bool, then_gelu: bool) {
+        let model = chain(shape, axis, affine, then_gelu);
         let input = Tensor::from_shape(shape, &noise(shape.iter().product(), 3)).unwrap();
         let run = |model: TypedModel| {
             let out = model.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
@@ -270,10 +291,12 @@ mod tests {
     fn matches_tracts_chain_over_the_last_axis_and_over_channels() {
         // A decoder token norm (rows of 256 over the 8-lane sums, and a ragged 20), an
         // encoder one, the upscaling's LayerNorm2d over 64 channels of a map.
-        check(&[1, 300, 256], 2, true);
-        check(&[2, 7, 20], 2, false);
-        check(&[1, 64, 15, 17], 1, true);
-        check(&[1, 5, 3, 4], 1, false);
+        // The LayerNorm2d layers are followed by a GELU, folded in.
+        check(&[1, 300, 256], 2, true, false);
+        check(&[2, 7, 20], 2, false, false);
+        check(&[1, 64, 15, 17], 1, true, true);
+        check(&[1, 5, 3, 4], 1, false, false);
+        check(&[1, 9, 20], 2, true, true);
     }
 
     #[test]

@@ -38,7 +38,8 @@ pub enum GraphKind {
 /// bias) run as [`crate::ops::dense::Dense`], its stride-1 convolutions (with the ReLU
 /// after them) as [`crate::ops::conv::DirectConv`], its transposed convolutions whose
 /// taps never overlap as [`crate::ops::deconv::PatchDeconv`], its batched products of two activations (windowed
-/// attention) as [`crate::ops::batched::BatchedMatMul`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
+/// attention) as [`crate::ops::batched::BatchedMatMul`], a few rows of one times planes of the other as
+/// [`crate::ops::mix::PlaneMix`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
 /// last-axis softmaxes (with a constant bias added first) by [`crate::ops::softmax::RowSoftmax`],
 /// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`], its 2x2
 /// stride-2 max poolings by [`crate::ops::pool::HalvingMaxPool`], its layer normalisations
@@ -49,7 +50,8 @@ pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
         let typed = crate::ops::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
-        let typed = crate::ops::batched::replace_batched(crate::ops::dense::replace_dense(typed)?)?;
+        let typed = crate::ops::mix::replace_plane_mixes(crate::ops::dense::replace_dense(typed)?)?;
+        let typed = crate::ops::batched::replace_batched(typed)?;
         let typed = crate::ops::norm::replace_layer_norms(typed)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
         let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
