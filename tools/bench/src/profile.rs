@@ -165,6 +165,8 @@ fn profile_plan(name: &str, plan: &Plan, inputs: TVec<TValue>) -> Res<Value> {
     let rss_before = vm_field("VmRSS:");
     let mut by_op: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     let mut by_node: Vec<(f64, String)> = Vec::new();
+    // Each node's op as it prints itself (our ops give their shapes and layouts), for the TSV.
+    let mut op_details: Vec<String> = Vec::new();
     let (mut heap_peak, mut heap_peak_at, mut rss_peak) = (0u64, String::new(), 0u64);
     // VmHWM is reset before each node and read after it: the RSS peak inside each node.
     let mut in_node: Vec<(u64, String)> = Vec::new();
@@ -183,6 +185,7 @@ fn profile_plan(name: &str, plan: &Plan, inputs: TVec<TValue>) -> Res<Value> {
             entry.0 += elapsed;
             entry.1 += 1;
             by_node.push((elapsed, format!("{} ({})", node.name, node.op.name())));
+            op_details.push(format!("{:?}", node.op).replace(['\t', '\n'], " "));
             let heap = heap_in_use();
             if heap > heap_peak {
                 heap_peak = heap;
@@ -196,8 +199,10 @@ fn profile_plan(name: &str, plan: &Plan, inputs: TVec<TValue>) -> Res<Value> {
     let mut ops: Vec<(String, (f64, usize))> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     if let Ok(path) = std::env::var("BENCH_NODES_TSV") {
-        // Every node in plan order (experiment aid: diff two profiles node by node).
-        let rows: String = by_node.iter().map(|(s, n)| format!("{:.3}\t{n}\n", s * 1e3)).collect();
+        // Every node in plan order (experiment aid: diff two profiles node by node), its op's
+        // details last.
+        let rows: String =
+            by_node.iter().zip(&op_details).map(|((s, n), d)| format!("{:.3}\t{n}\t{d}\n", s * 1e3)).collect();
         std::fs::write(&path, rows).map_err(err)?;
     }
     by_node.sort_by(|a, b| b.0.total_cmp(&a.0));

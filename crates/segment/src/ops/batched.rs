@@ -14,6 +14,7 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use crate::kernels::gemm::{gemm, gemm_taps, Packed, Rows};
@@ -43,6 +44,18 @@ pub struct BatchedMatMul {
     out: [usize; 4],
     /// 4, or 3 when every position above counts a leading axis of one that is not there.
     rank: usize,
+    /// Operands read in place from the tensor they are a slice of (the query, key and value
+    /// thirds of an attention's qkv projection): tract's `Slice` copied each of them whole.
+    views: [Option<View>; 2],
+}
+
+/// An operand that is `len` positions of `axis` of a `shape`d input, from `start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    shape: TVec<usize>,
+    axis: usize,
+    start: usize,
+    len: usize,
 }
 
 /// A rank-3 shape with the leading axis of one it is seen with.
@@ -71,6 +84,19 @@ fn strides(shape: &[usize]) -> [usize; 4] {
 }
 
 impl BatchedMatMul {
+    /// Operand `i`'s shape (a view's, when it is read through one) and where it starts in
+    /// the input, from the input's shape; checked against the plan.
+    fn operand(&self, i: usize, input: &[usize]) -> TractResult<(TVec<usize>, usize)> {
+        let Some(view) = &self.views[i] else { return Ok((input.into(), 0)) };
+        if input != &*view.shape {
+            bail!("BatchedMatMul: input {input:?}, planned for {:?}", view.shape);
+        }
+        let mut shape: TVec<usize> = input.into();
+        shape[view.axis] = view.len;
+        let stride: usize = input[view.axis + 1..].iter().product();
+        Ok((shape, view.start * stride))
+    }
+
     /// `[batch0, batch1, m, n, k]` from the input shapes, checked.
     fn dims(&self, a: &[usize], b: &[usize]) -> TractResult<[usize; 5]> {
         if a.len() != self.rank || b.len() != self.rank {
@@ -99,9 +125,11 @@ impl EvalOp for BatchedMatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let [a, b] = &inputs[..] else { bail!("BatchedMatMul: two inputs expected") };
-        let dims = self.dims(a.shape(), b.shape())?;
+        let ((a_shape, a_at), (b_shape, b_at)) = (self.operand(0, a.shape())?, self.operand(1, b.shape())?);
+        let dims = self.dims(&a_shape, &b_shape)?;
         let [b0, b1, m, n, k] = dims;
         let shape = self.output_shape(dims);
+        // Strides are the inputs' own: a view is read in place.
         let (sa, sb, so) = (strides(&lift(a.shape())), strides(&lift(b.shape())), strides(&shape));
         let (a_view, b_view) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a, b) = (a_view.as_slice::<f32>()?, b_view.as_slice::<f32>()?);
@@ -120,13 +148,13 @@ impl EvalOp for BatchedMatMul {
                 for j in 0..b1 {
                     let a_side = Side {
                         data: a,
-                        at: i * sa[self.a[0]] + j * sa[self.a[1]],
+                        at: a_at + i * sa[self.a[0]] + j * sa[self.a[1]],
                         free: sa[self.a[2]],
                         k: sa[self.a[3]],
                     };
                     let b_side = Side {
                         data: b,
-                        at: i * sb[self.b[0]] + j * sb[self.b[1]],
+                        at: b_at + i * sb[self.b[0]] + j * sb[self.b[1]],
                         free: sb[self.b[2]],
                         k: sb[self.b[3]],
                     };
@@ -169,7 +197,8 @@ impl TypedOp for BatchedMatMul {
         let (Some(sa), Some(sb)) = (a.shape.as_concrete(), b.shape.as_concrete()) else {
             bail!("BatchedMatMul: symbolic shapes")
         };
-        Ok(tvec!(f32::fact(&self.output_shape(self.dims(sa, sb)?)[4 - self.rank..])))
+        let (sa, sb) = (self.operand(0, sa)?.0, self.operand(1, sb)?.0);
+        Ok(tvec!(f32::fact(&self.output_shape(self.dims(&sa, &sb)?)[4 - self.rank..])))
     }
 
     as_op!();
@@ -179,12 +208,36 @@ impl TypedOp for BatchedMatMul {
 pub fn replace_batched(mut model: TypedModel) -> TractResult<TypedModel> {
     let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
     for id in candidates {
-        let Some(op) = batched_for(&model, id)? else { continue };
+        let Some(mut op) = batched_for(&model, id)? else { continue };
         let node = model.node(id);
-        let patch = TypedModelPatch::replace_single_op(&model, node, &node.inputs, op)?;
+        let mut inputs = node.inputs.clone();
+        for (slot, input) in inputs.iter_mut().enumerate() {
+            if let Some((whole, view)) = sliced(&model, *input)? {
+                *input = whole;
+                op.views[slot] = Some(view);
+            }
+        }
+        let patch = TypedModelPatch::replace_single_op(&model, node, &inputs, op)?;
         patch.apply(&mut model)?;
     }
     Ok(model)
+}
+
+/// When `outlet` is a `Slice` (concrete bounds) of an f32 tensor of concrete shape: that
+/// tensor and the view.
+fn sliced(model: &TypedModel, outlet: OutletId) -> TractResult<Option<(OutletId, View)>> {
+    let node = model.node(outlet.node);
+    let Some(slice) = node.op_as::<Slice>() else { return Ok(None) };
+    let Some(&whole) = node.inputs.first() else { return Ok(None) };
+    let fact = model.outlet_fact(whole)?;
+    let (Some(shape), Ok(start), Ok(end)) = (fact.shape.as_concrete(), slice.start.to_usize(), slice.end.to_usize())
+    else {
+        return Ok(None);
+    };
+    if fact.datum_type != f32::datum_type() || end <= start || shape.get(slice.axis).is_none_or(|&d| end > d) {
+        return Ok(None);
+    }
+    Ok(Some((whole, View { shape: shape.into(), axis: slice.axis, start, len: end - start })))
 }
 
 fn batched_for(model: &TypedModel, id: usize) -> TractResult<Option<BatchedMatMul>> {
@@ -226,7 +279,7 @@ fn batched_for(model: &TypedModel, id: usize) -> TractResult<Option<BatchedMatMu
     else {
         return Ok(None);
     };
-    let op = BatchedMatMul { a: pa, b: pb, out: po, rank };
+    let op = BatchedMatMul { a: pa, b: pb, out: po, rank, views: [None, None] };
     let shapes: Vec<&[usize]> =
         node.inputs.iter().filter_map(|i| model.outlet_fact(*i).ok()?.shape.as_concrete()).collect();
     let [sa, sb] = shapes[..] else { return Ok(None) };
@@ -282,6 +335,39 @@ mod tests {
         // Few rows by many columns, computed transposed: token to image at full width.
         check("mbk,nbk->bmn", &[7, 8, 16], &[4096, 8, 16]);
         check("ambk,anbk->abmn", &[2, 3, 3, 7], &[2, 70, 3, 7]);
+    }
+
+    #[test]
+    fn slices_of_one_tensor_are_read_in_place() {
+        // TinyViT's attention: one qkv tensor `[windows, tokens, heads, 3 x 7]` cut into q,
+        // k and v along its last axis; q k^T (both sliced), then with v (sliced) on the right.
+        let shape = [2, 5, 3, 21];
+        let mut model = TypedModel::default();
+        let qkv = model.add_source("qkv", f32::fact(shape)).unwrap();
+        let third = |model: &mut TypedModel, i: usize| {
+            let slice = Slice { axis: 3, start: (7 * i).to_dim(), end: (7 * i + 7).to_dim() };
+            model.wire_node(format!("slice{i}"), slice, &[qkv]).unwrap()[0]
+        };
+        let (q, k, v) = (third(&mut model, 0), third(&mut model, 1), third(&mut model, 2));
+        let einsum = |e: &str| EinSum::new(e.parse().unwrap(), f32::datum_type());
+        let scores = model.wire_node("qk", einsum("ambk,anbk->abmn"), &[q, k]).unwrap()[0];
+        let out = model.wire_node("av", einsum("abmn,anbk->ambk"), &[scores, v]).unwrap();
+        model.select_output_outlets(&out).unwrap();
+        let input = Tensor::from_shape(&shape, &values(shape.iter().product(), 0.9)).unwrap();
+        let run = |model: TypedModel| {
+            let out = model.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+            out[0].to_plain_array_view::<f32>().unwrap().to_owned()
+        };
+        let theirs = run(model.clone());
+        let ours = replace_batched(model).unwrap().into_decluttered().unwrap();
+        let ops: Vec<String> = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        assert!(!ops.iter().any(|op| op == "Slice"), "a slice is still copied: {ops:?}");
+        assert_eq!(ops.iter().filter(|op| *op == "BatchedMatMul").count(), 2, "{ops:?}");
+        let ours = run(ours);
+        assert_eq!(ours.shape(), theirs.shape());
+        for (x, y) in ours.iter().zip(theirs.iter()) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
     }
 
     #[test]
