@@ -256,9 +256,7 @@ pub fn profile(inputs: &Inputs, which: &str) -> Res<Value> {
             let feed: TVec<TValue> = tvec!(
                 TValue::from_const(load_embedding(inputs)?),
                 coords.into_tensor().into(),
-                labels.into_tensor().into(),
-                Tensor::zero::<f32>(&[1, 1, 256, 256]).map_err(err)?.into(),
-                tensor1(&[0f32]).into()
+                labels.into_tensor().into()
             );
             profile_plan("sam_decoder", &plan, feed)?
         }

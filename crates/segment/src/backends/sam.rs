@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use image::{GrayImage, RgbImage};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::TypedModelPatch;
 use tract_onnx::tract_hir::internal::bail;
 
 pub use super::tiled::Encoder;
@@ -75,7 +76,27 @@ pub fn plan_decoder(graph: InferenceModel) -> TractResult<Plan> {
     for (ix, fact) in facts {
         graph = graph.with_input_fact(ix, fact)?;
     }
-    onnx::optimise(graph)
+    onnx::optimise_with(graph, without_mask_prompt)
+}
+
+/// The decoder's mask prompt inputs (`mask_input`, `has_mask_input`) made the constants a
+/// box prompt gives them (no mask: zeros, flag 0), so that planning folds the mask
+/// branch (two strided convolutions, two LayerNorm2d and a 1x1 convolution to 256
+/// channels on a 256x256 plane of zeros) into one constant; the plan takes the first three
+/// inputs only.
+fn without_mask_prompt(mut model: TypedModel) -> TractResult<TypedModel> {
+    let inputs = model.input_outlets()?.to_vec();
+    let [embeddings, coords, labels, mask, has_mask] = inputs[..] else {
+        bail!("decoder: {} inputs, expected {}", inputs.len(), DECODER_INPUTS.len());
+    };
+    let mut patch = TypedModelPatch::default();
+    for (outlet, value) in [(mask, Tensor::zero::<f32>(&[1, 1, LOW_RES, LOW_RES])?), (has_mask, tensor1(&[0f32]))] {
+        let konst = patch.add_const(format!("{}.none", model.node(outlet.node).name), value)?;
+        patch.shunt_outside(&model, outlet, konst)?;
+    }
+    patch.apply(&mut model)?;
+    model.set_input_outlets(&[embeddings, coords, labels])?;
+    Ok(model)
 }
 
 impl SamSegmenter {
@@ -243,16 +264,9 @@ impl DecoderOutput {
 pub fn run_decoder(decoder: &Plan, embedding: Arc<Tensor>, prompt: &DecoderPrompt) -> TractResult<DecoderOutput> {
     let coords = tract_ndarray::Array3::from_shape_vec((1, 2, 2), prompt.coords.to_vec())?.into_tensor();
     let labels = tract_ndarray::Array2::from_shape_vec((1, 2), prompt.labels.to_vec())?.into_tensor();
-    let mask_input = Tensor::zero::<f32>(&[1, 1, LOW_RES, LOW_RES])?;
-    let has_mask = tensor1(&[0f32]);
     let _reuse = drishya_alloc::reuse_freed_blocks();
-    let outputs = decoder.run(tvec!(
-        TValue::from_const(embedding),
-        coords.into(),
-        labels.into(),
-        mask_input.into(),
-        has_mask.into()
-    ))?;
+    // No mask prompt: the plan has it as constants (`without_mask_prompt`).
+    let outputs = decoder.run(tvec!(TValue::from_const(embedding), coords.into(), labels.into()))?;
     let [iou, masks] = outputs.as_slice() else {
         bail!("decoder returned {} outputs, expected 2", outputs.len());
     };

@@ -45,9 +45,18 @@ pub enum GraphKind {
 /// stride-2 max poolings by [`crate::ops::pool::HalvingMaxPool`], its layer normalisations
 /// by [`crate::ops::norm::LayerNorm`].
 pub fn optimise(graph: InferenceModel) -> TractResult<Plan> {
+    optimise_with(graph, Ok)
+}
+
+/// [`optimise`], with `adjust` applied to the typed graph before it is decluttered (where
+/// constants it introduces are folded through).
+pub fn optimise_with(
+    graph: InferenceModel,
+    adjust: impl FnOnce(TypedModel) -> TractResult<TypedModel>,
+) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
-        let typed = crate::ops::split::split_concat_convs(graph.into_typed()?.into_decluttered()?)?;
+        let typed = crate::ops::split::split_concat_convs(adjust(graph.into_typed()?)?.into_decluttered()?)?;
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::mix::replace_plane_mixes(crate::ops::dense::replace_dense(typed)?)?;
