@@ -85,6 +85,10 @@ impl Packed {
                     let src = first + i * i_stride;
                     dst[..width].copy_from_slice(&data[src..src + width]);
                 }
+            } else if i_stride == 1 {
+                // Each output's inputs are contiguous (attention keys, `[token][channel]`):
+                // a `[width][inputs]` block turned `[inputs][PANEL]` by the vector transpose.
+                super::transpose::transpose(&data[first..], o_stride, block, PANEL, [width, inputs]);
             } else {
                 for o in 0..width {
                     let column = first + o * o_stride;
@@ -196,9 +200,14 @@ unsafe fn blocks(
             let mut panel = 0;
             while panel < panels {
                 let wide = shape.panels.min(panels - panel);
+                // The block's rows spread evenly over the fewest tiles (49 rows: 10, 10, 10,
+                // 10, 9 rather than 12, 12, 12, 12, 1): a one-row tile loads the weights for
+                // a single FMA each, and windowed attention is thousands of 49-row products.
+                let mut tiles = block.div_ceil(shape.rows);
                 let mut r = r0;
                 while r < r0 + block {
-                    let tall = shape.rows.min(r0 + block - r);
+                    let tall = (r0 + block - r).div_ceil(tiles);
+                    tiles -= 1;
                     let t = Tile {
                         rows: &rows,
                         first_row: r,
