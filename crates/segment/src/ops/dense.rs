@@ -285,6 +285,7 @@ pub(super) fn gelu_after(model: &TypedModel, outlet: OutletId) -> TractResult<Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::noise;
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
@@ -332,18 +333,6 @@ mod tests {
             let layout = check(expr, a, b).unwrap_or_else(|| panic!("{expr} not recognised"));
             assert_eq!((layout.read_transposed, layout.write_transposed), (read, write), "{expr}");
         }
-    }
-
-    /// Uniform in [-1, 1) from a linear congruential generator: unlike `values`, the
-    /// products of two such sequences do not cancel along the contracted axis.
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
     }
 
     /// `expr` on `a`, plus a bias along the output axis `n` (the constant's axis that is

@@ -151,16 +151,7 @@ fn mix_for(model: &TypedModel, id: usize) -> TractResult<Option<PlaneMix>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::noise;
 
     /// Ours against tract's own EinSum for `expr` on activations of shapes `a` and `b`;
     /// `None` when the form is not recognised.

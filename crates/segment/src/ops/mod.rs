@@ -90,3 +90,16 @@ pub(crate) fn const_after(
     let view = c.try_as_plain_ram()?;
     Ok(Some((view.as_slice::<f32>()?.to_vec(), node.id)))
 }
+
+/// Uniform in [-1, 1) from a linear congruential generator, for the ops' tests: unlike a
+/// sine, the products of two such sequences do not cancel along a contracted axis.
+#[cfg(test)]
+pub(crate) fn noise(n: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}

@@ -224,17 +224,8 @@ fn mean_axis(model: &TypedModel, m: OutletId, x: OutletId, shape: &[usize]) -> T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::noise;
     use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
-
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 23) as f32 * 3.0 - 1.0
-            })
-            .collect()
-    }
 
     fn bin(op: impl tract_onnx::tract_core::ops::binary::BinMiniOp) -> TypedBinOp {
         TypedBinOp(Box::new(op), None)
@@ -271,7 +262,9 @@ mod tests {
 
     fn check(shape: &[usize], axis: usize, affine: bool, then_gelu: bool) {
         let model = chain(shape, axis, affine, then_gelu);
-        let input = Tensor::from_shape(shape, &noise(shape.iter().product(), 3)).unwrap();
+        // Off-centre (mean about 2), so the mean's subtraction matters.
+        let values: Vec<f32> = noise(shape.iter().product(), 3).iter().map(|v| v * 3.0 + 2.0).collect();
+        let input = Tensor::from_shape(shape, &values).unwrap();
         let run = |model: TypedModel| {
             let out = model.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
             out[0].to_plain_array_view::<f32>().unwrap().to_owned()
