@@ -301,20 +301,8 @@ mod tests {
     fn check(expr: &str, a: &[usize], b: &[usize]) {
         let ta = Tensor::from_shape(a, &values(a.iter().product(), 0.3)).unwrap();
         let tb = Tensor::from_shape(b, &values(b.iter().product(), 1.7)).unwrap();
-        let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
-        let mut model = TypedModel::default();
-        let sa = model.add_source("a", f32::fact(a)).unwrap();
-        let sb = model.add_source("b", f32::fact(b)).unwrap();
-        let out = model.wire_node("einsum", einsum.clone(), &[sa, sb]).unwrap();
-        let op = batched_for(&model, out[0].node).unwrap().unwrap_or_else(|| panic!("{expr} not recognised"));
-        let ctx = EvalContext::out_of_plan();
-        let ours = op.eval(&ctx, tvec!(ta.clone().into_tvalue(), tb.clone().into_tvalue())).unwrap();
-        let theirs = einsum.eval(&ctx, tvec!(ta.into_tvalue(), tb.into_tvalue())).unwrap();
-        let (x, y) = (ours[0].to_plain_array_view::<f32>().unwrap(), theirs[0].to_plain_array_view::<f32>().unwrap());
-        assert_eq!(x.shape(), y.shape(), "{expr}");
-        for (x, y) in x.iter().zip(y.iter()) {
-            assert!((x - y).abs() < 1e-4, "{expr}: {x} vs {y}");
-        }
+        crate::ops::check_against_einsum(expr, [ta, tb], batched_for, 1e-5)
+            .unwrap_or_else(|| panic!("{expr} not recognised"));
     }
 
     #[test]

@@ -158,21 +158,7 @@ mod tests {
     fn check(expr: &str, a: &[usize], b: &[usize]) -> Option<()> {
         let ta = Tensor::from_shape(a, &noise(a.iter().product(), 3)).unwrap();
         let tb = Tensor::from_shape(b, &noise(b.iter().product(), 7)).unwrap();
-        let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
-        let mut model = TypedModel::default();
-        let sa = model.add_source("a", f32::fact(a)).unwrap();
-        let sb = model.add_source("b", f32::fact(b)).unwrap();
-        let out = model.wire_node("einsum", einsum.clone(), &[sa, sb]).unwrap();
-        let op = mix_for(&model, out[0].node).unwrap()?;
-        let ctx = EvalContext::out_of_plan();
-        let ours = op.eval(&ctx, tvec!(ta.clone().into_tvalue(), tb.clone().into_tvalue())).unwrap();
-        let theirs = einsum.eval(&ctx, tvec!(ta.into_tvalue(), tb.into_tvalue())).unwrap();
-        let (x, y) = (ours[0].to_plain_array_view::<f32>().unwrap(), theirs[0].to_plain_array_view::<f32>().unwrap());
-        assert_eq!(x.shape(), y.shape(), "{expr}");
-        for (x, y) in x.iter().zip(y.iter()) {
-            assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{expr}: {x} vs {y}");
-        }
-        Some(())
+        crate::ops::check_against_einsum(expr, [ta, tb], mix_for, 1e-5)
     }
 
     #[test]

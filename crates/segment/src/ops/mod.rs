@@ -103,3 +103,32 @@ pub(crate) fn noise(n: usize, seed: u32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// For the ops' tests: `expr` as tract's `EinSum` of two activations, `inputs`; the op
+/// `make` gives for that node (`None`: not recognised) evaluated on the same inputs, and
+/// the two outputs compared (`tolerance` relative to 1 + |value|).
+#[cfg(test)]
+pub(crate) fn check_against_einsum<O: tract_onnx::tract_core::internal::EvalOp>(
+    expr: &str,
+    [a, b]: [Tensor; 2],
+    make: impl Fn(&TypedModel, usize) -> TractResult<Option<O>>,
+    tolerance: f32,
+) -> Option<()> {
+    use tract_onnx::tract_core::internal::{EvalContext, EvalOp as _};
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+    let mut model = TypedModel::default();
+    let sa = model.add_source("a", f32::fact(a.shape())).unwrap();
+    let sb = model.add_source("b", f32::fact(b.shape())).unwrap();
+    let out = model.wire_node("einsum", einsum.clone(), &[sa, sb]).unwrap();
+    let op = make(&model, out[0].node).unwrap()?;
+    let ctx = EvalContext::out_of_plan();
+    let ours = op.eval(&ctx, tvec!(a.clone().into_tvalue(), b.clone().into_tvalue())).unwrap();
+    let theirs = einsum.eval(&ctx, tvec!(a.into_tvalue(), b.into_tvalue())).unwrap();
+    let (x, y) = (ours[0].to_plain_array_view::<f32>().unwrap(), theirs[0].to_plain_array_view::<f32>().unwrap());
+    assert_eq!(x.shape(), y.shape(), "{expr}");
+    for (x, y) in x.iter().zip(y.iter()) {
+        assert!((x - y).abs() < tolerance * (1.0 + y.abs()), "{expr}: {x} vs {y}");
+    }
+    Some(())
+}
