@@ -205,22 +205,18 @@ impl TypedOp for BatchedMatMul {
 }
 
 /// Replaces each suitable `EinSum` of a decluttered model.
-pub fn replace_batched(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
-    for id in candidates {
-        let Some(mut op) = batched_for(&model, id)? else { continue };
-        let node = model.node(id);
-        let mut inputs = node.inputs.clone();
+pub fn replace_batched(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_in_place::<EinSum, _>(model, |model, id| {
+        let Some(mut op) = batched_for(model, id)? else { return Ok(None) };
+        let mut inputs = model.node(id).inputs.clone();
         for (slot, input) in inputs.iter_mut().enumerate() {
-            if let Some((whole, view)) = sliced(&model, *input)? {
+            if let Some((whole, view)) = sliced(model, *input)? {
                 *input = whole;
                 op.views[slot] = Some(view);
             }
         }
-        let patch = TypedModelPatch::replace_single_op(&model, node, &inputs, op)?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+        Ok(Some((op, inputs)))
+    })
 }
 
 /// When `outlet` is a `Slice` (concrete bounds) of an f32 tensor of concrete shape: that

@@ -104,15 +104,10 @@ impl PlaneMix {
 }
 
 /// Replaces each suitable `EinSum` of a decluttered model.
-pub fn replace_plane_mixes(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
-    for id in candidates {
-        let Some(op) = mix_for(&model, id)? else { continue };
-        let node = model.node(id);
-        let patch = TypedModelPatch::replace_single_op(&model, node, &node.inputs, op)?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+pub fn replace_plane_mixes(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_in_place::<EinSum, _>(model, |model, id| {
+        Ok(mix_for(model, id)?.map(|op| (op, model.node(id).inputs.clone())))
+    })
 }
 
 fn mix_for(model: &TypedModel, id: usize) -> TractResult<Option<PlaneMix>> {

@@ -41,6 +41,23 @@ pub(crate) fn replace_each<T: Op, O: TypedOp>(
     Ok(model)
 }
 
+/// The loop the rewrites that keep a node in place share: for each node whose op is a `T`,
+/// `make` may give the op standing for it and the outlets it reads (the node's own inputs,
+/// or what they are cut from: a slice's tensor, a padded concatenation's parts, a softmax's
+/// input before its bias); that op then takes the node's place under its name.
+pub(crate) fn replace_in_place<T: Op, O: TypedOp>(
+    mut model: TypedModel,
+    make: impl Fn(&TypedModel, usize) -> TractResult<Option<(O, Vec<OutletId>)>>,
+) -> TractResult<TypedModel> {
+    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<T>()).map(|n| n.id).collect();
+    for id in candidates {
+        let Some((op, inputs)) = make(&model, id)? else { continue };
+        let patch = TypedModelPatch::replace_single_op(&model, model.node(id), &inputs, op)?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
 /// The output of an op with one f32 input that `run` fills: every element of the
 /// `shape`-shaped output must be written by `run` (it starts uninitialised).
 pub(crate) fn eval_filled(

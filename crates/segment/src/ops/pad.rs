@@ -190,20 +190,14 @@ impl TypedOp for ConstPad {
 }
 
 /// Replaces every constant f32 `Pad` of an optimised model by [`ConstPad`].
-pub fn replace_pads(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|node| node.op_as::<Pad>().is_some_and(|pad| matches!(pad.mode, PadMode::Constant(_))))
-        .map(|node| node.id)
-        .collect();
-    for id in candidates {
+pub fn replace_pads(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_in_place::<Pad, _>(model, |model, id| {
         let node = model.node(id);
-        let Some(pad) = node.op_as::<Pad>() else { continue };
-        let PadMode::Constant(value) = &pad.mode else { continue };
+        let Some(pad) = node.op_as::<Pad>() else { return Ok(None) };
+        let PadMode::Constant(value) = &pad.mode else { return Ok(None) };
         let input_fact = model.outlet_fact(node.inputs[0])?;
         if input_fact.datum_type != f32::datum_type() || pad.pads.len() != input_fact.rank() {
-            continue;
+            return Ok(None);
         }
         let value = value.cast_to_scalar::<f32>()?;
         let producer = model.node(node.inputs[0].node);
@@ -215,13 +209,11 @@ pub fn replace_pads(mut model: TypedModel) -> TractResult<TypedModel> {
         };
         let f32_inputs = inputs.iter().all(|i| model.outlet_fact(*i).is_ok_and(|f| f.datum_type == f32::datum_type()));
         if !f32_inputs {
-            continue;
+            return Ok(None);
         }
         let op = ConstPad { pads: pad.pads.clone(), value_bits: value.to_bits(), concat_axis };
-        let patch = TypedModelPatch::replace_single_op(&model, node, &inputs, op)?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+        Ok(Some((op, inputs)))
+    })
 }
 
 #[cfg(test)]

@@ -75,29 +75,26 @@ impl TypedOp for PlaneBilinear {
 
 /// Replaces each bilinear, half-pixel f32 `Resize` of the last two axes of a rank-4 tensor
 /// (sizes known, both output sides > 1, scales implied by the sizes) by [`PlaneBilinear`].
-pub fn replace_resizes(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Resize>()).map(|n| n.id).collect();
-    for id in candidates {
+pub fn replace_resizes(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_in_place::<Resize, _>(model, |model, id| {
         let node = model.node(id);
-        let Some(resize) = node.op_as::<Resize>() else { continue };
+        let Some(resize) = node.op_as::<Resize>() else { return Ok(None) };
         let half_pixel =
             matches!(resize.coord_transformer, CoordTransformer::HalfPixel | CoordTransformer::PytorchHalfPixel);
         let input = model.outlet_fact(node.inputs[0])?;
         let output = model.outlet_fact(OutletId::new(id, 0))?;
-        let (Some(from), Some(to)) = (input.shape.as_concrete(), output.shape.as_concrete()) else { continue };
+        let (Some(from), Some(to)) = (input.shape.as_concrete(), output.shape.as_concrete()) else { return Ok(None) };
         let spatial_only = from.len() == 4 && to.len() == 4 && from[..2] == to[..2] && to[2] > 1 && to[3] > 1;
         let f32s = input.datum_type == f32::datum_type() && output.datum_type == f32::datum_type();
         if !half_pixel || resize.interpolator != Interpolator::Linear || !spatial_only || !f32s {
-            continue;
+            return Ok(None);
         }
-        if !scales_are_implied(&model, node, resize, from, to)? {
-            continue;
+        if !scales_are_implied(model, node, resize, from, to)? {
+            return Ok(None);
         }
         let op = PlaneBilinear { height: to[2], width: to[3] };
-        let patch = TypedModelPatch::replace_single_op(&model, node, &node.inputs[..1], op)?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+        Ok(Some((op, node.inputs[..1].to_vec())))
+    })
 }
 
 /// tract resamples with the `scales` input when there is one: only replace where those are

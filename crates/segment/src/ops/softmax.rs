@@ -69,26 +69,23 @@ impl TypedOp for RowSoftmax {
 
 /// Replaces each last-axis f32 `Softmax` of an optimised model by [`RowSoftmax`], folding in
 /// an `Add` of a constant that feeds only it (and broadcasts over leading axes only).
-pub fn replace_softmaxes(mut model: TypedModel) -> TractResult<TypedModel> {
-    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Softmax>()).map(|n| n.id).collect();
-    for id in candidates {
+pub fn replace_softmaxes(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_in_place::<Softmax, _>(model, |model, id| {
         let node = model.node(id);
-        let Some(softmax) = node.op_as::<Softmax>() else { continue };
+        let Some(softmax) = node.op_as::<Softmax>() else { return Ok(None) };
         let fact = model.outlet_fact(node.inputs[0])?;
-        let Some(shape) = fact.shape.as_concrete() else { continue };
+        let Some(shape) = fact.shape.as_concrete() else { return Ok(None) };
         let last_axis = softmax.axes.as_slice() == [shape.len().saturating_sub(1)];
         if !last_axis || softmax.kind != SoftmaxKind::Softmax || fact.datum_type != f32::datum_type() {
-            continue;
+            return Ok(None);
         }
-        let inputs = match biased_input(&model, node.inputs[0], shape)? {
-            Some((x, bias)) => tvec!(x, bias),
-            None => tvec!(node.inputs[0]),
+        let inputs = match biased_input(model, node.inputs[0], shape)? {
+            Some((x, bias)) => vec![x, bias],
+            None => vec![node.inputs[0]],
         };
         let op = RowSoftmax { biased: inputs.len() == 2 };
-        let patch = TypedModelPatch::replace_single_op(&model, node, &inputs, op)?;
-        patch.apply(&mut model)?;
-    }
-    Ok(model)
+        Ok(Some((op, inputs)))
+    })
 }
 
 /// When `outlet` is `x + c` with `c` constant f32 of shape `[1, .., 1, d_k, .., d_n]`
