@@ -104,28 +104,42 @@ impl Packed {
 /// `out[r] = bias + a[r] * W` for each row `r` of `a` (`[rows][w.inputs]`).
 pub fn gemm(a: &[f32], w: &Packed, out: &mut [f32]) {
     assert!(a.len().is_multiple_of(w.inputs));
-    gemm_taps(Rows { a, count: a.len() / w.inputs, stride: w.inputs, taps: &[0] }, w, out)
+    gemm_taps(Rows::row_major(a, w.inputs), w, out)
 }
 
 /// The rows of `a` for [`gemm_taps`]: row `r` is the concatenation, over the taps `t`, of
-/// `w.inputs / taps.len()` values starting at `a[taps[t] + r * stride]`. One tap at 0
-/// with `stride` = inputs is a plain row-major matrix; a convolution reads each kernel
-/// tap's rows from the shifted input in place (ops/conv.rs), with no im2col copy.
+/// `w.inputs / taps.len()` values starting at `a[taps[t] + r * stride]`, `step` apart. One
+/// tap at 0 with `stride` = inputs and `step` 1 is a plain row-major matrix; a convolution
+/// reads each kernel tap's rows from the shifted input in place (ops/conv.rs), with no
+/// im2col copy; `stride` 1 and `step` = rows is a column-major matrix (the SAM decoder's
+/// channel-major image tokens), read in place instead of transposed first.
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
     pub a: &'a [f32],
     pub count: usize,
     pub stride: usize,
+    pub step: usize,
     pub taps: &'a [usize],
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// A row-major `[rows][inputs]` matrix.
+    pub fn row_major(a: &'a [f32], inputs: usize) -> Self {
+        Rows { a, count: a.len().checked_div(inputs).unwrap_or(0), stride: inputs, step: 1, taps: &[0] }
+    }
+
+    /// A column-major `[inputs][rows]` matrix: row `r` is `a[r], a[r + rows], ...`; `first`
+    /// rows on (a block of them), `count` of them.
+    pub fn column_major(a: &'a [f32], rows: usize, first: usize, count: usize) -> Self {
+        Rows { a: a.get(first..).unwrap_or(&[]), count, stride: 1, step: rows, taps: &[0] }
+    }
+
     /// Inputs per tap, when the taps cut `inputs` evenly and every row lies inside `a`.
     fn per_tap(&self, inputs: usize) -> Option<usize> {
         let taps = self.taps.len();
         let per_tap = inputs.checked_div(taps).filter(|&c| c * taps == inputs && c > 0)?;
-        let last = self.taps.iter().max()? + self.count.checked_sub(1)? * self.stride + per_tap;
-        (last <= self.a.len()).then_some(per_tap)
+        let last = self.taps.iter().max()? + self.count.checked_sub(1)? * self.stride + (per_tap - 1) * self.step + 1;
+        (self.step > 0 && last <= self.a.len()).then_some(per_tap)
     }
 }
 
@@ -154,8 +168,8 @@ fn gemm_portable(rows: Rows<'_>, per_tap: usize, w: &Packed, out: &mut [f32]) {
             acc.copy_from_slice(bias);
             let weights = &w.panels[panel * k * PANEL..][..k * PANEL];
             for (&tap, weights) in rows.taps.iter().zip(weights.chunks_exact(per_tap * PANEL)) {
-                let row = &rows.a[tap + r * rows.stride..][..per_tap];
-                for (&v, w) in row.iter().zip(weights.chunks_exact(PANEL)) {
+                let row = rows.a[tap + r * rows.stride..].iter().step_by(rows.step).take(per_tap);
+                for (&v, w) in row.zip(weights.chunks_exact(PANEL)) {
                     acc.iter_mut().zip(w).for_each(|(a, w)| *a += v * w);
                 }
             }
@@ -260,7 +274,8 @@ impl Tile<'_, '_> {
         while kk < end {
             let (tap, i0) = (kk / self.per_tap, kk % self.per_tap);
             let len = (self.per_tap - i0).min(end - kk);
-            let a = self.rows.a.as_ptr().add(self.rows.taps[tap] + self.first_row * self.rows.stride + i0);
+            let first = self.rows.taps[tap] + self.first_row * self.rows.stride + i0 * self.rows.step;
+            let a = self.rows.a.as_ptr().add(first);
             step(a, self.w.add(kk * PANEL), len);
             kk += len;
         }
@@ -286,31 +301,41 @@ mod avx2 {
     pub(super) const SHAPE: TileShape = TileShape { rows: 6, panels: 1 };
 
     pub(super) unsafe fn tile(t: &Tile<'_, '_>, rows: usize, _panels: usize) {
-        match rows {
-            6 => run::<6>(t),
-            5 => run::<5>(t),
-            4 => run::<4>(t),
-            3 => run::<3>(t),
-            2 => run::<2>(t),
-            _ => run::<1>(t),
+        macro_rules! by_rows {
+            ($s:literal) => {
+                match rows {
+                    6 => run::<6, $s>(t),
+                    5 => run::<5, $s>(t),
+                    4 => run::<4, $s>(t),
+                    3 => run::<3, $s>(t),
+                    2 => run::<2, $s>(t),
+                    _ => run::<1, $s>(t),
+                }
+            };
+        }
+        if t.rows.step == 1 {
+            by_rows!(false)
+        } else {
+            by_rows!(true)
         }
     }
 
+    /// `S`: the inputs of a row are `step` apart (else contiguous, the step known to be 1).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run<const R: usize>(t: &Tile<'_, '_>) {
+    unsafe fn run<const R: usize, const S: bool>(t: &Tile<'_, '_>) {
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
         for r in 0..R {
             lo[r] = _mm256_loadu_ps(t.start(r, 0));
             hi[r] = _mm256_loadu_ps(t.start(r, 0).add(8));
         }
-        let stride = t.rows.stride;
+        let (stride, step) = (t.rows.stride, if S { t.rows.step } else { 1 });
         t.stretches(|a, w, len| {
             for i in 0..len {
                 let w0 = _mm256_loadu_ps(w.add(i * PANEL));
                 let w1 = _mm256_loadu_ps(w.add(i * PANEL + 8));
                 for r in 0..R {
-                    let v = _mm256_broadcast_ss(&*a.add(r * stride + i));
+                    let v = _mm256_broadcast_ss(&*a.add(r * stride + i * step));
                     lo[r] = _mm256_fmadd_ps(v, w0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(v, w1, hi[r]);
                 }
@@ -334,39 +359,41 @@ mod avx512 {
 
     pub(super) unsafe fn tile(t: &Tile<'_, '_>, rows: usize, panels: usize) {
         macro_rules! by_rows {
-            ($p:literal) => {
+            ($p:literal, $s:literal) => {
                 match rows {
-                    12 => run::<12, $p>(t),
-                    11 => run::<11, $p>(t),
-                    10 => run::<10, $p>(t),
-                    9 => run::<9, $p>(t),
-                    8 => run::<8, $p>(t),
-                    7 => run::<7, $p>(t),
-                    6 => run::<6, $p>(t),
-                    5 => run::<5, $p>(t),
-                    4 => run::<4, $p>(t),
-                    3 => run::<3, $p>(t),
-                    2 => run::<2, $p>(t),
-                    _ => run::<1, $p>(t),
+                    12 => run::<12, $p, $s>(t),
+                    11 => run::<11, $p, $s>(t),
+                    10 => run::<10, $p, $s>(t),
+                    9 => run::<9, $p, $s>(t),
+                    8 => run::<8, $p, $s>(t),
+                    7 => run::<7, $p, $s>(t),
+                    6 => run::<6, $p, $s>(t),
+                    5 => run::<5, $p, $s>(t),
+                    4 => run::<4, $p, $s>(t),
+                    3 => run::<3, $p, $s>(t),
+                    2 => run::<2, $p, $s>(t),
+                    _ => run::<1, $p, $s>(t),
                 }
             };
         }
-        if panels == 2 {
-            by_rows!(2)
-        } else {
-            by_rows!(1)
+        match (panels == 2, t.rows.step == 1) {
+            (true, true) => by_rows!(2, false),
+            (false, true) => by_rows!(1, false),
+            (true, false) => by_rows!(2, true),
+            (false, false) => by_rows!(1, true),
         }
     }
 
+    /// `S`: the inputs of a row are `step` apart (else contiguous, the step known to be 1).
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const R: usize, const P: usize>(t: &Tile<'_, '_>) {
+    unsafe fn run<const R: usize, const P: usize, const S: bool>(t: &Tile<'_, '_>) {
         let mut acc = [[_mm512_setzero_ps(); P]; R];
         for (r, row) in acc.iter_mut().enumerate() {
             for (p, v) in row.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(t.start(r, p));
             }
         }
-        let (stride, panel_len) = (t.rows.stride, t.panel_len);
+        let (stride, step, panel_len) = (t.rows.stride, if S { t.rows.step } else { 1 }, t.panel_len);
         t.stretches(|a, w, len| {
             for i in 0..len {
                 let mut ws = [_mm512_setzero_ps(); P];
@@ -374,7 +401,7 @@ mod avx512 {
                     *v = _mm512_loadu_ps(w.add(p * panel_len + i * PANEL));
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let v = _mm512_set1_ps(*a.add(r * stride + i));
+                    let v = _mm512_set1_ps(*a.add(r * stride + i * step));
                     for (acc, w) in row.iter_mut().zip(&ws) {
                         *acc = _mm512_fmadd_ps(v, *w, *acc);
                     }
@@ -439,7 +466,7 @@ mod tests {
             assert!(w.panels == u.panels, "both constructors pack alike");
             for rows in [1, 5, 6, 7, 13, 97, 200] {
                 let a: Vec<f32> = (0..rows * inputs).map(|i| value(i as u32 * 3 + 1)).collect();
-                let results = by_every_family(Rows { a: &a, count: rows, stride: inputs, taps: &[0] }, &w);
+                let results = by_every_family(Rows::row_major(&a, inputs), &w);
                 let mut plain = vec![f32::NAN; rows * outputs];
                 gemm(&a, &w, &mut plain);
                 assert!(plain == results[results.len() - 1].1, "gemm is gemm_taps with one tap");
@@ -473,7 +500,7 @@ mod tests {
             let weight: Vec<f32> = (0..inputs * outputs).map(|i| value(i as u32 ^ 11)).collect();
             let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + 3)).collect();
             let w = Packed::from_inputs_major(&weight, bias.clone(), inputs, outputs).expect("shapes fit");
-            let results = by_every_family(Rows { a: &a, count, stride, taps: &taps }, &w);
+            let results = by_every_family(Rows { a: &a, count, stride, step: 1, taps: &taps }, &w);
             for r in 0..count {
                 for o in 0..outputs {
                     let want: f64 = bias[o] as f64
@@ -488,6 +515,26 @@ mod tests {
                         assert!((got as f64 - want).abs() < 1e-4, "{family}, {count} rows: [{r}][{o}] {got} vs {want}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_column_major_matrix_read_in_place_matches_its_row_major_copy() {
+        // 300 rows in column-major order (the decoder's channel-major tokens), 264 inputs:
+        // two depth blocks; blocks of rows starting inside the matrix, as Dense reads them.
+        let (rows, inputs, outputs) = (300, 264, 32);
+        let a: Vec<f32> = (0..inputs * rows).map(|i| value(i as u32 * 7 + 3)).collect();
+        let weight: Vec<f32> = (0..inputs * outputs).map(|i| value(i as u32 ^ 5)).collect();
+        let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + 9)).collect();
+        let w = Packed::from_inputs_major(&weight, bias, inputs, outputs).expect("shapes fit");
+        for (first, count) in [(0, 300), (17, 1), (192, 108), (5, 13)] {
+            let copy: Vec<f32> = (0..count * inputs).map(|j| a[(j % inputs) * rows + first + j / inputs]).collect();
+            let mut want = vec![f32::NAN; count * outputs];
+            gemm(&copy, &w, &mut want);
+            for (family, got) in by_every_family(Rows::column_major(&a, rows, first, count), &w) {
+                let worst = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{family}, rows {first}..+{count}: off by {worst}");
             }
         }
     }

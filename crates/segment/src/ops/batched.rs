@@ -17,7 +17,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use crate::kernels::gemm::{gemm, gemm_taps, Packed, Rows};
+use crate::kernels::gemm::{gemm_taps, Packed, Rows};
 
 /// Products with fewer rows than [`FEW_ROWS`] and at least [`MANY_COLUMNS`] columns are
 /// computed transposed (a product of few rows by few columns, such as the decoder's
@@ -143,7 +143,7 @@ impl EvalOp for BatchedMatMul {
             // the rows, and only the narrow one is packed.
             let swap = m < FEW_ROWS && n >= MANY_COLUMNS;
             let (rows_n, cols_n) = if swap { (n, m) } else { (m, n) };
-            let (mut rows, mut packed, mut product) = (Vec::new(), Packed::empty(), Vec::new());
+            let (mut packed, mut product) = (Packed::empty(), Vec::new());
             for i in 0..b0 {
                 for j in 0..b1 {
                     let a_side = Side {
@@ -161,18 +161,10 @@ impl EvalOp for BatchedMatMul {
                     let (left, right) = if swap { (b_side, a_side) } else { (a_side, b_side) };
                     packed.refill([k, cols_n], right.data, right.at, [right.k, right.free]);
                     product.resize(rows_n * packed.outputs, 0.0);
-                    if left.k == 1 {
-                        // Each row's inputs are contiguous: read in place, `free` apart.
-                        let from = Rows { a: &left.data[left.at..], count: rows_n, stride: left.free, taps: &[0] };
-                        gemm_taps(from, &packed, &mut product);
-                    } else {
-                        rows.resize(rows_n * k, 0.0);
-                        for (r, row) in rows.chunks_exact_mut(k).enumerate() {
-                            let from = left.at + r * left.free;
-                            row.iter_mut().enumerate().for_each(|(c, v)| *v = left.data[from + c * left.k]);
-                        }
-                        gemm(&rows, &packed, &mut product);
-                    }
+                    // Read in place: rows `free` apart, a row's inputs `k` apart.
+                    let from =
+                        Rows { a: &left.data[left.at..], count: rows_n, stride: left.free, step: left.k, taps: &[0] };
+                    gemm_taps(from, &packed, &mut product);
                     let o_at = i * so[self.out[0]] + j * so[self.out[1]];
                     let (o_m, o_n) = (so[self.out[2]], so[self.out[3]]);
                     let (o_row, o_col) = if swap { (o_n, o_m) } else { (o_m, o_n) };

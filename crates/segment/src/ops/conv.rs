@@ -218,7 +218,7 @@ impl DirectConv {
                     let made = match &*self.weight {
                         Weights::Taps(w) => {
                             shifted.iter_mut().zip(&taps).for_each(|(s, t)| *s = t + ry * row);
-                            let from = Rows { a: pixels, count: out_w, stride: c, taps: &shifted };
+                            let from = Rows { a: pixels, count: out_w, stride: c, step: 1, taps: &shifted };
                             gemm_taps(from, w, &mut product[..out_w * n]);
                             1
                         }

@@ -30,13 +30,22 @@ use tract_onnx::tract_core::ops::nn::GeluExact;
 
 use crate::kernels::conv::gelu;
 
-use crate::kernels::gemm::{gemm, Packed, PANEL};
+use crate::kernels::gemm::{gemm, gemm_taps, Packed, Rows, PANEL};
 use crate::kernels::transpose::transpose;
 
 #[derive(Clone)]
 pub struct Dense {
     weight: Arc<Packed>,
     layout: Layout,
+    /// For an output written transposed from rows read in place: the weight `[columns][inputs]`
+    /// and the bias, to compute the transposed output directly (the activation packed as the
+    /// constant side) instead of writing each block's product through the transpose kernel.
+    by_columns: Option<Arc<ByColumns>>,
+}
+
+struct ByColumns {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
 }
 
 /// Where the product's operands lie (size-1 axes aside): `rows` x `weight.inputs` read
@@ -122,6 +131,20 @@ impl Dense {
     fn run(&self, a: &[f32], out: &mut [f32]) {
         let (l, w) = (&self.layout, &*self.weight);
         let k = w.inputs;
+        if let Some(by) = &self.by_columns {
+            // out^T = W^T a^T: the rows of W^T against the activation packed in panels of
+            // rows (the vector transpose), written in place; then each column's bias.
+            let mut packed = Packed::empty();
+            packed.refill([k, l.rows], a, 0, [1, k]);
+            gemm(&by.weight, &packed, out);
+            for (row, &bias) in out.chunks_exact_mut(l.rows).zip(&by.bias) {
+                row.iter_mut().for_each(|v| *v += bias);
+                if l.gelu {
+                    gelu(row);
+                }
+            }
+            return;
+        }
         if !l.read_transposed && !l.write_transposed {
             if !l.gelu {
                 return gemm(a, w, out);
@@ -133,26 +156,24 @@ impl Dense {
             }
             return;
         }
-        SCRATCH.with_borrow_mut(|[rows_buf, product]| {
+        PRODUCT.with_borrow_mut(|product| {
             for r0 in (0..l.rows).step_by(BLOCK_ROWS) {
                 let count = BLOCK_ROWS.min(l.rows - r0);
-                let rows: &[f32] = if l.read_transposed {
-                    rows_buf.resize(count * k, 0.0);
-                    transpose(&a[r0..], l.rows, rows_buf, k, [k, count]);
-                    rows_buf
-                } else {
-                    &a[r0 * k..][..count * k]
+                // A transposed activation is read in place, column by column.
+                let rows = match l.read_transposed {
+                    true => Rows::column_major(a, l.rows, r0, count),
+                    false => Rows::row_major(&a[r0 * k..][..count * k], k),
                 };
                 if l.write_transposed {
                     product.resize(count * w.outputs, 0.0);
-                    gemm(rows, w, product);
+                    gemm_taps(rows, w, product);
                     if l.gelu {
                         gelu(product);
                     }
                     transpose(product, w.outputs, &mut out[r0..], l.rows, [count, l.columns]);
                 } else {
                     let out = &mut out[r0 * w.outputs..][..count * w.outputs];
-                    gemm(rows, w, out);
+                    gemm_taps(rows, w, out);
                     if l.gelu {
                         gelu(out);
                     }
@@ -163,8 +184,8 @@ impl Dense {
 }
 
 thread_local! {
-    /// A block of rows read transposed, and its product before it is written transposed.
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+    /// A block's product before it is written transposed.
+    static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Replaces each suitable `EinSum` (and the bias `Add` after it) of a decluttered model.
@@ -251,6 +272,11 @@ fn dense_for(model: &TypedModel, id: usize) -> TractResult<Option<(Dense, Outlet
     let mut weight = Packed::empty();
     let strides = if n_last { [n, 1] } else { [1, k] };
     weight.refill([k, n], data, 0, strides);
+    // Whole panels of rows: the transposed output is then the product's own layout.
+    let by_columns = (write_transposed && !read_transposed && rows.is_multiple_of(PANEL)).then(|| {
+        let weight = (0..n * k).map(|j| data[(j % k) * strides[0] + (j / k) * strides[1]]).collect();
+        Arc::new(ByColumns { weight, bias: bias.clone() })
+    });
     let Some(weight) = weight.with_bias(bias) else { return Ok(None) };
     let layout = Layout {
         input: a_shape.into(),
@@ -261,7 +287,7 @@ fn dense_for(model: &TypedModel, id: usize) -> TractResult<Option<(Dense, Outlet
         write_transposed,
         gelu,
     };
-    Ok(Some((Dense { weight: Arc::new(weight), layout }, replaced)))
+    Ok(Some((Dense { weight: Arc::new(weight), layout, by_columns }, replaced)))
 }
 
 /// When node `id`'s only reader is an `Add` of an f32 constant of `n` values along the
@@ -319,13 +345,15 @@ mod tests {
         // (expression, activation, constant, read transposed, written transposed); row
         // counts beyond one block and partial panels (columns 20) where written transposed.
         type Case<'a> = (&'a str, &'a [usize], &'a [usize], bool, bool);
-        let cases: [Case; 8] = [
+        let cases: [Case; 9] = [
             ("amk,kn->amn", &[1, 13, 24], &[24, 32], false, false),
             ("ambk,bkn->amn", &[2, 7, 3, 8], &[3, 8, 16], false, false),
             ("amk,kn->mn", &[1, 7, 40], &[40, 48], false, false),
             ("akm,kn->mn", &[1, 24, 400], &[24, 32], true, false),
             ("akbm,kn->bmn", &[1, 24, 20, 21], &[24, 16], true, false),
             ("mbk,bkn->anm", &[300, 2, 8], &[2, 8, 20], false, true),
+            // Whole panels of rows: computed by columns.
+            ("mbk,bkn->anm", &[320, 2, 8], &[2, 8, 20], false, true),
             ("NIHW,OI->NOHW", &[1, 16, 15, 17], &[20, 16], true, true),
             ("mk,kn->amn", &[7, 64], &[64, 16], false, false),
         ];
