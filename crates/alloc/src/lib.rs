@@ -1,6 +1,6 @@
-//! The process's allocator: glibc's malloc for everything under 2 MiB, and for the big
-//! blocks (tract's activations, image planes) an anonymous mapping of their own, aligned
-//! to 2 MiB and advised for transparent huge pages.
+//! The process's allocator: glibc's malloc for everything under 128 KiB, and for the big
+//! blocks (tract's activations, image planes) an anonymous mapping of their own; from
+//! 2 MiB on aligned to 2 MiB and advised for transparent huge pages.
 //!
 //! Why (docs/performance.md §2): with glibc's adaptive mmap threshold, freed activations
 //! stay in the heap and a 64-flow load test peaked far above what the flows need; with a
@@ -25,6 +25,11 @@ use std::sync::Mutex;
 
 /// Blocks of at least this size get their own mapping (one huge page on a 4 KiB-page kernel).
 const BIG: usize = 2 << 20;
+/// Blocks of at least this size get a mapping of their own, so that a reuse scope keeps
+/// them too: glibc maps them itself anyway (the fixed mmap threshold set in
+/// [`tune_allocator`]), and each came back as fresh pages, faulted and zeroed (the SAM
+/// decoder's attention scores and token blocks, 0.1-2 MiB: 8 % of its time).
+const OWN: usize = 128 << 10;
 /// The largest alignment a big block is asked for (every page size is a multiple of it).
 const ALIGN: usize = 4096;
 
@@ -62,22 +67,38 @@ impl Drop for ReuseScope {
     }
 }
 
-/// Freed big blocks kept for reuse: `(address, page-rounded length)`, 0 for an empty slot.
-/// A fixed array: the allocator cannot allocate for its own bookkeeping.
+/// Freed big blocks kept for reuse: `(address, page-rounded length)`, 0 for an empty slot,
+/// on two shelves: blocks under 2 MiB and the rest. A request only takes from its own
+/// shelf, so a 256 KiB attention block never trims a kept 4 MiB activation (whose next
+/// user would then fault its pages in again). Fixed arrays: the allocator cannot allocate
+/// for its own bookkeeping.
 mod kept {
-    use super::{map, Mutex};
+    use super::{map, Mutex, BIG};
 
-    const SLOTS: usize = 16;
-    static BLOCKS: Mutex<[(usize, usize); SLOTS]> = Mutex::new([(0, 0); SLOTS]);
+    const SLOTS: usize = 32;
+    /// The most the small shelf holds: however many requests overlap, kept small blocks
+    /// add at most this much to the resident peak.
+    const SMALL_BYTES: usize = 8 << 20;
+    type Shelf = [(usize, usize); SLOTS];
+    static SHELVES: Mutex<[Shelf; 2]> = Mutex::new([[(0, 0); SLOTS]; 2]);
 
-    fn blocks() -> std::sync::MutexGuard<'static, [(usize, usize); SLOTS]> {
-        BLOCKS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn shelves() -> std::sync::MutexGuard<'static, [Shelf; 2]> {
+        SHELVES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Keeps a freed block; false when every slot is taken (the caller unmaps it).
+    fn shelf_of(len: usize) -> usize {
+        usize::from(len >= BIG)
+    }
+
+    /// Keeps a freed block; false when every slot of its shelf is taken or the small shelf
+    /// is full (the caller unmaps it).
     pub fn keep(ptr: *mut u8, len: usize) -> bool {
-        let mut blocks = blocks();
-        match blocks.iter_mut().find(|b| b.1 == 0) {
+        let mut shelves = shelves();
+        let shelf = shelf_of(len);
+        if shelf == 0 && shelves[0].iter().map(|b| b.1).sum::<usize>() + len > SMALL_BYTES {
+            return false;
+        }
+        match shelves[shelf].iter_mut().find(|b| b.1 == 0) {
             Some(slot) => {
                 *slot = (ptr as usize, len);
                 true
@@ -86,16 +107,25 @@ mod kept {
         }
     }
 
-    /// A block of `len` bytes (page-rounded) made of kept pages: the smallest kept block
-    /// that fits, its surplus unmapped; or else the largest, moved to the start of a fresh
-    /// mapping of `len` bytes, the others unmapped (so only that fresh tail is new memory).
-    /// None when nothing is kept.
+    /// A block of `len` bytes (page-rounded) made of kept pages of its shelf: the smallest
+    /// kept block that fits, its surplus unmapped; or else the largest, moved to the start
+    /// of a fresh mapping of `len` bytes, the shelf's others unmapped (so only that fresh
+    /// tail is new memory). None when the shelf is empty. Before a big block's new pages
+    /// are faulted in, the small shelf is emptied too: new memory only with nothing kept.
     pub fn take(len: usize) -> Option<*mut u8> {
-        let mut blocks = blocks();
+        let mut shelves = shelves();
+        let shelf = shelf_of(len);
+        let fits = shelves[shelf].iter().any(|b| b.1 >= len);
+        let small = match shelf == 1 && !fits {
+            true => std::mem::replace(&mut shelves[0], [(0, 0); SLOTS]),
+            false => [(0, 0); SLOTS],
+        };
+        unmap_all(&small);
+        let blocks = &mut shelves[shelf];
         let fitting = (0..SLOTS).filter(|&i| blocks[i].1 >= len).min_by_key(|&i| blocks[i].1);
         if let Some(i) = fitting {
             let (ptr, cap) = std::mem::take(&mut blocks[i]);
-            drop(blocks);
+            drop(shelves);
             if cap > len {
                 // SAFETY: the surplus is the tail of a mapping this module owns.
                 unsafe { map::unmap((ptr + len) as *mut u8, cap - len) };
@@ -104,16 +134,16 @@ mod kept {
         }
         let largest = (0..SLOTS).filter(|&i| blocks[i].1 > 0).max_by_key(|&i| blocks[i].1)?;
         let (ptr, cap) = std::mem::take(&mut blocks[largest]);
-        let others = std::mem::replace(&mut *blocks, [(0, 0); SLOTS]);
-        drop(blocks);
+        let others = std::mem::replace(blocks, [(0, 0); SLOTS]);
+        drop(shelves);
         unmap_all(&others);
         // SAFETY: `ptr`/`cap` is a whole kept mapping, no longer used by anyone.
         Some(unsafe { map::grow(ptr as *mut u8, cap, len) })
     }
 
     pub fn release_all() {
-        let all = std::mem::replace(&mut *blocks(), [(0, 0); SLOTS]);
-        unmap_all(&all);
+        let all = std::mem::replace(&mut *shelves(), [[(0, 0); SLOTS]; 2]);
+        all.iter().for_each(|shelf| unmap_all(shelf));
     }
 
     fn unmap_all(all: &[(usize, usize)]) {
@@ -138,7 +168,7 @@ fn big_block(size: usize) -> (*mut u8, bool) {
 pub struct DrishyaAlloc;
 
 fn is_big(size: usize, align: usize) -> bool {
-    cfg!(target_os = "linux") && size >= BIG && align <= ALIGN
+    cfg!(target_os = "linux") && size >= OWN && align <= ALIGN
 }
 
 /// The kernel's page size: 4 KiB on x86-64 and most arm64 kernels, 16 or 64 KiB on some
@@ -181,11 +211,13 @@ mod map {
         }
     }
 
-    /// A fresh zeroed mapping of `size` bytes starting on a 2 MiB boundary (so the kernel
-    /// can back it with huge pages), or null.
+    /// A fresh zeroed mapping of `size` bytes, from 2 MiB on starting on a 2 MiB boundary
+    /// (so the kernel can back it with huge pages), or null.
     pub fn map(size: usize) -> *mut u8 {
         let len = page_round(size);
-        let Some(reserve) = len.checked_add(BIG) else { return std::ptr::null_mut() };
+        // Too small to hold a huge page: no alignment to make, no advice to give.
+        let align = if len < BIG { 0 } else { BIG };
+        let Some(reserve) = len.checked_add(align) else { return std::ptr::null_mut() };
         // SAFETY: an anonymous private mapping; no existing memory is touched.
         let raw = unsafe {
             libc::mmap(
@@ -201,6 +233,9 @@ mod map {
             return std::ptr::null_mut();
         }
         let start = raw as usize;
+        if align == 0 {
+            return raw.cast();
+        }
         let aligned = (start + BIG - 1) & !(BIG - 1);
         let head = aligned - start;
         let tail = reserve - head - len;
@@ -366,7 +401,7 @@ fn counted(ptr: *mut u8, size: usize) -> *mut u8 {
 /// multiplies the peak.
 /// Call once at start, before threads exist.
 pub fn tune_allocator() {
-    // Blocks of 2 MiB and more bypass malloc (see the top of this file); `HUGE_PAGES=0` maps them
+    // Blocks of 128 KiB and more bypass malloc (see the top of this file); `HUGE_PAGES=0` maps them
     // without the transparent-huge-page advice.
     set_huge_pages(std::env::var("HUGE_PAGES").map_or(true, |v| v != "0"));
     // A fixed mmap threshold: glibc otherwise raises it after each large free (up to

@@ -109,3 +109,23 @@ fn a_reuse_scope_hands_freed_blocks_on_and_releases_them_at_its_end() {
     let after = rss_kb();
     assert!(after < before + 4_000, "kept blocks are unmapped when the scope ends: {before} -> {after} kB");
 }
+
+/// Blocks from 128 KiB up (the SAM decoder's attention scores and token blocks) are kept
+/// inside a scope too: the next one gets the same pages, not fresh zeroed ones.
+#[test]
+fn attention_sized_blocks_are_reused_inside_a_scope() {
+    use std::alloc::{GlobalAlloc, Layout};
+    let _serial = SERIAL.lock();
+    let a = drishya_alloc::DrishyaAlloc;
+    let layout = Layout::from_size_align(256 << 10, 64).unwrap();
+    let _scope = drishya_alloc::reuse_freed_blocks();
+    unsafe {
+        let first = a.alloc(layout);
+        std::ptr::write_bytes(first, 7, 256 << 10);
+        a.dealloc(first, layout);
+        let again = a.alloc(layout);
+        assert_eq!(again, first, "the kept block is reused");
+        assert_eq!(*again.add(200 << 10), 7, "same pages, not fresh ones");
+        a.dealloc(again, layout);
+    }
+}
