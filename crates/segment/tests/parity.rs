@@ -41,19 +41,19 @@ fn encoder_matches_onnxruntime() {
 
     // The whole graph in one plan gives the same embedding.
     let whole = sam::load_whole_encoder(&shared("models/mobile_sam/encoder.onnx")).unwrap();
-    // TinyViT's attention softmaxes, each with its position bias folded in (segment/softmax.rs).
-    let ops: Vec<String> = whole.model().nodes().iter().map(|n| n.op.name().to_string()).collect();
-    let fused = ops.iter().filter(|op| *op == "BiasRowSoftmax").count();
-    assert!(fused == 10 && !ops.iter().any(|op| op == "Softmax"), "{fused} fused softmaxes in {ops:?}");
+    // TinyViT's 10 attentions, each one op: scores, scale, position bias, softmax and the
+    // product with the values per window and head (ops/attention.rs); nothing of the chain left.
+    let plan = whole.model();
+    let ops: Vec<String> = plan.eval_order().unwrap().iter().map(|&n| plan.node(n).op.name().to_string()).collect();
+    let fused = ops.iter().filter(|op| *op == "WindowAttention").count();
+    let left = ops.iter().any(|op| op.contains("Softmax") || op == "BatchedMatMul");
+    assert!(fused == 10 && !left, "{fused} fused attentions in {ops:?}");
     // Its 40 dense layers (qkv, projection, MLP) with their biases and its 11 1x1
     // convolutions run through our kernel (ops/dense.rs, kernels/gemm.rs), its 3x3 neck
     // convolution too (ops/conv.rs).
     let dense = ops.iter().filter(|op| *op == "Dense").count();
     let direct = ops.iter().filter(|op| *op == "DirectConv").count();
     assert_eq!((dense, direct), (40 + 11, 1), "dense layers and convolutions replaced in {ops:?}");
-    // And its 20 windowed-attention products (q k^T, attention v: segment/batched.rs).
-    let batched = ops.iter().filter(|op| *op == "BatchedMatMul").count();
-    assert_eq!(batched, 20, "attention products replaced in {ops:?}");
     let whole = whole.run(tvec!(tensor("sam_encoder_input").into())).unwrap().remove(0);
     let diff = max_abs_diff(&got, &floats(&whole));
     eprintln!("fused first stage vs tract's whole plan: max |diff| {diff}");
@@ -105,7 +105,6 @@ fn reference_prompt() -> DecoderPrompt {
 #[test]
 fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     let decoder = sam::load_decoder(&shared("models/mobile_sam/decoder.onnx")).unwrap();
-    let softmaxes = decoder.model().nodes().iter().filter(|n| n.op.name() == "RowSoftmax").count();
     // Its products by a weight matrix, the image tokens' read and written channel-major
     // too, run through our kernel (ops/dense.rs): 47, the mask prompt's 1x1 convolution
     // having been folded with the rest of its branch into a constant (no mask prompt).
@@ -115,10 +114,12 @@ fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     // And its two 2x2 stride-2 upscaling deconvolutions (ops/deconv.rs).
     let deconvs = decoder.model().nodes().iter().filter(|n| n.op.name() == "PatchDeconv").count();
     assert_eq!(deconvs, 2, "the decoder's upscaling runs as PatchDeconv");
-    // And 14 products of its attentions, per head (ops/batched.rs).
-    let batched = decoder.model().nodes().iter().filter(|n| n.op.name() == "BatchedMatMul").count();
-    assert_eq!(batched, 14, "the decoder's attention products run as BatchedMatMul");
-    assert_eq!(softmaxes, 7, "the decoder's seven attention softmaxes run as RowSoftmax");
+    // And its seven attentions, each one op (ops/attention.rs), nothing of the chain left.
+    let plan = decoder.model();
+    let ops: Vec<String> = plan.eval_order().unwrap().iter().map(|&n| plan.node(n).op.name().to_string()).collect();
+    let fused = ops.iter().filter(|op| *op == "WindowAttention").count();
+    let left = ops.iter().any(|op| op.contains("Softmax") || op == "BatchedMatMul");
+    assert!(fused == 7 && !left, "{fused} fused attentions in {ops:?}");
     let embedding = Arc::new(tensor("sam_encoder_output"));
     let out = sam::run_decoder(&decoder, embedding, &reference_prompt()).unwrap();
     let (_, iou) = reference("sam_decoder_iou_predictions");

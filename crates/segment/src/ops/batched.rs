@@ -25,14 +25,16 @@ use crate::kernels::gemm::{gemm_taps, Packed, Rows};
 const FEW_ROWS: usize = 16;
 const MANY_COLUMNS: usize = 64;
 
-/// One operand of a batch's product: its data, where the batch starts, and the strides of
-/// its free axis and its contracted one.
+/// One operand of a batch's product: its data, where the batch starts, the strides of its
+/// free axis and its contracted one, and their sizes.
 #[derive(Clone, Copy)]
-struct Side<'a> {
-    data: &'a [f32],
-    at: usize,
-    free: usize,
-    k: usize,
+pub(crate) struct Side<'a> {
+    pub data: &'a [f32],
+    pub at: usize,
+    pub free: usize,
+    pub k: usize,
+    pub rows: usize,
+    pub depth: usize,
 }
 
 /// Where each logical axis is in each operand: `[batch0, batch1, free, contracted]` for
@@ -125,61 +127,131 @@ impl EvalOp for BatchedMatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let [a, b] = &inputs[..] else { bail!("BatchedMatMul: two inputs expected") };
-        let ((a_shape, a_at), (b_shape, b_at)) = (self.operand(0, a.shape())?, self.operand(1, b.shape())?);
-        let dims = self.dims(&a_shape, &b_shape)?;
-        let [b0, b1, m, n, k] = dims;
-        let shape = self.output_shape(dims);
-        // Strides are the inputs' own: a view is read in place.
-        let (sa, sb, so) = (strides(&lift(a.shape())), strides(&lift(b.shape())), strides(&shape));
+        let g = self.geometry(a.shape(), b.shape())?;
         let (a_view, b_view) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a, b) = (a_view.as_slice::<f32>()?, b_view.as_slice::<f32>()?);
         // SAFETY: every (batch, m, n) element is written below.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape[4 - self.rank..])? };
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&g.output[4 - self.rank..])? };
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = out_view.as_slice_mut::<f32>()?;
-            // A product of few rows by many columns (the SAM decoder's 7 tokens against 4096
-            // image tokens) is computed transposed: the wide operand is then read in place as
-            // the rows, and only the narrow one is packed.
-            let swap = m < FEW_ROWS && n >= MANY_COLUMNS;
-            let (rows_n, cols_n) = if swap { (n, m) } else { (m, n) };
-            let (mut packed, mut product) = (Packed::empty(), Vec::new());
+            let mut scratch = Scratch::default();
+            let [b0, b1, ..] = g.dims;
             for i in 0..b0 {
                 for j in 0..b1 {
-                    let a_side = Side {
-                        data: a,
-                        at: a_at + i * sa[self.a[0]] + j * sa[self.a[1]],
-                        free: sa[self.a[2]],
-                        k: sa[self.a[3]],
-                    };
-                    let b_side = Side {
-                        data: b,
-                        at: b_at + i * sb[self.b[0]] + j * sb[self.b[1]],
-                        free: sb[self.b[2]],
-                        k: sb[self.b[3]],
-                    };
-                    let (left, right) = if swap { (b_side, a_side) } else { (a_side, b_side) };
-                    packed.refill([k, cols_n], right.data, right.at, [right.k, right.free]);
-                    product.resize(rows_n * packed.outputs, 0.0);
-                    // Read in place: rows `free` apart, a row's inputs `k` apart.
-                    let from =
-                        Rows { a: &left.data[left.at..], count: rows_n, stride: left.free, step: left.k, taps: &[0] };
-                    gemm_taps(from, &packed, &mut product);
-                    let o_at = i * so[self.out[0]] + j * so[self.out[1]];
-                    let (o_m, o_n) = (so[self.out[2]], so[self.out[3]]);
-                    let (o_row, o_col) = if swap { (o_n, o_m) } else { (o_m, o_n) };
-                    for (r, row) in product.chunks_exact(packed.outputs).enumerate() {
-                        let to = o_at + r * o_row;
-                        if o_col == 1 {
-                            out[to..to + cols_n].copy_from_slice(&row[..cols_n]);
-                        } else {
-                            row[..cols_n].iter().enumerate().for_each(|(c, &v)| out[to + c * o_col] = v);
-                        }
-                    }
+                    let (left, right) = self.sides(&g, a, b, [i, j]);
+                    multiply(left, right, &mut scratch, out, self.placed(&g, [i, j]));
                 }
             }
         }
         Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+/// Where a product's operands and output lie, from the inputs' shapes (checked).
+pub(crate) struct Geometry {
+    /// `[batch0, batch1, m, n, k]`.
+    pub dims: [usize; 5],
+    /// The output's shape, seen as rank 4.
+    pub output: TVec<usize>,
+    strides: [[usize; 4]; 3],
+    starts: [usize; 2],
+}
+
+/// The buffers one batch's product uses: the right operand packed, and the product.
+pub(crate) struct Scratch {
+    packed: Packed,
+    product: Vec<f32>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { packed: Packed::empty(), product: Vec::new() }
+    }
+}
+
+/// Where one batch's output goes: its first element, then the strides of its rows and
+/// of its columns.
+pub(crate) type Placement = [usize; 3];
+
+impl BatchedMatMul {
+    /// 4, or 3 for a product without its first batch axis.
+    pub(crate) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The output is `[batch0, batch1, m, n]` in that order.
+    pub(crate) fn writes_in_order(&self) -> bool {
+        self.out == [0, 1, 2, 3]
+    }
+
+    /// The left operand is a whole input (no view), `[batch0, batch1, m, k]` in that order.
+    pub(crate) fn reads_left_in_order(&self) -> bool {
+        self.a == [0, 1, 2, 3] && self.views[0].is_none()
+    }
+
+    pub(crate) fn geometry(&self, a: &[usize], b: &[usize]) -> TractResult<Geometry> {
+        let ((a_shape, a_at), (b_shape, b_at)) = (self.operand(0, a)?, self.operand(1, b)?);
+        let dims = self.dims(&a_shape, &b_shape)?;
+        let output = self.output_shape(dims);
+        // Strides are the inputs' own: a view is read in place.
+        let strides = [strides(&lift(a)), strides(&lift(b)), strides(&output)];
+        Ok(Geometry { dims, output, strides, starts: [a_at, b_at] })
+    }
+
+    /// Batch `(i, j)`'s operands.
+    pub(crate) fn sides<'a>(
+        &self,
+        g: &Geometry,
+        a: &'a [f32],
+        b: &'a [f32],
+        [i, j]: [usize; 2],
+    ) -> (Side<'a>, Side<'a>) {
+        let [sa, sb, _] = g.strides;
+        let [_, _, m, n, k] = g.dims;
+        let side = |data, at: usize, s: [usize; 4], p: [usize; 4], free| Side {
+            data,
+            at: at + i * s[p[0]] + j * s[p[1]],
+            free: s[p[2]],
+            k: s[p[3]],
+            rows: free,
+            depth: k,
+        };
+        (side(a, g.starts[0], sa, self.a, m), side(b, g.starts[1], sb, self.b, n))
+    }
+
+    /// Where batch `(i, j)`'s output goes.
+    pub(crate) fn placed(&self, g: &Geometry, [i, j]: [usize; 2]) -> Placement {
+        let so = g.strides[2];
+        [i * so[self.out[0]] + j * so[self.out[1]], so[self.out[2]], so[self.out[3]]]
+    }
+}
+
+/// One batch's product: `a` (m x k) times `b` (its n x k seen transposed) into `out` as
+/// `placed` says.
+pub(crate) fn multiply(a: Side<'_>, b: Side<'_>, scratch: &mut Scratch, out: &mut [f32], placed: Placement) {
+    let (m, n, k) = (a.rows, b.rows, a.depth);
+    // A product of few rows by many columns (the SAM decoder's 7 tokens against 4096
+    // image tokens) is computed transposed: the wide operand is then read in place as
+    // the rows, and only the narrow one is packed.
+    let swap = m < FEW_ROWS && n >= MANY_COLUMNS;
+    let (left, right) = if swap { (b, a) } else { (a, b) };
+    let Scratch { packed, product } = scratch;
+    packed.refill([k, right.rows], right.data, right.at, [right.k, right.free]);
+    product.resize(left.rows * packed.outputs, 0.0);
+    // Read in place: rows `free` apart, a row's inputs `k` apart.
+    let from = Rows { a: &left.data[left.at..], count: left.rows, stride: left.free, step: left.k, taps: &[0] };
+    gemm_taps(from, packed, product);
+    let [o_at, o_m, o_n] = placed;
+    let (o_row, o_col) = if swap { (o_n, o_m) } else { (o_m, o_n) };
+    let cols = right.rows;
+    for (r, row) in product.chunks_exact(packed.outputs).enumerate() {
+        let to = o_at + r * o_row;
+        if o_col == 1 {
+            out[to..to + cols].copy_from_slice(&row[..cols]);
+        } else {
+            row[..cols].iter().enumerate().for_each(|(c, &v)| out[to + c * o_col] = v);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Our operators in tract's plans, and the rewrites that put them there: each replaces
 //! a tract op (or a small pattern of them) whose time or memory we measured as too high.
 
+pub mod attention;
 pub mod batched;
 pub mod conv;
 pub mod deconv;

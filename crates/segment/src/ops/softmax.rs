@@ -22,6 +22,19 @@ pub struct RowSoftmax {
     biased: bool,
 }
 
+impl RowSoftmax {
+    /// Biased (a second input) or not.
+    #[cfg(test)]
+    pub(crate) fn new(biased: bool) -> Self {
+        RowSoftmax { biased }
+    }
+
+    /// With a bias (the second input).
+    pub(crate) fn is_biased(&self) -> bool {
+        self.biased
+    }
+}
+
 impl Op for RowSoftmax {
     fn name(&self) -> StaticName {
         if self.biased { "BiasRowSoftmax" } else { "RowSoftmax" }.into()
