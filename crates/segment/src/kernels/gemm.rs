@@ -205,12 +205,15 @@ unsafe fn blocks(
 ) {
     let (k, n) = (w.inputs, w.outputs);
     let panels = n / PANEL;
-    let mut k0 = 0;
-    while k0 < k {
-        let depth = DEPTH.min(k - k0);
-        let mut r0 = 0;
-        while r0 < rows.count {
-            let block = ROWS.min(rows.count - r0);
+    // Depth blocks of even size (320 inputs: 160 + 160, not 256 + 64), and each block of
+    // rows taken through all of them while its outputs are in cache.
+    let depth_blocks = k.div_ceil(DEPTH);
+    let mut r0 = 0;
+    while r0 < rows.count {
+        let block = ROWS.min(rows.count - r0);
+        let mut k0 = 0;
+        for d in 0..depth_blocks {
+            let depth = (k - k0).div_ceil(depth_blocks - d);
             let mut panel = 0;
             while panel < panels {
                 let wide = shape.panels.min(panels - panel);
@@ -239,9 +242,9 @@ unsafe fn blocks(
                 }
                 panel += wide;
             }
-            r0 += block;
+            k0 += depth;
         }
-        k0 += depth;
+        r0 += block;
     }
 }
 
