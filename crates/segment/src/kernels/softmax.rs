@@ -4,31 +4,129 @@
 /// `data[r] = softmax(data[r] + bias[r mod (bias rows)])` for each row of `row` values;
 /// an empty bias adds nothing.
 pub fn softmax_rows(data: &mut [f32], row: usize, bias: &[f32]) {
+    softmax_rows_scaled(data, row, bias, 1.0)
+}
+
+/// `data[r] = softmax(scale * data[r] + bias[r mod (bias rows)])` (attention's scores).
+pub fn softmax_rows_scaled(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu().avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { softmax_rows_avx2(data, row, bias) };
+        return unsafe { avx2::softmax_rows(data, row, bias, scale) };
     }
-    softmax_rows_portable(data, row, bias)
+    softmax_rows_portable(data, row, bias, scale)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(data: &mut [f32], row: usize, bias: &[f32]) {
-    softmax_rows_portable(data, row, bias)
-}
-
-#[inline(always)]
-fn softmax_rows_portable(data: &mut [f32], row: usize, bias: &[f32]) {
-    if bias.is_empty() {
-        data.chunks_exact_mut(row).for_each(softmax_row);
-    } else {
-        for rows in data.chunks_mut(bias.len()) {
-            for (values, bias) in rows.chunks_exact_mut(row).zip(bias.chunks_exact(row)) {
-                values.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                softmax_row(values);
-            }
+fn softmax_rows_portable(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+    if row == 0 {
+        return;
+    }
+    let zeros = vec![0f32; if bias.is_empty() { row } else { 0 }];
+    let bias = if bias.is_empty() { &zeros[..] } else { bias };
+    for rows in data.chunks_mut(bias.len()) {
+        for (values, bias) in rows.chunks_exact_mut(row).zip(bias.chunks_exact(row)) {
+            values.iter_mut().zip(bias).for_each(|(v, b)| *v = *v * scale + b);
+            softmax_row(values);
         }
+    }
+}
+
+/// The same rows with 8-lane vectors: each row read once for scale, bias and maximum,
+/// once for the exponentials and their sum, once for the division; a row's last partial
+/// vector through masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_rows(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+        if row == 0 {
+            return;
+        }
+        let period = if bias.is_empty() { row } else { bias.len() };
+        for (r, values) in data.chunks_exact_mut(row).enumerate() {
+            let b = (!bias.is_empty()).then(|| &bias[(r * row) % period..][..row]);
+            row_kernel(values, b, scale);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_kernel(values: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+        let n = values.len();
+        let (full, tail) = (n / 8 * 8, n % 8);
+        let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mask = _mm256_loadu_si256(lanes.as_ptr().add(8 - tail).cast());
+        let maskf = _mm256_castsi256_ps(mask);
+        let p = values.as_mut_ptr();
+        let scale_v = _mm256_set1_ps(scale);
+        let load_bias = |i: usize, masked: bool| match bias {
+            Some(b) if masked => _mm256_maskload_ps(b.as_ptr().add(i), mask),
+            Some(b) => _mm256_loadu_ps(b.as_ptr().add(i)),
+            None => _mm256_setzero_ps(),
+        };
+        // Scale, bias, maximum.
+        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < full {
+            let x = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), scale_v, load_bias(i, false));
+            _mm256_storeu_ps(p.add(i), x);
+            max = _mm256_max_ps(max, x);
+            i += 8;
+        }
+        if tail > 0 {
+            let x = _mm256_fmadd_ps(_mm256_maskload_ps(p.add(i), mask), scale_v, load_bias(i, true));
+            _mm256_maskstore_ps(p.add(i), mask, x);
+            max = _mm256_max_ps(max, _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), x, maskf));
+        }
+        let halves = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+        let pairs = _mm_max_ps(halves, _mm_movehl_ps(halves, halves));
+        let top = _mm_max_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1));
+        let max = _mm256_broadcastss_ps(top);
+        // Exponentials and their sum.
+        let mut sum = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            let e = exp_negative(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), max));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+            i += 8;
+        }
+        if tail > 0 {
+            let e = _mm256_and_ps(exp_negative(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), mask), max)), maskf);
+            _mm256_maskstore_ps(p.add(i), mask, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let halves = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+        let total = _mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1));
+        let inverse = _mm256_set1_ps(1.0 / _mm_cvtss_f32(total));
+        let mut i = 0;
+        while i < full {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inverse));
+            i += 8;
+        }
+        if tail > 0 {
+            _mm256_maskstore_ps(p.add(i), mask, _mm256_mul_ps(_mm256_maskload_ps(p.add(i), mask), inverse));
+        }
+    }
+
+    /// [`super::exp_negative`] on 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_negative(x: __m256) -> __m256 {
+        let round = _mm256_set1_ps(12_582_912.0);
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), round);
+        let n = _mm256_sub_ps(t, round);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let bits = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(round));
+        let two_n = _mm256_slli_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
     }
 }
 
@@ -114,7 +212,8 @@ pub(crate) mod tests {
     #[test]
     fn rows_of_every_length_match_a_double_precision_softmax() {
         // The kernel this CPU runs, and its portable twin.
-        for run in [softmax_rows, softmax_rows_portable] {
+        let portable = |data: &mut [f32], row, bias: &[f32]| softmax_rows_portable(data, row, bias, 1.0);
+        for run in [softmax_rows, portable] {
             for row in [1, 3, 7, 8, 9, 49, 196] {
                 let mut data: Vec<f32> = (0..row * 5).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.31).collect();
                 let expected: Vec<f32> = data.chunks(row).flat_map(reference).collect();
@@ -123,6 +222,22 @@ pub(crate) mod tests {
                     assert!((a - b).abs() < 1e-6, "row {row}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn scaled_rows_match_the_portable_twin_at_every_tail_length() {
+        for row in [1, 5, 8, 15, 49] {
+            let bias: Vec<f32> = (0..row * 2).map(|i| (i as f32 * 0.9).cos() * 2.0).collect();
+            let data: Vec<f32> = (0..row * 6).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+            let (mut ours, mut twin) = (data.clone(), data);
+            softmax_rows_scaled(&mut ours, row, &bias, 0.3);
+            softmax_rows_portable(&mut twin, row, &bias, 0.3);
+            for (a, b) in ours.iter().zip(&twin) {
+                assert!((a - b).abs() < 1e-6, "row {row}: {a} vs {b}");
+            }
+            let sums: Vec<f32> = ours.chunks(row).map(|r| r.iter().sum()).collect();
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "row {row}: sums {sums:?}");
         }
     }
 

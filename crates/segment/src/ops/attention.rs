@@ -21,7 +21,7 @@ use tract_onnx::tract_core::ops::binary::OptBinByScalar;
 
 use super::batched::{multiply, BatchedMatMul, Scratch, Side};
 use super::softmax::RowSoftmax;
-use crate::kernels::softmax::softmax_rows;
+use crate::kernels::softmax::softmax_rows_scaled;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowAttention {
@@ -77,11 +77,8 @@ impl EvalOp for WindowAttention {
                 for j in 0..b1 {
                     let (a, b) = self.scores.sides(&first, q, k, [i, j]);
                     multiply(a, b, &mut scratch, &mut weights, [0, n, 1]);
-                    if scale != 1.0 {
-                        weights.iter_mut().for_each(|w| *w *= scale);
-                    }
                     let at = if bias.is_empty() { 0 } else { (i * b1 + j) * block % bias.len() };
-                    softmax_rows(&mut weights, n, bias.get(at..at + block).unwrap_or(&[]));
+                    softmax_rows_scaled(&mut weights, n, bias.get(at..at + block).unwrap_or(&[]), scale);
                     // The weights as the left operand: rows of `n`, contiguous.
                     let a = Side { data: &weights, at: 0, free: n, k: 1, rows: m, depth: n };
                     let (_, b) = self.values.sides(&second, &[], v, [i, j]);
