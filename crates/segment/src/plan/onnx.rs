@@ -64,7 +64,7 @@ pub fn optimise_with(
         let typed = crate::ops::norm::replace_layer_norms(typed)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
         let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
-        let optimised = crate::ops::attention::replace_attention(optimised)?;
+        let optimised = crate::ops::moves::replace_moves(crate::ops::attention::replace_attention(optimised)?)?;
         optimised.into_compact()?.into_runnable()
     })
 }
