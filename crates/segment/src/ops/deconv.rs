@@ -6,7 +6,7 @@
 //! (256 → 64 channels at 64x64, 64 → 32 at 128x128). tract lowers each into a product
 //! that packs the activation and writes `[O x kh x kw][H x W]` whole, then scatters that
 //! into the output (`DeconvSum`): about a fifth of the decoder's time. Here a block of
-//! image rows is read pixel-major (8x8 transposes), multiplied by the kernel packed as
+//! image rows is read in place from the channel-major input, multiplied by the kernel packed as
 //! `[I][O x kh x kw]` (bias included), and each product column written into its place in
 //! the output.
 
@@ -18,7 +18,7 @@ use tract_onnx::tract_core::ops::cnn::{Deconv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use crate::kernels::conv::gelu;
-use crate::kernels::gemm::{gemm, Packed, PANEL};
+use crate::kernels::gemm::{gemm_taps, Packed, Rows, PANEL};
 use crate::kernels::transpose::transpose;
 
 /// Input pixels per block (rounded to whole image rows).
@@ -98,19 +98,18 @@ impl PatchDeconv {
 
     fn run(&self, input: &[f32], out: &mut [f32]) {
         let rank = self.input.len();
-        let (channels, height, width) = (self.input[rank - 3], self.input[rank - 2], self.input[rank - 1]);
+        let (height, width) = (self.input[rank - 2], self.input[rank - 1]);
         let [kh, kw] = self.kernel;
         let (pixels, n, patch) = (height * width, self.weight.outputs, kh * kw);
         let out_w = width * kw;
         let plane = height * kh * out_w;
         let block = (BLOCK_PIXELS / width).max(1) * width;
-        SCRATCH.with_borrow_mut(|[rows, product, columns]| {
+        SCRATCH.with_borrow_mut(|[product, columns]| {
             for p0 in (0..pixels).step_by(block) {
                 let count = block.min(pixels - p0);
-                rows.resize(count * channels, 0.0);
-                transpose(&input[p0..], pixels, rows, channels, [channels, count]);
                 product.resize(count * n, 0.0);
-                gemm(rows, &self.weight, product);
+                // The block's pixels read in place from the channel-major input.
+                gemm_taps(Rows::column_major(input, pixels, p0, count), &self.weight, product);
                 if self.gelu {
                     gelu(product);
                 }
@@ -133,9 +132,8 @@ impl PatchDeconv {
 }
 
 thread_local! {
-    /// A block's pixels (pixel-major), its product, and that product column-major.
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> =
-        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// A block's product, and that product column-major.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Replaces each `Deconv` of a decluttered model whose taps never overlap.
