@@ -44,9 +44,51 @@ mod avx2 {
             return;
         }
         let period = if bias.is_empty() { row } else { bias.len() };
+        if row < SHORT {
+            return short_rows(data, row, bias, scale);
+        }
         for (r, values) in data.chunks_exact_mut(row).enumerate() {
             let b = (!bias.is_empty()).then(|| &bias[(r * row) % period..][..row]);
             row_kernel(values, b, scale);
+        }
+    }
+
+    /// Rows shorter than this go through [`short_rows`].
+    const SHORT: usize = 16;
+
+    /// Many short rows (the SAM decoder's image tokens attending to its ~7 prompt tokens:
+    /// 4096 rows of 7 per head): a row's vector pass is mostly masked loads, stores and
+    /// horizontal reductions in one long dependency chain. Here each row's scale, bias and
+    /// maximum are a few scalar steps, the exponentials run as full vectors over the whole
+    /// block regardless of row boundaries, and each row's sum is again a few scalar steps.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn short_rows(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+        let period = if bias.is_empty() { row } else { bias.len() };
+        for (r, values) in data.chunks_exact_mut(row).enumerate() {
+            let mut max = f32::NEG_INFINITY;
+            if bias.is_empty() {
+                for v in values.iter_mut() {
+                    *v *= scale;
+                    max = if *v > max { *v } else { max };
+                }
+            } else {
+                for (v, b) in values.iter_mut().zip(&bias[(r * row) % period..][..row]) {
+                    *v = v.mul_add(scale, *b);
+                    max = if *v > max { *v } else { max };
+                }
+            }
+            values.iter_mut().for_each(|v| *v -= max);
+        }
+        let (n, p) = (data.len() / row * row, data.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(p.add(i), exp_negative(_mm256_loadu_ps(p.add(i))));
+            i += 8;
+        }
+        data[i..n].iter_mut().for_each(|v| *v = super::exp_negative(*v));
+        for values in data.chunks_exact_mut(row) {
+            let inverse = 1.0 / values.iter().sum::<f32>();
+            values.iter_mut().for_each(|v| *v *= inverse);
         }
     }
 
