@@ -114,6 +114,11 @@ fn decoder_matches_onnxruntime_and_postprocessing_matches_its_masks() {
     // And its two 2x2 stride-2 upscaling deconvolutions (ops/deconv.rs).
     let deconvs = decoder.model().nodes().iter().filter(|n| n.op.name() == "PatchDeconv").count();
     assert_eq!(deconvs, 2, "the decoder's upscaling runs as PatchDeconv");
+    // The second with the mask tokens' product of its planes folded in (no PlaneMix left).
+    let mixing =
+        decoder.model().nodes().iter().filter(|n| format!("{:?}", n.op).contains("mixed into 4 planes")).count();
+    let plane_mixes = decoder.model().nodes().iter().filter(|n| n.op.name() == "PlaneMix").count();
+    assert!(mixing == 1 && plane_mixes == 0, "{mixing} mixing deconvolutions, {plane_mixes} PlaneMix");
     // And its seven attentions, each one op (ops/attention.rs), nothing of the chain left.
     let plan = decoder.model();
     let ops: Vec<String> = plan.eval_order().unwrap().iter().map(|&n| plan.node(n).op.name().to_string()).collect();

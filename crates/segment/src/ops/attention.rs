@@ -20,6 +20,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::OptBinByScalar;
 
 use super::batched::{multiply, BatchedMatMul, Scratch, Side};
+use super::only_reader;
 use super::softmax::RowSoftmax;
 use crate::kernels::softmax::softmax_rows_scaled;
 
@@ -160,12 +161,6 @@ fn attention_for(model: &TypedModel, id: usize) -> TractResult<Option<(WindowAtt
     let same = op.output_facts(&facts).ok().map(|f| f[0].shape.clone())
         == Some(model.outlet_fact(OutletId::new(id, 0))?.shape.clone());
     Ok(same.then_some((op, inputs)))
-}
-
-/// True when node `reader` is the only reader of `outlet` and it is no model output.
-fn only_reader(model: &TypedModel, outlet: OutletId, reader: usize) -> TractResult<bool> {
-    let successors = model.outlet_successors(outlet);
-    Ok(successors.len() == 1 && successors[0].node == reader && !model.output_outlets()?.contains(&outlet))
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //! image rows is read in place from the channel-major input, multiplied by the kernel packed as
 //! `[I][O x kh x kw]` (bias included), and each product column written into its place in
 //! the output.
+//!
+//! The decoder's last upscaling feeds only the few-row product of ops/mix.rs (its 4 mask
+//! tokens' weights times the 32 upscaled planes, 8 MB at 256x256): folded in, each block's
+//! columns are mixed while they are in cache and only the 4 mixed planes are written.
 
 use std::sync::Arc;
 
@@ -20,6 +24,8 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 use crate::kernels::conv::gelu;
 use crate::kernels::gemm::{gemm_taps, Packed, Rows, PANEL};
 use crate::kernels::transpose::transpose;
+
+use super::mix::PlaneMix;
 
 /// Input pixels per block (rounded to whole image rows).
 const BLOCK_PIXELS: usize = 256;
@@ -35,19 +41,32 @@ pub struct PatchDeconv {
     /// The exact GELU after it (the SAM decoder's last upscaling), applied to each block's
     /// product while it is in cache.
     gelu: bool,
+    /// The few-row product of its output folded in: a second input then holds the
+    /// `rows x outputs` weights, and the output is the mixed planes.
+    mix: Option<Mix>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mix {
+    rows: usize,
+    output: TVec<usize>,
 }
 
 impl std::fmt::Debug for PatchDeconv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PatchDeconv({:?} -> {} channels, {:?} patches", self.input, self.outputs, self.kernel)?;
-        write!(f, "{})", if self.gelu { ", GELU" } else { "" })
+        write!(f, "{}", if self.gelu { ", GELU" } else { "" })?;
+        match &self.mix {
+            Some(mix) => write!(f, ", mixed into {} planes)", mix.rows),
+            None => write!(f, ")"),
+        }
     }
 }
 
 /// Two ops are the same when they share their weights.
 impl PartialEq for PatchDeconv {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weight, &other.weight) && self.input == other.input
+        Arc::ptr_eq(&self.weight, &other.weight) && self.input == other.input && self.mix == other.mix
     }
 }
 
@@ -70,7 +89,16 @@ impl EvalOp for PatchDeconv {
             bail!("PatchDeconv: input {:?}, planned for {:?}", input.shape(), self.input);
         }
         // `run` writes every output element: each belongs to exactly one input pixel's patch.
-        super::eval_filled(input, &self.output_shape(), |x, out| self.run(x, out))
+        let Some(mix) = &self.mix else {
+            return super::eval_filled(input, &self.output_shape(), |x, out| self.run(x, None, out));
+        };
+        let Some(weights) = inputs.get(1) else { bail!("PatchDeconv: no mixing weights") };
+        if weights.len() != mix.rows * self.outputs {
+            bail!("PatchDeconv: {} mixing weights for {} x {}", weights.len(), mix.rows, self.outputs);
+        }
+        let view = weights.try_as_plain_ram()?;
+        let weights = view.as_slice::<f32>()?;
+        super::eval_filled(input, &mix.output, |x, out| self.run(x, Some(weights), out))
     }
 }
 
@@ -80,7 +108,10 @@ impl TypedOp for PatchDeconv {
         if input.shape.as_concrete() != Some(&*self.input) {
             bail!("PatchDeconv: input {:?}, planned for {:?}", input.shape, self.input);
         }
-        Ok(tvec!(f32::fact(self.output_shape())))
+        match &self.mix {
+            Some(mix) => Ok(tvec!(f32::fact(mix.output.clone()))),
+            None => Ok(tvec!(f32::fact(self.output_shape()))),
+        }
     }
 
     as_op!();
@@ -96,15 +127,27 @@ impl PatchDeconv {
         shape
     }
 
-    fn run(&self, input: &[f32], out: &mut [f32]) {
+    /// The output planes (or, with `mix` weights, the mixed ones) into `out`.
+    fn run(&self, input: &[f32], mix: Option<&[f32]>, out: &mut [f32]) {
         let rank = self.input.len();
         let (height, width) = (self.input[rank - 2], self.input[rank - 1]);
         let [kh, kw] = self.kernel;
-        let (pixels, n, patch) = (height * width, self.weight.outputs, kh * kw);
+        let (pixels, n, patch, outputs) = (height * width, self.weight.outputs, kh * kw, self.outputs);
         let out_w = width * kw;
         let plane = height * kh * out_w;
         let block = (BLOCK_PIXELS / width).max(1) * width;
-        SCRATCH.with_borrow_mut(|[product, columns]| {
+        // A block's values of one output plane at patch position `t` into their places.
+        let place = |out: &mut [f32], values: &[f32], p0: usize, t: usize| {
+            let (dy, dx) = (t / kw, t % kw);
+            for (row, values) in values.chunks_exact(width).enumerate() {
+                let y = p0 / width + row;
+                let dst = &mut out[(y * kh + dy) * out_w + dx..];
+                for (x, &v) in values.iter().enumerate() {
+                    dst[x * kw] = v;
+                }
+            }
+        };
+        SCRATCH.with_borrow_mut(|[product, columns, mixed]| {
             for p0 in (0..pixels).step_by(block) {
                 let count = block.min(pixels - p0);
                 product.resize(count * n, 0.0);
@@ -115,15 +158,24 @@ impl PatchDeconv {
                 }
                 // Column-major, so each column's pixels are read in order.
                 columns.resize(n * count, 0.0);
-                transpose(product, n, columns, count, [count, self.outputs * patch]);
-                for (c, values) in columns.chunks_exact(count).take(self.outputs * patch).enumerate() {
-                    let (o, dy, dx) = (c / patch, c % patch / kw, c % kw);
-                    for (row, values) in values.chunks_exact(width).enumerate() {
-                        let y = p0 / width + row;
-                        let dst = &mut out[o * plane + (y * kh + dy) * out_w + dx..];
-                        for (x, &v) in values.iter().enumerate() {
-                            dst[x * kw] = v;
+                transpose(product, n, columns, count, [count, outputs * patch]);
+                let Some(weights) = mix else {
+                    for (c, values) in columns.chunks_exact(count).take(outputs * patch).enumerate() {
+                        place(&mut out[c / patch * plane..], values, p0, c % patch);
+                    }
+                    continue;
+                };
+                // Each mixed plane at each patch position: the weighted sum of that
+                // position's columns, summed in the order ops/mix.rs sums them.
+                mixed.resize(count, 0.0);
+                for (r, weights) in weights.chunks_exact(outputs).enumerate() {
+                    for t in 0..patch {
+                        let column = |o: usize| &columns[(o * patch + t) * count..][..count];
+                        mixed.iter_mut().zip(column(0)).for_each(|(m, &v)| *m = weights[0] * v);
+                        for (o, &w) in weights.iter().enumerate().skip(1) {
+                            mixed.iter_mut().zip(column(o)).for_each(|(m, &v)| *m += w * v);
                         }
+                        place(&mut out[r * plane..], mixed, p0, t);
                     }
                 }
             }
@@ -132,8 +184,9 @@ impl PatchDeconv {
 }
 
 thread_local! {
-    /// A block's product, and that product column-major.
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+    /// A block's product, that product column-major, and one mixed plane of the block.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// Replaces each `Deconv` of a decluttered model whose taps never overlap.
@@ -144,6 +197,30 @@ pub fn replace_deconvs(model: TypedModel) -> TractResult<TypedModel> {
         let gelu = super::dense::gelu_after(model, own)?;
         op.gelu = gelu.is_some();
         Ok(Some((op, gelu.unwrap_or(own))))
+    })
+}
+
+/// Folds each [`PlaneMix`] whose planes are a [`PatchDeconv`]'s output (and nothing else
+/// reads them) into that deconvolution, which then reads the mix's weights as its second
+/// input.
+pub fn fuse_mixes(model: TypedModel) -> TractResult<TypedModel> {
+    super::replace_in_place::<PlaneMix, _>(model, |model, id| {
+        let node = model.node(id);
+        let Some(mix) = node.op_as::<PlaneMix>() else { return Ok(None) };
+        let [weights, planes] = node.inputs[..] else { return Ok(None) };
+        let producer = model.node(planes.node);
+        let Some(deconv) = producer.op_as::<PatchDeconv>() else { return Ok(None) };
+        let [rows, depth, plane] = mix.dims();
+        let own_plane = deconv.output_shape().iter().rev().take(2).product::<usize>();
+        if deconv.mix.is_some()
+            || depth != deconv.outputs
+            || plane != own_plane
+            || !super::only_reader(model, planes, id)?
+        {
+            return Ok(None);
+        }
+        let op = PatchDeconv { mix: Some(Mix { rows, output: mix.output_shape().into() }), ..deconv.clone() };
+        Ok(Some((op, vec![producer.inputs[0], weights])))
     })
 }
 
@@ -215,13 +292,16 @@ fn patch_deconv_for(model: &TypedModel, id: usize) -> TractResult<Option<PatchDe
         kernel: [dims[2], dims[3]],
         weight: Arc::new(weight),
         gelu: false,
+        mix: None,
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::mix::replace_plane_mixes;
     use tract_onnx::tract_core::ops::cnn::PoolSpec;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
@@ -288,6 +368,42 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(worst < 1e-4, "{input:?} * {kernel:?}: max |diff| {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_few_row_product_of_the_planes_is_folded_in() -> TractResult<()> {
+        // The decoder's end, shrunk: upscaling with its GELU, then 3 rows of weights (an
+        // input, as the decoder's hypernetwork output is) times the 4 upscaled planes; and
+        // a 3x2 patch over a width that splits no block evenly.
+        for (input, kernel, gelu) in [([1, 8, 16, 16], [4, 8, 2, 2], true), ([1, 5, 7, 300], [4, 5, 3, 2], false)] {
+            let mut tract = model_then(input, kernel, [kernel[2], kernel[3]], gelu)?;
+            let planes = tract.output_outlets()?[0];
+            let weights = tract.add_source("weights", f32::fact([3, kernel[0]]))?;
+            let einsum = EinSum::new("mk,akbn->mbn".parse()?, f32::datum_type());
+            let mixed = tract.wire_node("mix", einsum, &[weights, planes])?;
+            tract.select_output_outlets(&mixed)?;
+            let ours = fuse_mixes(replace_plane_mixes(replace_deconvs(tract.clone())?)?)?;
+            let ops: Vec<String> = ours.eval_order()?.iter().map(|&n| format!("{:?}", ours.node(n).op)).collect();
+            assert_eq!(ops.iter().filter(|op| op.contains("mixed into 3 planes")).count(), 1, "{ops:?}");
+            assert!(!ops.iter().any(|op| op.starts_with("PlaneMix") || op.contains("EinSum")), "{ops:?}");
+            let x = Tensor::from_shape(&input, &values(input.iter().product(), 0.4))?;
+            let w = Tensor::from_shape(&[3, kernel[0]], &values(3 * kernel[0], 1.7))?;
+            let run = |m: TypedModel| -> TractResult<Tensor> {
+                let inputs = tvec!(x.clone().into_tvalue(), w.clone().into_tvalue());
+                Ok(m.into_runnable()?.run(inputs)?.remove(0).into_tensor())
+            };
+            let (want, got) = (run(tract)?, run(ours)?);
+            assert_eq!(want.shape(), got.shape());
+            let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
+            let worst = want
+                .as_slice::<f32>()?
+                .iter()
+                .zip(got.as_slice::<f32>()?)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{input:?} * {kernel:?}, mixed: max |diff| {worst}");
         }
         Ok(())
     }

@@ -82,6 +82,15 @@ impl TypedOp for PlaneMix {
 }
 
 impl PlaneMix {
+    /// `m`, `k` and the elements of a plane: `[m, k]` times `[k, plane]`.
+    pub(crate) fn dims(&self) -> [usize; 3] {
+        [self.m, self.k, self.p]
+    }
+
+    pub(crate) fn output_shape(&self) -> &[usize] {
+        &self.output
+    }
+
     fn run(&self, a: &[f32], b: &[f32], out: &mut [f32]) {
         let (k, p) = (self.k, self.p);
         if k == 0 {

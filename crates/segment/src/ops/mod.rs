@@ -60,6 +60,12 @@ pub(crate) fn replace_in_place<T: Op, O: TypedOp>(
     Ok(model)
 }
 
+/// True when node `reader` is the only reader of `outlet` and it is no model output.
+pub(crate) fn only_reader(model: &TypedModel, outlet: OutletId, reader: usize) -> TractResult<bool> {
+    let successors = model.outlet_successors(outlet);
+    Ok(successors.len() == 1 && successors[0].node == reader && !model.output_outlets()?.contains(&outlet))
+}
+
 /// The output of an op with one f32 input that `run` fills: every element of the
 /// `shape`-shaped output must be written by `run` (it starts uninitialised).
 pub(crate) fn eval_filled(

@@ -39,7 +39,7 @@ pub enum GraphKind {
 /// after them) as [`crate::ops::conv::DirectConv`], its transposed convolutions whose
 /// taps never overlap as [`crate::ops::deconv::PatchDeconv`], its batched products of two activations (windowed
 /// attention) as [`crate::ops::batched::BatchedMatMul`], a few rows of one times planes of the other as
-/// [`crate::ops::mix::PlaneMix`], its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
+/// [`crate::ops::mix::PlaneMix`] (folded into the `PatchDeconv` whose planes it mixes), its `Pad` nodes as [`crate::ops::pad::ConstPad`], its
 /// last-axis softmaxes (with a constant bias added first) by [`crate::ops::softmax::RowSoftmax`],
 /// its bilinear spatial `Resize`s by [`crate::ops::resize::PlaneBilinear`], its 2x2
 /// stride-2 max poolings by [`crate::ops::pool::HalvingMaxPool`], its layer normalisations
@@ -60,6 +60,7 @@ pub fn optimise_with(
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::mix::replace_plane_mixes(crate::ops::dense::replace_dense(typed)?)?;
+        let typed = crate::ops::deconv::fuse_mixes(typed)?;
         let typed = crate::ops::batched::replace_batched(typed)?;
         let typed = crate::ops::norm::replace_layer_norms(typed)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
