@@ -54,6 +54,10 @@ fn encoder_matches_onnxruntime() {
     let dense = ops.iter().filter(|op| *op == "Dense").count();
     let direct = ops.iter().filter(|op| *op == "DirectConv").count();
     assert_eq!((dense, direct), (40 + 11, 1), "dense layers and convolutions replaced in {ops:?}");
+    // The 10 local convolutions of stages 2-4 on the token rows (ops/tokens.rs), with no
+    // move to channel-major and back around them.
+    let local = ops.iter().filter(|op| *op == "TokenDepthwise").count();
+    assert_eq!(local, 10, "local convolutions on tokens in {ops:?}");
     let whole = whole.run(tvec!(tensor("sam_encoder_input").into())).unwrap().remove(0);
     let diff = max_abs_diff(&got, &floats(&whole));
     eprintln!("fused first stage vs tract's whole plan: max |diff| {diff}");

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod resize;
 pub mod softmax;
 pub mod split;
+pub mod tokens;
 pub mod winograd;
 
 use tract_onnx::prelude::*;
