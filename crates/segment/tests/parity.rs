@@ -58,6 +58,13 @@ fn encoder_matches_onnxruntime() {
     // move to channel-major and back around them.
     let local = ops.iter().filter(|op| *op == "TokenDepthwise").count();
     assert_eq!(local, 10, "local convolutions on tokens in {ops:?}");
+    // Each block's window partition (padding included) and merge (cropping included) as
+    // one row gather each (ops/tokens.rs).
+    let gathers = ops.iter().filter(|op| *op == "RowGather").count();
+    // (The two pads left are the patch embedding's, before its strided convolutions.)
+    let pads = ops.iter().filter(|op| op.contains("Pad")).count();
+    let slices = ops.iter().filter(|op| *op == "Slice").count();
+    assert!((gathers, pads, slices) == (20, 2, 0), "{gathers} row gathers in {ops:?}");
     let whole = whole.run(tvec!(tensor("sam_encoder_input").into())).unwrap().remove(0);
     let diff = max_abs_diff(&got, &floats(&whole));
     eprintln!("fused first stage vs tract's whole plan: max |diff| {diff}");

@@ -7,7 +7,14 @@
 //! each channel's plane on its own. Here the 3x3 taps run over the pixel-major rows directly
 //! (the row kernel of the fused encoder front, kernels/conv.rs): one pass, no copies.
 //!
-//! Replaced, in a decluttered model: `Move(0, 1)` of `[pixels, channels]` → `Reshape` of
+//! The same blocks cut their tokens into 7x7 (or 14x14) windows for attention and put them
+//! back: a zero `Pad` to whole windows, reshapes and a `Move` (two copies of the whole
+//! activation), and on the way back a `Move`, reshapes and two `Slice`s cropping the
+//! padding (three copies). Each way is a gather of whole token rows: [`RowGather`] does it
+//! in one copy, its row map worked out at planning by running tract's own chain on a
+//! tensor of row numbers.
+//!
+//! Local convolution: replaced, in a decluttered model: `Move(0, 1)` of `[pixels, channels]` → `Reshape` of
 //! the pixels to `[height, width]` → a depthwise 3x3 `Conv` (stride 1, padding 1, constant
 //! kernel and bias, channel-major without a batch axis) → `Reshape` back to pixels →
 //! `Move(0, 1)`; each link the previous one's only reader.
@@ -17,6 +24,10 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use std::sync::Arc;
+
+use tract_onnx::tract_core::ops::array::{Pad, PadMode, Slice};
 
 use super::only_reader;
 use crate::kernels::conv::depthwise_row;
@@ -178,6 +189,177 @@ fn only_axis_op_after(model: &TypedModel, outlet: OutletId, op: &AxisOp) -> Trac
     Ok((is_op && only_reader(model, outlet, reader.node)?).then(|| OutletId::new(reader.node, 0)))
 }
 
+/// Output rows of `row` values, each a copy of an input row or zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowGather {
+    input: TVec<usize>,
+    output: TVec<usize>,
+    row: usize,
+    /// Per output row: the input row plus one, or 0 for a row of zeros.
+    map: Arc<Vec<u32>>,
+}
+
+impl Op for RowGather {
+    fn name(&self) -> StaticName {
+        "RowGather".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for RowGather {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let Some(input) = inputs.first() else { bail!("RowGather: no input") };
+        if input.shape() != &*self.input {
+            bail!("RowGather: input {:?}, planned for {:?}", input.shape(), self.input);
+        }
+        // Every output row is written: copied or zeroed.
+        super::eval_filled(input, &self.output, |x, out| {
+            for (out, &from) in out.chunks_exact_mut(self.row).zip(self.map.iter()) {
+                match (from as usize).checked_sub(1) {
+                    Some(r) => out.copy_from_slice(&x[r * self.row..][..self.row]),
+                    None => out.fill(0.0),
+                }
+            }
+        })
+    }
+}
+
+impl TypedOp for RowGather {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let Some(input) = inputs.first() else { bail!("RowGather: no input") };
+        if input.shape.as_concrete() != Some(&*self.input) {
+            bail!("RowGather: input {:?} does not match the plan", input.shape);
+        }
+        Ok(tvec!(f32::fact(self.output.clone())))
+    }
+
+    as_op!();
+}
+
+/// Replaces each chain of reshapes, moves, zero pads and slices of a decluttered model
+/// that only rearranges whole rows of its last axis (and has a pad, a move or a slice in
+/// it) by one [`RowGather`].
+pub fn replace_row_chains(mut model: TypedModel) -> TractResult<TypedModel> {
+    let moving = |node: &TypedNode| {
+        node.op_as::<AxisOp>().is_some_and(|op| matches!(op, AxisOp::Move(..)))
+            || node.op_is::<Slice>()
+            || zero_pad(node)
+    };
+    let candidates: Vec<usize> = model.nodes().iter().filter(|n| moving(n)).map(|n| n.id).collect();
+    let mut taken = std::collections::HashSet::new();
+    for id in candidates {
+        if taken.contains(&id) {
+            continue;
+        }
+        let Some(chain) = row_chain(&model, id)? else { continue };
+        let Some(op) = gather_for(&model, &chain)? else { continue };
+        taken.extend(chain.nodes.iter().copied());
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(&model, chain.input)?;
+        let out = patch.wire_node(format!("{}.rows", model.node(id).name), op, &[input])?;
+        patch.shunt_outside(&model, chain.output, out[0])?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
+/// A run of single-input nodes, each the only reader of the previous one's output.
+struct Chain {
+    input: OutletId,
+    output: OutletId,
+    nodes: Vec<usize>,
+}
+
+fn zero_pad(node: &TypedNode) -> bool {
+    node.op_as::<Pad>().is_some_and(|pad| match &pad.mode {
+        PadMode::Constant(value) => value.cast_to_scalar::<f32>().is_ok_and(|v| v == 0.0),
+        _ => false,
+    })
+}
+
+/// Reshapes, moves, zero pads and concrete slices: what may sit in a chain.
+fn in_chain(node: &TypedNode) -> bool {
+    node.inputs.len() == 1
+        && node.outputs.len() == 1
+        && (node.op_is::<AxisOp>()
+            || zero_pad(node)
+            || node.op_as::<Slice>().is_some_and(|s| s.start.to_usize().is_ok() && s.end.to_usize().is_ok()))
+}
+
+/// The longest chain through node `id`.
+fn row_chain(model: &TypedModel, id: usize) -> TractResult<Option<Chain>> {
+    if !in_chain(model.node(id)) {
+        return Ok(None);
+    }
+    let mut nodes = vec![id];
+    // Back while the producer is a chain node read only by the chain.
+    let mut first = id;
+    loop {
+        let input = model.node(first).inputs[0];
+        let producer = model.node(input.node);
+        if !in_chain(producer) || !only_reader(model, input, first)? {
+            break;
+        }
+        first = producer.id;
+        nodes.insert(0, first);
+    }
+    // Forward while the only reader is a chain node.
+    let mut last = id;
+    loop {
+        let output = OutletId::new(last, 0);
+        let readers = model.outlet_successors(output);
+        let [reader] = readers else { break };
+        if !in_chain(model.node(reader.node)) || !only_reader(model, output, reader.node)? {
+            break;
+        }
+        last = reader.node;
+        nodes.push(last);
+    }
+    Ok(Some(Chain { input: model.node(first).inputs[0], output: OutletId::new(last, 0), nodes }))
+}
+
+/// The gather a chain amounts to, when it moves whole rows of its last axis: the chain
+/// wired again for rows of one value (a reshape or move that splits, merges or moves
+/// the last axis then fails to wire, or leaves it elsewhere than last) and run on the row
+/// numbers from 1 gives each output row's source, 0 for padding.
+fn gather_for(model: &TypedModel, chain: &Chain) -> TractResult<Option<RowGather>> {
+    let fact = |outlet: OutletId| -> TractResult<Option<TVec<usize>>> {
+        let fact = model.outlet_fact(outlet)?;
+        Ok(fact.shape.as_concrete().filter(|_| fact.datum_type == f32::datum_type()).map(|s| s.into()))
+    };
+    let (Some(input), Some(output)) = (fact(chain.input)?, fact(chain.output)?) else { return Ok(None) };
+    let (Some(&row), Some(&out_row)) = (input.last(), output.last()) else { return Ok(None) };
+    let rows = input.iter().product::<usize>() / row.max(1);
+    if row == 0 || row != out_row || rows >= 1 << 24 {
+        return Ok(None);
+    }
+    let single = |shape: &[usize]| -> TVec<usize> { shape[..shape.len() - 1].iter().copied().chain([1]).collect() };
+    let mut probe = TypedModel::default();
+    let mut wire = probe.add_source("row numbers (probe)", f32::fact(single(&input)))?;
+    for &id in &chain.nodes {
+        match probe.wire_node(&model.node(id).name, model.node(id).op.clone(), &[wire]) {
+            Ok(out) => wire = out[0],
+            Err(_) => return Ok(None),
+        }
+    }
+    if probe.outlet_fact(wire)?.shape.as_concrete() != Some(&*single(&output)) {
+        return Ok(None);
+    }
+    probe.select_output_outlets(&[wire])?;
+    let numbers: Vec<f32> = (1..=rows).map(|i| i as f32).collect();
+    let numbers = Tensor::from_shape(&single(&input), &numbers)?;
+    let result = probe.into_runnable()?.run(tvec!(numbers.into_tvalue()))?.remove(0);
+    let view = result.try_as_plain_ram()?;
+    let map: Vec<u32> = view.as_slice::<f32>()?.iter().map(|&v| v as u32).collect();
+    if map.iter().any(|&r| r as usize > rows) {
+        return Ok(None);
+    }
+    Ok(Some(RowGather { input, output, row, map: Arc::new(map) }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +392,94 @@ mod tests {
         let back = model.wire_node("to_tokens", AxisOp::Move(0, 1), &flat)?;
         model.select_output_outlets(&back)?;
         Ok(model)
+    }
+
+    /// TinyViT's window partition of `[h w, c]` tokens into `ws x ws` windows (zero padded
+    /// to whole windows) and, after an identity standing for the attention, the way back
+    /// (cropping the padding); as in the decluttered encoder. The output is the tokens
+    /// again; `windows` also returns the partitioned tensor's outlet.
+    fn windows(h: usize, w: usize, c: usize, ws: usize) -> TractResult<(TypedModel, OutletId)> {
+        let d = |v: usize| v.to_dim();
+        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+        let (ph, pw) = (nh * ws, nw * ws);
+        let mut model = TypedModel::default();
+        let x = model.add_source("tokens", f32::fact([h * w, c]))?;
+        let mut wire = model.wire_node("grid", AxisOp::Reshape(0, tvec![d(h * w)], tvec![d(h), d(w)]), &[x])?;
+        let zero = Arc::new(tensor0(0f32));
+        let pad = Pad { pads: vec![(0, ph - h), (0, pw - w), (0, 0)], mode: PadMode::Constant(zero) };
+        wire = model.wire_node("pad", pad, &wire)?;
+        for (name, op) in [
+            ("cut_rows", AxisOp::Reshape(0, tvec![d(ph)], tvec![d(nh), d(ws)])),
+            ("cut_columns", AxisOp::Reshape(2, tvec![d(pw)], tvec![d(nw), d(ws)])),
+            ("partition", AxisOp::Move(1, 2)),
+            ("windows", AxisOp::Reshape(0, tvec![d(nh), d(nw)], tvec![d(nh * nw)])),
+            ("window_rows", AxisOp::Reshape(1, tvec![d(ws), d(ws)], tvec![d(ws * ws)])),
+        ] {
+            wire = model.wire_node(name, op, &wire)?;
+        }
+        let partitioned = wire[0];
+        let mul = tract_onnx::tract_core::ops::math::mul();
+        let one = model.add_const("one", tensor3(&[[[1f32]]]))?;
+        wire = model.wire_node("attention", mul, &[partitioned, one])?;
+        for (name, op) in [
+            ("unwindows", AxisOp::Reshape(0, tvec![d(nh * nw)], tvec![d(nh), d(nw)])),
+            ("unwindow_rows", AxisOp::Reshape(2, tvec![d(ws * ws)], tvec![d(ws), d(ws)])),
+            ("merge", AxisOp::Move(1, 2)),
+            ("rows", AxisOp::Reshape(0, tvec![d(nh), d(ws)], tvec![d(ph)])),
+        ] {
+            wire = model.wire_node(name, op, &wire)?;
+        }
+        let crop = Slice { axis: 0, start: 0.to_dim(), end: h.to_dim() };
+        wire = model.wire_node("crop_rows", crop, &wire)?;
+        wire = model.wire_node("columns", AxisOp::Reshape(1, tvec![d(nw), d(ws)], tvec![d(pw)]), &wire)?;
+        let crop = Slice { axis: 1, start: 0.to_dim(), end: w.to_dim() };
+        wire = model.wire_node("crop_columns", crop, &wire)?;
+        wire = model.wire_node("flat", AxisOp::Reshape(0, tvec![d(h), d(w)], tvec![d(h * w)]), &wire)?;
+        model.select_output_outlets(&wire)?;
+        Ok((model, partitioned))
+    }
+
+    #[test]
+    fn window_partition_and_merge_are_row_gathers_matching_tracts_chains() -> TractResult<()> {
+        // Stage 2's form (7x7 windows, padding on both axes), 14x14 windows, no padding.
+        for (h, w, c, ws) in [(9, 9, 8, 7), (16, 15, 5, 14), (14, 7, 3, 7)] {
+            let (tract, partitioned) = windows(h, w, c, ws)?;
+            let ours = replace_row_chains(tract.clone())?;
+            let ops: Vec<String> = ours.eval_order()?.iter().map(|&n| ours.node(n).op.name().to_string()).collect();
+            assert_eq!(ops.iter().filter(|op| *op == "RowGather").count(), 2, "{ops:?}");
+            assert!(!ops.iter().any(|op| op == "Pad" || op == "Slice" || op.contains("Move")), "{ops:?}");
+            let x = Tensor::from_shape(&[h * w, c], &noise(h * w * c, 11))?;
+            // The windows themselves, and the tokens after the way back.
+            let mut probe = tract.clone();
+            probe.select_output_outlets(&[partitioned, tract.output_outlets()?[0]])?;
+            let theirs = probe.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?;
+            let out = ours.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?;
+            assert_eq!(*out[0], *theirs[1], "{h}x{w}x{c}, {ws}x{ws} windows: the tokens come back");
+            let gathered = replace_row_chains(windows(h, w, c, ws)?.0)?;
+            let first = gathered.eval_order()?.into_iter().find(|&n| gathered.node(n).op.name() == "RowGather");
+            let mut partition_only = gathered.clone();
+            partition_only.select_output_outlets(&[OutletId::new(first.context("a gather")?, 0)])?;
+            let windows = partition_only.into_runnable()?.run(tvec!(x.into_tvalue()))?;
+            assert_eq!(*windows[0], *theirs[0], "{h}x{w}x{c}, {ws}x{ws} windows: the windows, padding zero");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn chains_that_split_rows_stay_tracts() -> TractResult<()> {
+        // A transpose of tokens to channel-major moves single values, not rows, even when
+        // the shape comes out the same; so does a swap of the last two axes.
+        for (shape, op) in
+            [([12, 5].as_slice(), AxisOp::Move(0, 1)), (&[5, 5], AxisOp::Move(0, 1)), (&[3, 4, 4], AxisOp::Move(1, 2))]
+        {
+            let mut model = TypedModel::default();
+            let x = model.add_source("tokens", f32::fact(shape))?;
+            let y = model.wire_node("move", op, &[x])?;
+            model.select_output_outlets(&y)?;
+            let ours = replace_row_chains(model)?;
+            assert!(ours.nodes().iter().all(|n| n.op.name() != "RowGather"), "{shape:?}");
+        }
+        Ok(())
     }
 
     #[test]
