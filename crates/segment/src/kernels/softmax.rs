@@ -92,40 +92,44 @@ mod avx2 {
         }
     }
 
+    /// One row of at least 8 values. Its last vector is the row's last 8 values, which
+    /// may overlap the previous one: computed from what those lanes held before the
+    /// pass (so the overlap gets the same bits twice) and stored after it; only its new
+    /// lanes join the sum. Masked loads and stores cost many times a plain one on AMD's
+    /// cores, and a 49- or 196-value row (TinyViT's windows) always has such a tail.
+    #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn row_kernel(values: &mut [f32], bias: Option<&[f32]>, scale: f32) {
         let n = values.len();
-        let (full, tail) = (n / 8 * 8, n % 8);
-        let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
-        let mask = _mm256_loadu_si256(lanes.as_ptr().add(8 - tail).cast());
-        let maskf = _mm256_castsi256_ps(mask);
+        debug_assert!(n >= 8);
+        // Full vectors before the last one, which has 1 to 8 lanes of its own.
+        let (full, last) = ((n - 1) / 8 * 8, n - 8);
+        let lanes: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1];
+        let new_lanes = _mm256_castsi256_ps(_mm256_loadu_si256(lanes.as_ptr().add(n - full).cast()));
         let p = values.as_mut_ptr();
         let scale_v = _mm256_set1_ps(scale);
-        let load_bias = |i: usize, masked: bool| match bias {
-            Some(b) if masked => _mm256_maskload_ps(b.as_ptr().add(i), mask),
+        let bias_at = |i: usize| match bias {
             Some(b) => _mm256_loadu_ps(b.as_ptr().add(i)),
             None => _mm256_setzero_ps(),
         };
         // Scale, bias, maximum.
-        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        let x_last = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(last)), scale_v, bias_at(last));
+        let mut max = x_last;
         let mut i = 0;
         while i < full {
-            let x = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), scale_v, load_bias(i, false));
+            let x = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), scale_v, bias_at(i));
             _mm256_storeu_ps(p.add(i), x);
             max = _mm256_max_ps(max, x);
             i += 8;
         }
-        if tail > 0 {
-            let x = _mm256_fmadd_ps(_mm256_maskload_ps(p.add(i), mask), scale_v, load_bias(i, true));
-            _mm256_maskstore_ps(p.add(i), mask, x);
-            max = _mm256_max_ps(max, _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), x, maskf));
-        }
+        _mm256_storeu_ps(p.add(last), x_last);
         let halves = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
         let pairs = _mm_max_ps(halves, _mm_movehl_ps(halves, halves));
         let top = _mm_max_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1));
         let max = _mm256_broadcastss_ps(top);
         // Exponentials and their sum.
-        let mut sum = _mm256_setzero_ps();
+        let e_last = exp_negative(_mm256_sub_ps(_mm256_loadu_ps(p.add(last)), max));
+        let mut sum = _mm256_and_ps(e_last, new_lanes);
         let mut i = 0;
         while i < full {
             let e = exp_negative(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), max));
@@ -133,23 +137,18 @@ mod avx2 {
             sum = _mm256_add_ps(sum, e);
             i += 8;
         }
-        if tail > 0 {
-            let e = _mm256_and_ps(exp_negative(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), mask), max)), maskf);
-            _mm256_maskstore_ps(p.add(i), mask, e);
-            sum = _mm256_add_ps(sum, e);
-        }
+        _mm256_storeu_ps(p.add(last), e_last);
         let halves = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
         let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
         let total = _mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1));
         let inverse = _mm256_set1_ps(1.0 / _mm_cvtss_f32(total));
+        let y_last = _mm256_mul_ps(_mm256_loadu_ps(p.add(last)), inverse);
         let mut i = 0;
         while i < full {
             _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inverse));
             i += 8;
         }
-        if tail > 0 {
-            _mm256_maskstore_ps(p.add(i), mask, _mm256_mul_ps(_mm256_maskload_ps(p.add(i), mask), inverse));
-        }
+        _mm256_storeu_ps(p.add(last), y_last);
     }
 
     /// [`super::exp_negative`] on 8 lanes.

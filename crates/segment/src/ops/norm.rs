@@ -34,6 +34,16 @@ pub struct LayerNorm {
     /// The exact GELU after it (the SAM decoder's LayerNorm2d layers), applied to each
     /// row or plane as it is written.
     gelu: bool,
+    /// Rows normalised along the last axis read through a row gather (ops/tokens.rs:
+    /// TinyViT's window partition) folded in: the input is the gather's.
+    gather: Option<Gather>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gather {
+    input: TVec<usize>,
+    /// Per output row: the input row plus one, or 0 for a row of zeros.
+    map: Arc<Vec<u32>>,
 }
 
 impl Eq for LayerNorm {}
@@ -51,8 +61,8 @@ impl EvalOp for LayerNorm {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let Some(input) = inputs.first() else { bail!("LayerNorm: no input") };
-        if input.shape() != &*self.shape {
-            bail!("LayerNorm: input {:?}, planned for {:?}", input.shape(), self.shape);
+        if input.shape() != self.input_shape() {
+            bail!("LayerNorm: input {:?}, planned for {:?}", input.shape(), self.input_shape());
         }
         // `run` writes every output element.
         super::eval_filled(input, &self.shape, |x, out| self.run(x, out))
@@ -62,8 +72,8 @@ impl EvalOp for LayerNorm {
 impl TypedOp for LayerNorm {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let Some(input) = inputs.first() else { bail!("LayerNorm: no input") };
-        if input.shape.as_concrete() != Some(&*self.shape) {
-            bail!("LayerNorm: input {:?}, planned for {:?}", input.shape, self.shape);
+        if input.shape.as_concrete() != Some(self.input_shape()) {
+            bail!("LayerNorm: input {:?}, planned for {:?}", input.shape, self.input_shape());
         }
         Ok(tvec!(f32::fact(self.shape.clone())))
     }
@@ -86,6 +96,19 @@ fn row_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 impl LayerNorm {
+    fn input_shape(&self) -> &[usize] {
+        self.gather.as_ref().map_or(&self.shape, |g| &g.input)
+    }
+
+    /// The same normalisation of rows along the last axis read through a row gather
+    /// whose input has `input` shape and whose output is this op's input.
+    pub(crate) fn reading_through(&self, input: TVec<usize>, map: Arc<Vec<u32>>) -> Option<LayerNorm> {
+        let rows = self.shape.iter().product::<usize>() / self.shape.last()?.max(&1);
+        let last_axis = self.axis + 1 == self.shape.len();
+        (last_axis && self.gather.is_none() && map.len() == rows && input.last() == self.shape.last())
+            .then(|| LayerNorm { gather: Some(Gather { input, map }), ..self.clone() })
+    }
+
     fn run(&self, x: &[f32], out: &mut [f32]) {
         let n = self.shape[self.axis];
         let inner: usize = self.shape[self.axis + 1..].iter().product();
@@ -95,8 +118,17 @@ impl LayerNorm {
         let (scale, bias) = (&self.scale[..n], &self.bias[..n]);
         let inv_n = 1.0 / n as f32;
         if inner == 1 {
-            // Rows along the last axis (a transformer's tokens).
-            for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            // Rows along the last axis (a transformer's tokens), in order or gathered.
+            let zeros = vec![0f32; if self.gather.is_some() { n } else { 0 }];
+            let source = |r: usize| match &self.gather {
+                None => &x[r * n..][..n],
+                Some(g) => match (g.map[r] as usize).checked_sub(1) {
+                    Some(from) => &x[from * n..][..n],
+                    None => &zeros[..],
+                },
+            };
+            for (r, out) in out.chunks_exact_mut(n).enumerate() {
+                let row = source(r);
                 let mean = row_sum(row, |v| v) * inv_n;
                 let var = row_sum(row, |v| (v - mean) * (v - mean)) * inv_n;
                 let inv = 1.0 / (var + self.eps).sqrt();
@@ -188,6 +220,7 @@ fn layer_norm_for(model: &TypedModel, id: usize) -> TractResult<Option<(LayerNor
         eps,
         scale: Arc::new(scale.map_or_else(|| vec![1.0; n], |(v, _)| v)),
         bias: Arc::new(bias.map_or_else(|| vec![0.0; n], |(v, _)| v)),
+        gather: None,
     };
     Ok(Some((op, replaced)))
 }

@@ -28,6 +28,9 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 use std::sync::Arc;
 
 use tract_onnx::tract_core::ops::array::{Pad, PadMode, Slice};
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+
+use super::norm::LayerNorm;
 
 use super::only_reader;
 use crate::kernels::conv::depthwise_row;
@@ -360,6 +363,109 @@ fn gather_for(model: &TypedModel, chain: &Chain) -> TractResult<Option<RowGather
     Ok(Some(RowGather { input, output, row, map: Arc::new(map) }))
 }
 
+/// `a + b` where `b`'s rows are read through a row gather (TinyViT's window merge before
+/// the block's residual addition): the merged tokens are never written on their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatherAdd {
+    /// The gather's input (read as `b`) and the output's shape (`a`'s).
+    rows: TVec<usize>,
+    output: TVec<usize>,
+    row: usize,
+    map: Arc<Vec<u32>>,
+}
+
+impl Op for GatherAdd {
+    fn name(&self) -> StaticName {
+        "GatherAdd".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GatherAdd {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let [a, rows] = &inputs[..] else { bail!("GatherAdd: two inputs expected") };
+        if a.shape() != &*self.output || rows.shape() != &*self.rows {
+            bail!(
+                "GatherAdd: inputs {:?} and {:?}, planned for {:?} and {:?}",
+                a.shape(),
+                rows.shape(),
+                self.output,
+                self.rows
+            );
+        }
+        let view = rows.try_as_plain_ram()?;
+        let rows = view.as_slice::<f32>()?;
+        // Every output row is written: `a`'s row plus a gathered one (or nothing).
+        super::eval_filled(a, &self.output, |a, out| {
+            let (a, out) = (a.chunks_exact(self.row), out.chunks_exact_mut(self.row));
+            for ((a, out), &from) in a.zip(out).zip(self.map.iter()) {
+                match (from as usize).checked_sub(1) {
+                    Some(r) => {
+                        let b = &rows[r * self.row..][..self.row];
+                        out.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a + b);
+                    }
+                    None => out.copy_from_slice(a),
+                }
+            }
+        })
+    }
+}
+
+impl TypedOp for GatherAdd {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let [a, rows] = inputs else { bail!("GatherAdd: two inputs expected") };
+        if a.shape.as_concrete() != Some(&*self.output) || rows.shape.as_concrete() != Some(&*self.rows) {
+            bail!("GatherAdd: inputs {:?} and {:?} do not match the plan", a.shape, rows.shape);
+        }
+        Ok(tvec!(f32::fact(self.output.clone())))
+    }
+
+    as_op!();
+}
+
+/// Folds each [`RowGather`] read only by a layer normalisation along rows (into it) or by
+/// an addition of a tensor of its output's shape (a [`GatherAdd`]): the gathered rows are
+/// then never written whole. Runs after the layer normalisations were replaced (norm.rs).
+pub fn fold_row_gathers(mut model: TypedModel) -> TractResult<TypedModel> {
+    let gathers: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<RowGather>()).map(|n| n.id).collect();
+    for id in gathers {
+        let outlet = OutletId::new(id, 0);
+        let readers = model.outlet_successors(outlet);
+        let [reader] = readers else { continue };
+        let (reader, slot) = (reader.node, reader.slot);
+        if !only_reader(&model, outlet, reader)? {
+            continue;
+        }
+        let Some(gather) = model.node(id).op_as::<RowGather>().cloned() else { continue };
+        let source = model.node(id).inputs[0];
+        let node = model.node(reader);
+        let (op, inputs): (Box<dyn TypedOp>, Vec<OutletId>) = if let Some(norm) = node.op_as::<LayerNorm>() {
+            let Some(norm) = norm.reading_through(gather.input.clone(), gather.map.clone()) else { continue };
+            (Box::new(norm), vec![source])
+        } else if node.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Add" && op.1.is_none()) {
+            let other = node.inputs[1 - slot];
+            if node.inputs.len() != 2 || model.outlet_fact(other)?.shape.as_concrete() != Some(&*gather.output) {
+                continue;
+            }
+            let op = GatherAdd {
+                rows: gather.input.clone(),
+                output: gather.output.clone(),
+                row: gather.row,
+                map: gather.map.clone(),
+            };
+            (Box::new(op), vec![other, source])
+        } else {
+            continue;
+        };
+        let patch = TypedModelPatch::replace_single_op(&model, model.node(reader), &inputs, op)?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +567,27 @@ mod tests {
             partition_only.select_output_outlets(&[OutletId::new(first.context("a gather")?, 0)])?;
             let windows = partition_only.into_runnable()?.run(tvec!(x.into_tvalue()))?;
             assert_eq!(*windows[0], *theirs[0], "{h}x{w}x{c}, {ws}x{ws} windows: the windows, padding zero");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_merge_before_the_residual_addition_is_folded_into_it() -> TractResult<()> {
+        for (h, w, c, ws) in [(9, 9, 8, 7), (16, 15, 5, 14)] {
+            let (mut tract, _) = windows(h, w, c, ws)?;
+            let (tokens, merged) = (tract.input_outlets()?[0], tract.output_outlets()?[0]);
+            let add = tract_onnx::tract_core::ops::math::add();
+            let sum = tract.wire_node("residual", add, &[tokens, merged])?;
+            tract.select_output_outlets(&sum)?;
+            let ours = fold_row_gathers(replace_row_chains(tract.clone())?)?;
+            let ops: Vec<String> = ours.eval_order()?.iter().map(|&n| ours.node(n).op.name().to_string()).collect();
+            assert_eq!(ops.iter().filter(|op| *op == "GatherAdd").count(), 1, "{ops:?}");
+            assert_eq!(ops.iter().filter(|op| *op == "RowGather").count(), 1, "the partition stays: {ops:?}");
+            let x = Tensor::from_shape(&[h * w, c], &noise(h * w * c, 13))?;
+            let run = |m: TypedModel| -> TractResult<TValue> {
+                Ok(m.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?.remove(0))
+            };
+            assert_eq!(*run(ours)?, *run(tract)?, "{h}x{w}x{c}, {ws}x{ws} windows");
         }
         Ok(())
     }
