@@ -156,13 +156,23 @@ impl Dense {
             }
             return;
         }
-        PRODUCT.with_borrow_mut(|product| {
+        // A transposed activation is read in place, column by column, by the 12-row AVX-512
+        // tile; the AVX2 tile's 6 rows use only 6 values of each line such a read fetches
+        // (the lines 16 KB apart for the SAM decoder's tokens, aliasing in L1): its block is
+        // transposed first (measured: the decoder's read-transposed products 4.0-4.8 ->
+        // 3.7-4.0 ms on AMD EPYC Zen 4, docs/performance.md §6l).
+        let in_place = crate::kernels::cpu() != crate::kernels::Cpu::Avx2Fma;
+        SCRATCH.with_borrow_mut(|[product, block]| {
             for r0 in (0..l.rows).step_by(BLOCK_ROWS) {
                 let count = BLOCK_ROWS.min(l.rows - r0);
-                // A transposed activation is read in place, column by column.
-                let rows = match l.read_transposed {
-                    true => Rows::column_major(a, l.rows, r0, count),
-                    false => Rows::row_major(&a[r0 * k..][..count * k], k),
+                let rows = match (l.read_transposed, in_place) {
+                    (true, true) => Rows::column_major(a, l.rows, r0, count),
+                    (true, false) => {
+                        block.resize(count * k, 0.0);
+                        transpose(&a[r0..], l.rows, block, k, [k, count]);
+                        Rows::row_major(block, k)
+                    }
+                    (false, _) => Rows::row_major(&a[r0 * k..][..count * k], k),
                 };
                 if l.write_transposed {
                     product.resize(count * w.outputs, 0.0);
@@ -184,8 +194,8 @@ impl Dense {
 }
 
 thread_local! {
-    /// A block's product before it is written transposed.
-    static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A block's product before it is written transposed, and a block read transposed.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Replaces each suitable `EinSum` (and the bias `Add` after it) of a decluttered model.
