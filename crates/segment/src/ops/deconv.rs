@@ -358,15 +358,7 @@ mod tests {
             let run = |m: TypedModel| -> TractResult<Tensor> {
                 Ok(m.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?.remove(0).into_tensor())
             };
-            let (want, got) = (run(tract)?, run(ours)?);
-            assert_eq!(want.shape(), got.shape());
-            let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
-            let worst = want
-                .as_slice::<f32>()?
-                .iter()
-                .zip(got.as_slice::<f32>()?)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = crate::ops::max_abs_diff(&run(tract)?, &run(ours)?)?;
             assert!(worst < 1e-4, "{input:?} * {kernel:?}: max |diff| {worst}");
         }
         Ok(())
@@ -394,15 +386,7 @@ mod tests {
                 let inputs = tvec!(x.clone().into_tvalue(), w.clone().into_tvalue());
                 Ok(m.into_runnable()?.run(inputs)?.remove(0).into_tensor())
             };
-            let (want, got) = (run(tract)?, run(ours)?);
-            assert_eq!(want.shape(), got.shape());
-            let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
-            let worst = want
-                .as_slice::<f32>()?
-                .iter()
-                .zip(got.as_slice::<f32>()?)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = crate::ops::max_abs_diff(&run(tract)?, &run(ours)?)?;
             assert!(worst < 1e-4, "{input:?} * {kernel:?}, mixed: max |diff| {worst}");
         }
         Ok(())

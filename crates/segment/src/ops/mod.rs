@@ -119,6 +119,15 @@ pub(crate) fn const_after(
 
 /// Uniform in [-1, 1) from a linear congruential generator, for the ops' tests: unlike a
 /// sine, the products of two such sequences do not cancel along a contracted axis.
+/// The largest |difference| between two f32 tensors of the same shape (checked).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(want: &Tensor, got: &Tensor) -> TractResult<f32> {
+    assert_eq!(want.shape(), got.shape());
+    let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
+    let pairs = want.as_slice::<f32>()?.iter().zip(got.as_slice::<f32>()?);
+    Ok(pairs.map(|(a, b)| (a - b).abs()).fold(0f32, f32::max))
+}
+
 #[cfg(test)]
 pub(crate) fn noise(n: usize, seed: u32) -> Vec<f32> {
     let mut state = seed;

@@ -623,15 +623,7 @@ mod tests {
             let run = |m: TypedModel| -> TractResult<Tensor> {
                 Ok(m.into_optimized()?.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?.remove(0).into_tensor())
             };
-            let (want, got) = (run(tract)?, run(ours)?);
-            assert_eq!(want.shape(), got.shape());
-            let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
-            let worst = want
-                .as_slice::<f32>()?
-                .iter()
-                .zip(got.as_slice::<f32>()?)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = crate::ops::max_abs_diff(&run(tract)?, &run(ours)?)?;
             assert!(worst < 1e-5, "{h}x{w}x{c}: max |diff| {worst}");
         }
         Ok(())
