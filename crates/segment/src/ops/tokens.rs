@@ -446,8 +446,8 @@ pub fn fold_row_gathers(mut model: TypedModel) -> TractResult<TypedModel> {
             let Some(norm) = norm.reading_through(gather.input.clone(), gather.map.clone()) else { continue };
             (Box::new(norm), vec![source])
         } else if node.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Add" && op.1.is_none()) {
-            let other = node.inputs[1 - slot];
-            if node.inputs.len() != 2 || model.outlet_fact(other)?.shape.as_concrete() != Some(&*gather.output) {
+            let Some(&other) = node.inputs.get(1 - slot).filter(|_| node.inputs.len() == 2) else { continue };
+            if model.outlet_fact(other)?.shape.as_concrete() != Some(&*gather.output) {
                 continue;
             }
             let op = GatherAdd {
