@@ -101,7 +101,17 @@ fn a_deleted_temp_dir_is_recreated() {
     let app = app(&[("models", "")]);
     login(&app.client);
     let root = app.temp.path().join("artefacts");
-    std::fs::remove_dir_all(&root).unwrap();
+    // The server may write into the directory while it is being removed (its housekeeping
+    // runs beside the test): removal is retried until the directory is gone.
+    let gone = (0..100).any(|_| match std::fs::remove_dir_all(&root) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(_) => {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            false
+        }
+    });
+    assert!(gone, "the artefact directory could not be removed");
     assert_eq!(upload(&app.client, "coffee.png", &coffee()).status(), Status::Ok);
     assert!(root.is_dir());
 }
