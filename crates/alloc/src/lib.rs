@@ -14,10 +14,13 @@
 //! big allocation instead of being unmapped: tract frees one activation and allocates the
 //! next all through a run, and a fresh mapping costs a page fault and the kernel's zeroing
 //! of every page (docs/performance.md §2 item 6). The cache does not raise the resident
-//! peak: a request takes the smallest kept block that fits (its surplus pages
-//! unmapped at once); a request that none fits takes the largest, moved to the head of a
-//! fresh mapping, and the other kept blocks are unmapped first, so new pages are only ever
-//! faulted in with nothing else kept. The cache is emptied when the last scope ends.
+//! peak: a request takes the smallest kept block that fits (its surplus kept as a block of
+//! its own, joined again with its neighbours when they come back); a request that none
+//! fits takes the largest, moved to the head of a fresh mapping, and the other kept blocks
+//! are unmapped first, so new pages are only ever faulted in with nothing else kept. The
+//! cache is emptied when the last scope ends. The surplus is kept rather than unmapped
+//! because the transformer MLPs' four-times-wider activations were otherwise cut down and
+//! faulted in again block after block (docs/performance.md §2 item 6).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -67,66 +70,58 @@ impl Drop for ReuseScope {
     }
 }
 
-/// Freed big blocks kept for reuse: `(address, page-rounded length)`, 0 for an empty slot,
-/// on two shelves: blocks under 2 MiB and the rest. A request only takes from its own
-/// shelf, so a 256 KiB attention block never trims a kept 4 MiB activation (whose next
-/// user would then fault its pages in again). Fixed arrays: the allocator cannot allocate
-/// for its own bookkeeping.
+/// Freed big blocks kept for reuse: `(address, page-rounded length)`, 0 for an empty slot.
+/// A request takes the smallest that fits, whatever their sizes: its surplus is kept as a
+/// block of its own and joined again with its neighbour when that comes back, so cutting a
+/// 256 KiB attention block from a kept activation costs the activation's next user no
+/// pages. New memory is only ever faulted in with nothing kept: the resident peak is the
+/// live blocks' and no more. A fixed array: the allocator cannot allocate for its own
+/// bookkeeping.
 mod kept {
-    use super::{map, Mutex, BIG};
+    use super::{map, Mutex};
 
-    const SLOTS: usize = 32;
-    /// The most the small shelf holds: however many requests overlap, kept small blocks
-    /// add at most this much to the resident peak.
-    const SMALL_BYTES: usize = 8 << 20;
-    type Shelf = [(usize, usize); SLOTS];
-    static SHELVES: Mutex<[Shelf; 2]> = Mutex::new([[(0, 0); SLOTS]; 2]);
+    const SLOTS: usize = 64;
+    type Blocks = [(usize, usize); SLOTS];
+    static KEPT: Mutex<Blocks> = Mutex::new([(0, 0); SLOTS]);
 
-    fn shelves() -> std::sync::MutexGuard<'static, [Shelf; 2]> {
-        SHELVES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn blocks() -> std::sync::MutexGuard<'static, Blocks> {
+        KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn shelf_of(len: usize) -> usize {
-        usize::from(len >= BIG)
-    }
-
-    /// Keeps a freed block; false when every slot of its shelf is taken or the small shelf
-    /// is full (the caller unmaps it).
+    /// Keeps a freed block, joined with kept neighbours; false when every slot is taken
+    /// (the caller unmaps it).
     pub fn keep(ptr: *mut u8, len: usize) -> bool {
-        let mut shelves = shelves();
-        let shelf = shelf_of(len);
-        if shelf == 0 && shelves[0].iter().map(|b| b.1).sum::<usize>() + len > SMALL_BYTES {
-            return false;
+        shelve(&mut blocks(), ptr as usize, len)
+    }
+
+    fn shelve(blocks: &mut Blocks, mut ptr: usize, mut len: usize) -> bool {
+        // Joined with kept neighbours (a block and the surplus cut from it) so a later,
+        // larger request finds them as one; until no neighbour is left.
+        while let Some(slot) = blocks.iter_mut().find(|b| b.1 > 0 && (b.0 + b.1 == ptr || ptr + len == b.0)) {
+            let (next, more) = std::mem::take(slot);
+            ptr = ptr.min(next);
+            len += more;
         }
-        match shelves[shelf].iter_mut().find(|b| b.1 == 0) {
+        match blocks.iter_mut().find(|b| b.1 == 0) {
             Some(slot) => {
-                *slot = (ptr as usize, len);
+                *slot = (ptr, len);
                 true
             }
             None => false,
         }
     }
 
-    /// A block of `len` bytes (page-rounded) made of kept pages of its shelf: the smallest
-    /// kept block that fits, its surplus unmapped; or else the largest, moved to the start
-    /// of a fresh mapping of `len` bytes, the shelf's others unmapped (so only that fresh
-    /// tail is new memory). None when the shelf is empty. Before a big block's new pages
-    /// are faulted in, the small shelf is emptied too: new memory only with nothing kept.
+    /// A block of `len` bytes (page-rounded) made of kept pages: the smallest kept block
+    /// that fits, its surplus kept (or unmapped when no slot is free); or else the largest,
+    /// moved to the start of a fresh mapping of `len` bytes, the others unmapped first (so
+    /// only that fresh tail is new memory, and nothing else is kept). None when nothing is.
     pub fn take(len: usize) -> Option<*mut u8> {
-        let mut shelves = shelves();
-        let shelf = shelf_of(len);
-        let fits = shelves[shelf].iter().any(|b| b.1 >= len);
-        let small = match shelf == 1 && !fits {
-            true => std::mem::replace(&mut shelves[0], [(0, 0); SLOTS]),
-            false => [(0, 0); SLOTS],
-        };
-        unmap_all(&small);
-        let blocks = &mut shelves[shelf];
+        let mut blocks = blocks();
         let fitting = (0..SLOTS).filter(|&i| blocks[i].1 >= len).min_by_key(|&i| blocks[i].1);
         if let Some(i) = fitting {
             let (ptr, cap) = std::mem::take(&mut blocks[i]);
-            drop(shelves);
-            if cap > len {
+            if cap > len && !shelve(&mut blocks, ptr + len, cap - len) {
+                drop(blocks);
                 // SAFETY: the surplus is the tail of a mapping this module owns.
                 unsafe { map::unmap((ptr + len) as *mut u8, cap - len) };
             }
@@ -134,21 +129,21 @@ mod kept {
         }
         let largest = (0..SLOTS).filter(|&i| blocks[i].1 > 0).max_by_key(|&i| blocks[i].1)?;
         let (ptr, cap) = std::mem::take(&mut blocks[largest]);
-        let others = std::mem::replace(blocks, [(0, 0); SLOTS]);
-        drop(shelves);
+        let others = std::mem::replace(&mut *blocks, [(0, 0); SLOTS]);
+        drop(blocks);
         unmap_all(&others);
-        // SAFETY: `ptr`/`cap` is a whole kept mapping, no longer used by anyone.
+        // SAFETY: `ptr`/`cap` is a whole kept block, no longer used by anyone.
         Some(unsafe { map::grow(ptr as *mut u8, cap, len) })
     }
 
     pub fn release_all() {
-        let all = std::mem::replace(&mut *shelves(), [[(0, 0); SLOTS]; 2]);
-        all.iter().for_each(|shelf| unmap_all(shelf));
+        let all = std::mem::replace(&mut *blocks(), [(0, 0); SLOTS]);
+        unmap_all(&all);
     }
 
     fn unmap_all(all: &[(usize, usize)]) {
         for &(ptr, len) in all.iter().filter(|b| b.1 > 0) {
-            // SAFETY: each kept block is a whole mapping nobody uses any more.
+            // SAFETY: each kept block is a range of our mappings nobody uses any more.
             unsafe { map::unmap(ptr as *mut u8, len) };
         }
     }
@@ -367,25 +362,38 @@ unsafe impl GlobalAlloc for DrishyaAlloc {
             (true, true) => {
                 // SAFETY: a big layout was mapped by `map`.
                 let moved = unsafe { map::remap(ptr, layout.size(), new_size) };
-                if !moved.is_null() {
-                    MAPPED.fetch_sub(layout.size(), Ordering::Relaxed);
-                    MAPPED.fetch_add(new_size, Ordering::Relaxed);
+                if moved.is_null() {
+                    // A block joined from two neighbouring mappings (see `kept`) is not
+                    // one mapping for mremap: copy it instead.
+                    // SAFETY: forwarded contract.
+                    return unsafe { self.copy_to_new(ptr, layout, new_size) };
                 }
+                MAPPED.fetch_sub(layout.size(), Ordering::Relaxed);
+                MAPPED.fetch_add(new_size, Ordering::Relaxed);
                 moved
             }
-            _ => {
-                // SAFETY: the caller guarantees `new_size` with `align` is a valid layout.
-                let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
-                // SAFETY: forwarded contract; the old block stays valid until copied.
-                unsafe {
-                    let new = self.alloc(new_layout);
-                    if !new.is_null() {
-                        std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                        self.dealloc(ptr, layout);
-                    }
-                    new
-                }
+            // SAFETY: forwarded contract.
+            _ => unsafe { self.copy_to_new(ptr, layout, new_size) },
+        }
+    }
+}
+
+impl DrishyaAlloc {
+    /// `realloc` by a new block, a copy and a free.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::realloc`.
+    unsafe fn copy_to_new(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `new_size` with this alignment is a valid layout.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: forwarded contract; the old block stays valid until copied.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
             }
+            new
         }
     }
 }

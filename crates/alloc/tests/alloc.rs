@@ -63,8 +63,9 @@ fn big_blocks_use_huge_pages_when_the_kernel_offers_them() {
 }
 
 /// While a model runs, a freed big block is handed to the next big allocation (no fresh
-/// pages to fault and zero), its surplus is unmapped at once, a bigger request keeps its
-/// pages too, and everything kept goes back to the kernel when the scope ends.
+/// pages to fault and zero), its surplus kept for the request after (and joined again
+/// when both come back), a bigger request keeps its pages too, and everything kept goes
+/// back to the kernel when the scope ends.
 #[test]
 fn a_reuse_scope_hands_freed_blocks_on_and_releases_them_at_its_end() {
     use std::alloc::{GlobalAlloc, Layout};
@@ -84,20 +85,27 @@ fn a_reuse_scope_hands_freed_blocks_on_and_releases_them_at_its_end() {
             let smaller = a.alloc(layout(8));
             assert_eq!(smaller, first, "the kept block is reused");
             assert_eq!(*smaller.add(5 << 20), 7, "same pages, not fresh ones");
-            let trimmed = rss_kb();
-            assert!(trimmed < before + 12_000, "its 16 MiB surplus is unmapped at once: {before} -> {trimmed} kB");
-
+            let rest = a.alloc(layout(16));
+            assert_eq!(rest, first.add(8 << 20), "its surplus is the next block");
+            assert_eq!(*rest.add(15 << 20), 7, "the surplus's pages, not fresh ones");
+            let both = rss_kb();
+            assert!(both < before + 28_000, "no new memory for the two: {before} -> {both} kB");
+            a.dealloc(rest, layout(16));
             a.dealloc(smaller, layout(8));
-            let bigger = a.alloc(layout(16));
+            let joined = a.alloc(layout(24));
+            assert_eq!(joined, first, "the two pieces are one block again");
+            a.dealloc(joined, layout(24));
+
+            let bigger = a.alloc(layout(32));
             assert_eq!(bigger as usize % (2 << 20), 0, "a grown block stays huge-page aligned");
             assert_eq!(*bigger.add(5 << 20), 7, "a bigger request keeps the kept pages");
-            std::ptr::write_bytes(bigger, 1, 16 << 20);
+            std::ptr::write_bytes(bigger, 1, 32 << 20);
             // A grown block is one mapping: it can grow again (a Vec doubling, say).
-            let bigger = a.realloc(bigger, layout(16), 24 << 20);
+            let bigger = a.realloc(bigger, layout(32), 40 << 20);
             assert!(!bigger.is_null(), "a grown block can be reallocated");
-            assert_eq!(*bigger.add((16 << 20) - 1), 1, "realloc keeps the contents");
-            std::ptr::write_bytes(bigger, 1, 24 << 20);
-            let bigger = a.realloc(bigger, layout(24), 16 << 20);
+            assert_eq!(*bigger.add((32 << 20) - 1), 1, "realloc keeps the contents");
+            std::ptr::write_bytes(bigger, 1, 40 << 20);
+            let bigger = a.realloc(bigger, layout(40), 16 << 20);
             a.dealloc(bigger, layout(16));
 
             let zeroed = a.alloc_zeroed(layout(8));
