@@ -50,10 +50,11 @@ fn encoder_matches_onnxruntime() {
     assert!(fused == 10 && !left, "{fused} fused attentions in {ops:?}");
     // Its 40 dense layers (qkv, projection, MLP) with their biases and its 11 1x1
     // convolutions run through our kernel (ops/dense.rs, kernels/gemm.rs), its 3x3 neck
-    // convolution too (ops/conv.rs).
+    // convolution too (ops/conv.rs); each block's two MLP layers as one op (ops/mlp.rs).
     let dense = ops.iter().filter(|op| *op == "Dense").count();
+    let mlps = ops.iter().filter(|op| *op == "Mlp").count();
     let direct = ops.iter().filter(|op| *op == "DirectConv").count();
-    assert_eq!((dense, direct), (40 + 11, 1), "dense layers and convolutions replaced in {ops:?}");
+    assert_eq!((dense, mlps, direct), (20 + 11, 10, 1), "dense layers and convolutions replaced in {ops:?}");
     // The 10 local convolutions of stages 2-4 on the token rows (ops/tokens.rs), with no
     // move to channel-major and back around them.
     let local = ops.iter().filter(|op| *op == "TokenDepthwise").count();

@@ -65,6 +65,26 @@ struct Layout {
     gelu: bool,
 }
 
+/// A product read and written row-major, for an op that runs it with another (ops/mlp.rs).
+#[derive(Clone)]
+pub struct RowMajor {
+    pub weight: Arc<Packed>,
+    /// The exact GELU applied to the output.
+    pub gelu: bool,
+    pub rows: usize,
+    pub input: TVec<usize>,
+    pub output: TVec<usize>,
+}
+
+/// The same when sharing their weights.
+impl PartialEq for RowMajor {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weight, &other.weight) && (self.gelu, self.rows) == (other.gelu, other.rows)
+    }
+}
+
+impl Eq for RowMajor {}
+
 /// Rows per block when a side is transposed (the block's scratch stays in L2).
 const BLOCK_ROWS: usize = 192;
 
@@ -128,6 +148,18 @@ impl TypedOp for Dense {
 }
 
 impl Dense {
+    /// This product when it reads and writes rows in place (no transposed side).
+    pub fn row_major(&self) -> Option<RowMajor> {
+        let l = &self.layout;
+        (self.by_columns.is_none() && !l.read_transposed && !l.write_transposed).then(|| RowMajor {
+            weight: self.weight.clone(),
+            gelu: l.gelu,
+            rows: l.rows,
+            input: l.input.clone(),
+            output: l.output.clone(),
+        })
+    }
+
     fn run(&self, a: &[f32], out: &mut [f32]) {
         let (l, w) = (&self.layout, &*self.weight);
         let k = w.inputs;

@@ -8,6 +8,7 @@ pub mod deconv;
 pub mod dense;
 pub mod mbconv;
 pub mod mix;
+pub mod mlp;
 pub mod moves;
 pub mod norm;
 pub mod pad;

@@ -61,6 +61,7 @@ pub fn optimise_with(
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::mix::replace_plane_mixes(crate::ops::dense::replace_dense(typed)?)?;
+        let typed = crate::ops::mlp::replace_mlps(typed)?;
         let typed = crate::ops::deconv::fuse_mixes(typed)?;
         let typed = crate::ops::batched::replace_batched(typed)?;
         let typed = crate::ops::tokens::fold_row_gathers(crate::ops::norm::replace_layer_norms(typed)?)?;
