@@ -80,7 +80,14 @@ impl Packed {
         for (panel, block) in self.panels.chunks_exact_mut(inputs * PANEL).enumerate() {
             let width = PANEL.min(outputs - panel * PANEL);
             let first = at + panel * PANEL * o_stride;
-            if o_stride == 1 {
+            if o_stride == 1 && width == PANEL {
+                // A whole panel's row is a fixed-size copy (two vector moves), not a call
+                // to memcpy per 64 bytes (attention's values are packed per window and head).
+                for (i, dst) in block.as_chunks_mut::<PANEL>().0.iter_mut().enumerate() {
+                    let src = first + i * i_stride;
+                    dst.copy_from_slice(&data[src..src + PANEL]);
+                }
+            } else if o_stride == 1 {
                 for (i, dst) in block.chunks_exact_mut(PANEL).enumerate() {
                     let src = first + i * i_stride;
                     dst[..width].copy_from_slice(&data[src..src + width]);
@@ -146,23 +153,38 @@ impl<'a> Rows<'a> {
 /// `out[r] = bias + rows[r] * W` (`out` is `[rows.count][w.outputs]`).
 pub fn gemm_taps(rows: Rows<'_>, w: &Packed, out: &mut [f32]) {
     assert!(out.len() == rows.count * w.outputs);
+    gemm_rows_apart(rows, w, out, w.outputs)
+}
+
+/// The same with `out`'s rows `stride` apart (`stride >= w.outputs`): each row's
+/// `w.outputs` values written where the caller wants them (a slice of a wider tensor,
+/// rows with room to spare), the values between left as they are.
+pub fn gemm_rows_apart(rows: Rows<'_>, w: &Packed, out: &mut [f32], stride: usize) {
     if rows.count == 0 {
         return;
     }
+    assert!(stride >= w.outputs && out.len() >= (rows.count - 1) * stride + w.outputs, "gemm: `out` too short");
     let per_tap = rows.per_tap(w.inputs).expect("gemm_taps: rows outside `a` or taps not cutting the inputs");
     #[cfg(target_arch = "x86_64")]
     match super::cpu() {
         // SAFETY (both): the CPU has the features; the lengths are checked above.
-        super::Cpu::Avx512 => return unsafe { blocks(rows, per_tap, w, out, avx512::SHAPE, avx512::tile) },
-        super::Cpu::Avx2Fma => return unsafe { blocks(rows, per_tap, w, out, avx2::SHAPE, avx2::tile) },
+        super::Cpu::Avx512 => return unsafe { blocks(rows, per_tap, w, Out { data: out, stride }, avx512::SHAPE, avx512::tile) },
+        super::Cpu::Avx2Fma => return unsafe { blocks(rows, per_tap, w, Out { data: out, stride }, avx2::SHAPE, avx2::tile) },
         super::Cpu::Portable => {}
     }
-    gemm_portable(rows, per_tap, w, out)
+    gemm_portable(rows, per_tap, w, Out { data: out, stride })
 }
 
-fn gemm_portable(rows: Rows<'_>, per_tap: usize, w: &Packed, out: &mut [f32]) {
+/// Where a product's rows go: `stride` apart in `data`.
+struct Out<'a> {
+    data: &'a mut [f32],
+    stride: usize,
+}
+
+fn gemm_portable(rows: Rows<'_>, per_tap: usize, w: &Packed, out: Out<'_>) {
     let (k, n) = (w.inputs, w.outputs);
-    for (r, dst) in out.chunks_exact_mut(n).enumerate() {
+    for r in 0..rows.count {
+        let dst = &mut out.data[r * out.stride..][..n];
         for (panel, (dst, bias)) in dst.chunks_exact_mut(PANEL).zip(w.bias.chunks_exact(PANEL)).enumerate() {
             let mut acc = [0f32; PANEL];
             acc.copy_from_slice(bias);
@@ -199,7 +221,7 @@ unsafe fn blocks(
     rows: Rows<'_>,
     per_tap: usize,
     w: &Packed,
-    out: &mut [f32],
+    out: Out<'_>,
     shape: TileShape,
     tile: unsafe fn(&Tile<'_, '_>, usize, usize),
 ) {
@@ -234,8 +256,8 @@ unsafe fn blocks(
                         w: w.panels.as_ptr().add(panel * k * PANEL),
                         panel_len: k * PANEL,
                         bias: w.bias.as_ptr().add(panel * PANEL),
-                        out: out.as_mut_ptr().add(r * n + panel * PANEL),
-                        n,
+                        out: out.data.as_mut_ptr().add(r * out.stride + panel * PANEL),
+                        n: out.stride,
                     };
                     tile(&t, tall, wide);
                     r += tall;
@@ -430,30 +452,57 @@ mod tests {
     /// The product by every kernel family this CPU can run (the portable twin first), so
     /// an AVX-512 machine tests its AVX2 tile too.
     fn by_every_family(rows: Rows<'_>, w: &Packed) -> Vec<(&'static str, Vec<f32>)> {
+        let mut results = rows_apart_by_every_family(rows, w, w.outputs);
+        let mut chosen = vec![f32::NAN; rows.count * w.outputs];
+        gemm_taps(rows, w, &mut chosen);
+        results.push(("dispatched", chosen));
+        results
+    }
+
+    /// The same with output rows `stride` apart, the values between them NaN before.
+    fn rows_apart_by_every_family(rows: Rows<'_>, w: &Packed, stride: usize) -> Vec<(&'static str, Vec<f32>)> {
         let per_tap = rows.per_tap(w.inputs).expect("rows fit");
-        let fresh = || vec![f32::NAN; rows.count * w.outputs];
+        let fresh = || vec![f32::NAN; rows.count * stride];
         let mut results = vec![("portable", fresh())];
-        gemm_portable(rows, per_tap, w, &mut results[0].1);
+        gemm_portable(rows, per_tap, w, Out { data: &mut results[0].1, stride });
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
                 let mut out = fresh();
                 // SAFETY: the CPU has the features; `per_tap` checked the lengths.
-                unsafe { blocks(rows, per_tap, w, &mut out, avx2::SHAPE, avx2::tile) };
+                unsafe { blocks(rows, per_tap, w, Out { data: &mut out, stride }, avx2::SHAPE, avx2::tile) };
                 results.push(("avx2", out));
             }
             if has!("avx512f") {
                 let mut out = fresh();
                 // SAFETY: as above.
-                unsafe { blocks(rows, per_tap, w, &mut out, avx512::SHAPE, avx512::tile) };
+                unsafe { blocks(rows, per_tap, w, Out { data: &mut out, stride }, avx512::SHAPE, avx512::tile) };
                 results.push(("avx512", out));
             }
         }
         let mut chosen = fresh();
-        gemm_taps(rows, w, &mut chosen);
+        gemm_rows_apart(rows, w, &mut chosen, stride);
         results.push(("dispatched", chosen));
         results
+    }
+
+    #[test]
+    fn rows_written_apart_match_the_packed_product_and_leave_the_gaps() {
+        let (count, inputs, outputs, stride) = (29, 40, 32, 51);
+        let a: Vec<f32> = (0..count * inputs).map(|i| value(i as u32 + 7)).collect();
+        let weights: Vec<f32> = (0..inputs * outputs).map(|i| value(i as u32 + 99)).collect();
+        let bias: Vec<f32> = (0..outputs).map(|i| value(i as u32 + 3)).collect();
+        let w = Packed::from_inputs_major(&weights, bias, inputs, outputs).unwrap();
+        let mut packed = vec![0.0; count * outputs];
+        gemm(&a, &w, &mut packed);
+        for (family, got) in rows_apart_by_every_family(Rows::row_major(&a, inputs), &w, stride) {
+            for (row, want) in got.chunks_exact(stride).zip(packed.chunks_exact(outputs)) {
+                let close = row[..outputs].iter().zip(want).all(|(x, y)| (x - y).abs() < 1e-5);
+                assert!(close, "{family}: {:?} vs {want:?}", &row[..outputs]);
+                assert!(row[outputs..].iter().all(|v| v.is_nan()), "{family}: a gap was written");
+            }
+        }
     }
 
     #[test]

@@ -9,25 +9,34 @@ pub fn softmax_rows(data: &mut [f32], row: usize, bias: &[f32]) {
 
 /// `data[r] = softmax(scale * data[r] + bias[r mod (bias rows)])` (attention's scores).
 pub fn softmax_rows_scaled(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+    softmax_padded_rows(data, [row, row], bias, scale)
+}
+
+/// The same for rows of `row` values `stride` apart (`data` holds whole strides; the
+/// values between a row's end and the next row are scratch, and may be overwritten): a
+/// product's output with its panel padding, used where it was made.
+pub fn softmax_padded_rows(data: &mut [f32], [row, stride]: [usize; 2], bias: &[f32], scale: f32) {
+    assert!(row <= stride && (row == 0 || data.len().is_multiple_of(stride)), "softmax: rows of {row} in {stride}");
     #[cfg(target_arch = "x86_64")]
     if super::cpu().avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { avx2::softmax_rows(data, row, bias, scale) };
+        return unsafe { avx2::softmax_rows(data, [row, stride], bias, scale) };
     }
-    softmax_rows_portable(data, row, bias, scale)
+    softmax_rows_portable(data, [row, stride], bias, scale)
 }
 
-fn softmax_rows_portable(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+fn softmax_rows_portable(data: &mut [f32], [row, stride]: [usize; 2], bias: &[f32], scale: f32) {
     if row == 0 {
         return;
     }
-    let zeros = vec![0f32; if bias.is_empty() { row } else { 0 }];
-    let bias = if bias.is_empty() { &zeros[..] } else { bias };
-    for rows in data.chunks_mut(bias.len()) {
-        for (values, bias) in rows.chunks_exact_mut(row).zip(bias.chunks_exact(row)) {
-            values.iter_mut().zip(bias).for_each(|(v, b)| *v = *v * scale + b);
-            softmax_row(values);
+    let period = if bias.is_empty() { row } else { bias.len() };
+    for (r, values) in data.chunks_exact_mut(stride).enumerate() {
+        let values = &mut values[..row];
+        match bias.is_empty() {
+            true => values.iter_mut().for_each(|v| *v *= scale),
+            false => values.iter_mut().zip(&bias[(r * row) % period..]).for_each(|(v, b)| *v = *v * scale + b),
         }
+        softmax_row(values);
     }
 }
 
@@ -39,17 +48,17 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn softmax_rows(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+    pub(super) unsafe fn softmax_rows(data: &mut [f32], [row, stride]: [usize; 2], bias: &[f32], scale: f32) {
         if row == 0 {
             return;
         }
         let period = if bias.is_empty() { row } else { bias.len() };
         if row < SHORT {
-            return short_rows(data, row, bias, scale);
+            return short_rows(data, [row, stride], bias, scale);
         }
-        for (r, values) in data.chunks_exact_mut(row).enumerate() {
+        for (r, values) in data.chunks_exact_mut(stride).enumerate() {
             let b = (!bias.is_empty()).then(|| &bias[(r * row) % period..][..row]);
-            row_kernel(values, b, scale);
+            row_kernel(&mut values[..row], b, scale);
         }
     }
 
@@ -61,10 +70,12 @@ mod avx2 {
     /// horizontal reductions in one long dependency chain. Here each row's scale, bias and
     /// maximum are a few scalar steps, the exponentials run as full vectors over the whole
     /// block regardless of row boundaries, and each row's sum is again a few scalar steps.
+    /// Padded rows' gaps are exponentiated with them (scratch, never read).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn short_rows(data: &mut [f32], row: usize, bias: &[f32], scale: f32) {
+    unsafe fn short_rows(data: &mut [f32], [row, stride]: [usize; 2], bias: &[f32], scale: f32) {
         let period = if bias.is_empty() { row } else { bias.len() };
-        for (r, values) in data.chunks_exact_mut(row).enumerate() {
+        for (r, values) in data.chunks_exact_mut(stride).enumerate() {
+            let values = &mut values[..row];
             let mut max = f32::NEG_INFINITY;
             if bias.is_empty() {
                 for v in values.iter_mut() {
@@ -79,14 +90,15 @@ mod avx2 {
             }
             values.iter_mut().for_each(|v| *v -= max);
         }
-        let (n, p) = (data.len() / row * row, data.as_mut_ptr());
+        let (n, p) = (data.len() / stride * stride, data.as_mut_ptr());
         let mut i = 0;
         while i + 8 <= n {
             _mm256_storeu_ps(p.add(i), exp_negative(_mm256_loadu_ps(p.add(i))));
             i += 8;
         }
         data[i..n].iter_mut().for_each(|v| *v = super::exp_negative(*v));
-        for values in data.chunks_exact_mut(row) {
+        for values in data.chunks_exact_mut(stride) {
+            let values = &mut values[..row];
             let inverse = 1.0 / values.iter().sum::<f32>();
             values.iter_mut().for_each(|v| *v *= inverse);
         }
@@ -253,7 +265,7 @@ pub(crate) mod tests {
     #[test]
     fn rows_of_every_length_match_a_double_precision_softmax() {
         // The kernel this CPU runs, and its portable twin.
-        let portable = |data: &mut [f32], row, bias: &[f32]| softmax_rows_portable(data, row, bias, 1.0);
+        let portable = |data: &mut [f32], row, bias: &[f32]| softmax_rows_portable(data, [row, row], bias, 1.0);
         for run in [softmax_rows, portable] {
             for row in [1, 3, 7, 8, 9, 49, 196] {
                 let mut data: Vec<f32> = (0..row * 5).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.31).collect();
@@ -273,7 +285,7 @@ pub(crate) mod tests {
             let data: Vec<f32> = (0..row * 6).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
             let (mut ours, mut twin) = (data.clone(), data);
             softmax_rows_scaled(&mut ours, row, &bias, 0.3);
-            softmax_rows_portable(&mut twin, row, &bias, 0.3);
+            softmax_rows_portable(&mut twin, [row, row], &bias, 0.3);
             for (a, b) in ours.iter().zip(&twin) {
                 assert!((a - b).abs() < 1e-6, "row {row}: {a} vs {b}");
             }
@@ -298,6 +310,31 @@ pub(crate) mod tests {
         softmax_rows(&mut data, row, &bias);
         for (a, b) in data.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn padded_rows_give_the_contiguous_rows_result_whatever_their_padding_holds() {
+        // TinyViT's windows of 49 in panels of 64; the SAM decoder's rows of 7 in 16.
+        for (row, stride) in [(49, 64), (196, 208), (7, 16)] {
+            let rows = 5;
+            let bias: Vec<f32> = (0..row * 2).map(|i| (i as f32 * 0.9).cos() * 2.0).collect();
+            let mut contiguous: Vec<f32> = (0..row * rows).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+            let mut padded = vec![123.0; stride * rows];
+            for (dst, src) in padded.chunks_exact_mut(stride).zip(contiguous.chunks_exact(row)) {
+                dst[..row].copy_from_slice(src);
+            }
+            let (mut contiguous_twin, mut padded_twin) = (contiguous.clone(), padded.clone());
+            softmax_rows_scaled(&mut contiguous, row, &bias, 0.3);
+            softmax_padded_rows(&mut padded, [row, stride], &bias, 0.3);
+            // The portable twin too.
+            softmax_rows_portable(&mut contiguous_twin, [row, row], &bias, 0.3);
+            softmax_rows_portable(&mut padded_twin, [row, stride], &bias, 0.3);
+            for (got, want) in [(&padded, &contiguous), (&padded_twin, &contiguous_twin)] {
+                for (dst, want) in got.chunks_exact(stride).zip(want.chunks_exact(row)) {
+                    assert_eq!(&dst[..row], want, "rows of {row} in {stride}");
+                }
+            }
         }
     }
 }

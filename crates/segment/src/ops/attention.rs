@@ -19,10 +19,10 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::OptBinByScalar;
 
-use super::batched::{multiply, BatchedMatMul, Scratch, Side};
+use super::batched::{multiply, multiply_padded, padded_width, BatchedMatMul, Scratch, Side};
 use super::only_reader;
 use super::softmax::RowSoftmax;
-use crate::kernels::softmax::softmax_rows_scaled;
+use crate::kernels::softmax::softmax_padded_rows;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowAttention {
@@ -72,16 +72,19 @@ impl EvalOp for WindowAttention {
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = out_view.as_slice_mut::<f32>()?;
-            let (mut scratch, mut weights) = (Scratch::default(), vec![0f32; block]);
+            // The scores stay as the product leaves them, rows padded to whole panels: the
+            // softmax and the second product read them there.
+            let stride = padded_width(n);
+            let (mut scratch, mut weights) = (Scratch::default(), vec![0f32; m * stride]);
             let scale = f32::from_bits(self.scale);
             for i in 0..b0 {
                 for j in 0..b1 {
                     let (a, b) = self.scores.sides(&first, q, k, [i, j]);
-                    multiply(a, b, &mut scratch, &mut weights, [0, n, 1]);
+                    multiply_padded(a, b, &mut scratch, &mut weights);
                     let at = if bias.is_empty() { 0 } else { (i * b1 + j) * block % bias.len() };
-                    softmax_rows_scaled(&mut weights, n, bias.get(at..at + block).unwrap_or(&[]), scale);
-                    // The weights as the left operand: rows of `n`, contiguous.
-                    let a = Side { data: &weights, at: 0, free: n, k: 1, rows: m, depth: n };
+                    softmax_padded_rows(&mut weights, [n, stride], bias.get(at..at + block).unwrap_or(&[]), scale);
+                    // The weights as the left operand: rows of `n`, `stride` apart.
+                    let a = Side { data: &weights, at: 0, free: stride, k: 1, rows: m, depth: n };
                     let (_, b) = self.values.sides(&second, &[], v, [i, j]);
                     multiply(a, b, &mut scratch, out, self.values.placed(&second, [i, j]));
                 }

@@ -17,7 +17,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use crate::kernels::gemm::{gemm_taps, Packed, Rows};
+use crate::kernels::gemm::{gemm_rows_apart, gemm_taps, Packed, Rows, PANEL};
 
 /// Products with fewer rows than [`FEW_ROWS`] and at least [`MANY_COLUMNS`] columns are
 /// computed transposed (a product of few rows by few columns, such as the decoder's
@@ -230,21 +230,17 @@ impl BatchedMatMul {
 /// One batch's product: `a` (m x k) times `b` (its n x k seen transposed) into `out` as
 /// `placed` says.
 pub(crate) fn multiply(a: Side<'_>, b: Side<'_>, scratch: &mut Scratch, out: &mut [f32], placed: Placement) {
-    let (m, n, k) = (a.rows, b.rows, a.depth);
-    // A product of few rows by many columns (the SAM decoder's 7 tokens against 4096
-    // image tokens) is computed transposed: the wide operand is then read in place as
-    // the rows, and only the narrow one is packed.
-    let swap = m < FEW_ROWS && n >= MANY_COLUMNS;
-    let (left, right) = if swap { (b, a) } else { (a, b) };
     let Scratch { packed, product } = scratch;
-    packed.refill([k, right.rows], right.data, right.at, [right.k, right.free]);
-    product.resize(left.rows * packed.outputs, 0.0);
-    // Read in place: rows `free` apart, a row's inputs `k` apart.
-    let from = Rows { a: &left.data[left.at..], count: left.rows, stride: left.free, step: left.k, taps: &[0] };
-    gemm_taps(from, packed, product);
+    let (from, swap, cols) = pack(a, b, packed);
     let [o_at, o_m, o_n] = placed;
     let (o_row, o_col) = if swap { (o_n, o_m) } else { (o_m, o_n) };
-    let cols = right.rows;
+    if o_col == 1 && cols == packed.outputs && o_row >= cols {
+        // Rows contiguous and no panel padding: written where they belong (attention's
+        // values per head, rows of all heads apart), not copied there from a scratch.
+        return gemm_rows_apart(from, packed, &mut out[o_at..], o_row);
+    }
+    product.resize(from.count * packed.outputs, 0.0);
+    gemm_taps(from, packed, product);
     for (r, row) in product.chunks_exact(packed.outputs).enumerate() {
         let to = o_at + r * o_row;
         if o_col == 1 {
@@ -253,6 +249,42 @@ pub(crate) fn multiply(a: Side<'_>, b: Side<'_>, scratch: &mut Scratch, out: &mu
             row[..cols].iter().enumerate().for_each(|(c, &v)| out[to + c * o_col] = v);
         }
     }
+}
+
+/// The same product written as `[m][padded_width(n)]` into `out`, a caller's own buffer:
+/// the panel padding left in place between the rows (for attention's scores, then read
+/// in place as the next product's rows).
+pub(crate) fn multiply_padded(a: Side<'_>, b: Side<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    let (m, n) = (a.rows, b.rows);
+    assert_eq!(out.len(), m * padded_width(n), "multiply_padded: a [m][padded n] output");
+    if swaps(m, n) {
+        return multiply(a, b, scratch, out, [0, padded_width(n), 1]);
+    }
+    let (from, _, _) = pack(a, b, &mut scratch.packed);
+    gemm_taps(from, &scratch.packed, out)
+}
+
+/// Values per row of a product of `n` columns written with its panel padding.
+pub(crate) fn padded_width(n: usize) -> usize {
+    n.div_ceil(PANEL) * PANEL
+}
+
+/// Whether an `m` x `n` product is computed transposed: few rows by many columns (the
+/// SAM decoder's 7 tokens against 4096 image tokens); the wide operand is then read in
+/// place as the rows, and only the narrow one is packed.
+fn swaps(m: usize, n: usize) -> bool {
+    m < FEW_ROWS && n >= MANY_COLUMNS
+}
+
+/// The narrower operand packed: the rows read in place, whether the product is computed
+/// transposed, and its real column count.
+fn pack<'a>(a: Side<'a>, b: Side<'a>, packed: &mut Packed) -> (Rows<'a>, bool, usize) {
+    let swap = swaps(a.rows, b.rows);
+    let (left, right) = if swap { (b, a) } else { (a, b) };
+    packed.refill([a.depth, right.rows], right.data, right.at, [right.k, right.free]);
+    // Read in place: rows `free` apart, a row's inputs `k` apart.
+    let from = Rows { a: &left.data[left.at..], count: left.rows, stride: left.free, step: left.k, taps: &[0] };
+    (from, swap, right.rows)
 }
 
 impl TypedOp for BatchedMatMul {
