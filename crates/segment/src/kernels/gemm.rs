@@ -168,8 +168,12 @@ pub fn gemm_rows_apart(rows: Rows<'_>, w: &Packed, out: &mut [f32], stride: usiz
     #[cfg(target_arch = "x86_64")]
     match super::cpu() {
         // SAFETY (both): the CPU has the features; the lengths are checked above.
-        super::Cpu::Avx512 => return unsafe { blocks(rows, per_tap, w, Out { data: out, stride }, avx512::SHAPE, avx512::tile) },
-        super::Cpu::Avx2Fma => return unsafe { blocks(rows, per_tap, w, Out { data: out, stride }, avx2::SHAPE, avx2::tile) },
+        super::Cpu::Avx512 => {
+            return unsafe { blocks(rows, per_tap, w, Out { data: out, stride }, avx512::SHAPE, avx512::tile) }
+        }
+        super::Cpu::Avx2Fma => {
+            return unsafe { blocks(rows, per_tap, w, Out { data: out, stride }, avx2::SHAPE, avx2::tile) }
+        }
         super::Cpu::Portable => {}
     }
     gemm_portable(rows, per_tap, w, Out { data: out, stride })

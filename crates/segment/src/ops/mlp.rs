@@ -8,7 +8,6 @@
 //! Replaced: a row-major `Dense` (ops/dense.rs) whose only reader is another row-major
 //! `Dense` over the same rows, the first's outputs being the second's inputs.
 
-
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
@@ -118,7 +117,13 @@ mod tests {
 
     /// `x W + b` on `[1, rows, inputs]` rows, as the ONNX import leaves a `MatMul` and its
     /// bias; then tract's exact GELU when asked.
-    fn linear(model: &mut TypedModel, x: OutletId, [inputs, outputs]: [usize; 2], seed: u32, with_gelu: bool) -> OutletId {
+    fn linear(
+        model: &mut TypedModel,
+        x: OutletId,
+        [inputs, outputs]: [usize; 2],
+        seed: u32,
+        with_gelu: bool,
+    ) -> OutletId {
         let scale = 1.0 / (inputs as f32).sqrt();
         let w: Vec<f32> = noise(inputs * outputs, seed).iter().map(|v| v * 2.0 * scale).collect();
         let w = model.add_const(format!("w{seed}"), Tensor::from_shape(&[inputs, outputs], &w).unwrap()).unwrap();
@@ -163,7 +168,8 @@ mod tests {
             let fused = replace_mlps(crate::ops::dense::replace_dense(model).unwrap()).unwrap();
             assert_eq!(op_names(&fused), ["Source", "Mlp"], "{rows} rows");
             let ours = run(fused, &input);
-            let spread = theirs.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
+            let spread =
+                theirs.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(spread > 1.0, "{rows} rows: outputs too tame ({spread})");
             let diff = max_abs_diff(&theirs, &ours).unwrap();
             assert!(diff < 1e-4 * (1.0 + spread), "{rows} rows: max |diff| {diff}");
