@@ -206,28 +206,38 @@ fn gelu_portable(values: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// [`super::gelu`] of 8 lanes, with the same `erf`.
+    /// [`super::gelu`] of 8 lanes, with the same `erf`, rearranged to spare the
+    /// multiply-add ports (the GELU's bottleneck): the polynomial's coefficients take
+    /// the 1/sqrt 2 of erf's argument, and with `h = x / 2p` the GELU is `x - h` for
+    /// x > 0 and `h` otherwise (`0.5 x (1 + erf)`, erf = sign(x) (1 - 1/p)).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gelu8(x: __m256) -> __m256 {
         let c = _mm256_set1_ps;
-        let z = _mm256_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2));
-        let a = _mm256_andnot_ps(c(-0.0), z);
-        let [a1, a2, a3, a4, a5, a6] = super::ERF_A;
-        let mut p = _mm256_fmadd_ps(c(a6), a, c(a5));
-        p = _mm256_fmadd_ps(p, a, c(a4));
-        p = _mm256_fmadd_ps(p, a, c(a3));
-        p = _mm256_fmadd_ps(p, a, c(a2));
-        p = _mm256_fmadd_ps(p, a, c(a1));
+        let a = _mm256_andnot_ps(c(-0.0), x);
+        let [b1, b2, b3, b4, b5, b6] = super::ERF_A_OF_X;
+        let mut p = _mm256_fmadd_ps(c(b6), a, c(b5));
+        p = _mm256_fmadd_ps(p, a, c(b4));
+        p = _mm256_fmadd_ps(p, a, c(b3));
+        p = _mm256_fmadd_ps(p, a, c(b2));
+        p = _mm256_fmadd_ps(p, a, c(b1));
         p = _mm256_fmadd_ps(p, a, c(1.0));
         for _ in 0..4 {
             p = _mm256_mul_ps(p, p);
         }
-        let erf_abs = _mm256_sub_ps(c(1.0), _mm256_div_ps(c(1.0), p));
-        let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(z, c(-0.0)));
-        _mm256_mul_ps(_mm256_mul_ps(x, c(0.5)), _mm256_add_ps(erf, c(1.0)))
+        let h = _mm256_mul_ps(x, _mm256_div_ps(c(0.5), p));
+        let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(x, c(0.0));
+        _mm256_blendv_ps(h, _mm256_sub_ps(x, h), positive)
     }
 }
+
+/// [`ERF_A`] for erf(x / sqrt 2) as a polynomial in x: `a_i / sqrt(2)^i`.
+#[cfg(target_arch = "x86_64")]
+const ERF_A_OF_X: [f32; 6] = {
+    let s = std::f32::consts::FRAC_1_SQRT_2;
+    let [a1, a2, a3, a4, a5, a6] = ERF_A;
+    [a1 * s, a2 * 0.5, a3 * 0.5 * s, a4 * 0.25, a5 * 0.25 * s, a6 * 0.125]
+};
 
 /// Abramowitz & Stegun 7.1.28: `erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16` for x >= 0
 /// (|error| <= 3e-7), the form tract's own `Erf` uses; no branch, so it vectorises.
@@ -273,7 +283,10 @@ mod tests {
             // Eight lanes: the vector kernel's own, not its remainder's.
             let mut big = [20.0f32, -20.0, 1e30, -1e30, 6.0, -6.0, 0.0, 1e4];
             run(&mut big);
-            assert_eq!(big, [20.0, -0.0, 1e30, -0.0, 6.0, -0.0, 0.0, 1e4]);
+            // (gelu(-6) is -5.9e-9: 0 or a few e-9 both pass.)
+            let want = [20.0, -0.0, 1e30, -0.0, 6.0, -5.9e-9, 0.0, 1e4];
+            let close = big.iter().zip(want).all(|(y, w): (&f32, f32)| (y - w).abs() <= 1e-8 + 1e-7 * w.abs());
+            assert!(close, "{big:?}");
         }
     }
 
