@@ -36,13 +36,25 @@ pub(crate) fn replace_each<T: Op, O: TypedOp>(
     for id in candidates {
         let Some((op, replaced)) = make(&model, id)? else { continue };
         let node = model.node(id);
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(&model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.{suffix}", node.name), op, &[input])?;
-        patch.shunt_outside(&model, replaced, out[0])?;
-        patch.apply(&mut model)?;
+        let (name, input) = (format!("{}.{suffix}", node.name), node.inputs[0]);
+        substitute(&mut model, name, op, [input, replaced])?;
     }
     Ok(model)
+}
+
+/// A node of `op` named `name`, reading `input` and taking `replaced`'s place (the
+/// nodes between them left for the optimiser to drop).
+pub(crate) fn substitute<O: TypedOp>(
+    model: &mut TypedModel,
+    name: String,
+    op: O,
+    [input, replaced]: [OutletId; 2],
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::default();
+    let input = patch.tap_model(model, input)?;
+    let out = patch.wire_node(name, op, &[input])?;
+    patch.shunt_outside(model, replaced, out[0])?;
+    patch.apply(model)
 }
 
 /// The loop the rewrites that keep a node in place share: for each node whose op is a `T`,

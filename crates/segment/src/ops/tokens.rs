@@ -92,11 +92,8 @@ pub fn replace_local_convs(mut model: TypedModel) -> TractResult<TypedModel> {
     let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     for id in candidates {
         let Some((op, tokens, replaced)) = local_conv_for(&model, id)? else { continue };
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(&model, tokens)?;
-        let out = patch.wire_node(format!("{}.tokens", model.node(id).name), op, &[input])?;
-        patch.shunt_outside(&model, replaced, out[0])?;
-        patch.apply(&mut model)?;
+        let name = format!("{}.tokens", model.node(id).name);
+        super::substitute(&mut model, name, op, [tokens, replaced])?;
     }
     Ok(model)
 }
@@ -260,11 +257,8 @@ pub fn replace_row_chains(mut model: TypedModel) -> TractResult<TypedModel> {
         let Some(chain) = row_chain(&model, id)? else { continue };
         let Some(op) = gather_for(&model, &chain)? else { continue };
         taken.extend(chain.nodes.iter().copied());
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(&model, chain.input)?;
-        let out = patch.wire_node(format!("{}.rows", model.node(id).name), op, &[input])?;
-        patch.shunt_outside(&model, chain.output, out[0])?;
-        patch.apply(&mut model)?;
+        let name = format!("{}.rows", model.node(id).name);
+        super::substitute(&mut model, name, op, [chain.input, chain.output])?;
     }
     Ok(model)
 }
