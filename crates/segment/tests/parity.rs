@@ -59,6 +59,14 @@ fn encoder_matches_onnxruntime() {
     // move to channel-major and back around them.
     let local = ops.iter().filter(|op| *op == "TokenDepthwise").count();
     assert_eq!(local, 10, "local convolutions on tokens in {ops:?}");
+    // The three patch merges' depthwise convolutions (stride 2, 2 and 1) with their GELUs
+    // (ops/planar.rs), and in this whole plan the first stage's two as well (the app runs
+    // those in the fused pass): no depthwise convolution of tract's left.
+    let merges: Vec<String> =
+        plan.nodes().iter().map(|n| format!("{:?}", n.op)).filter(|op| op.starts_with("StridedDepthwise(")).collect();
+    assert!(merges.len() == 5 && merges.iter().all(|op| op.contains("GELU")), "{merges:?}");
+    let tracts = ops.iter().filter(|op| op.contains("DepthWise")).count();
+    assert_eq!(tracts, 0, "depthwise convolutions left to tract in {ops:?}");
     // Each block's window partition (padding included) and merge (cropping included) as
     // one row gather each (ops/tokens.rs), folded into the layer norm after the partition
     // and the residual addition after the merge: no copy of their own left.

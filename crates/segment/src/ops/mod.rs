@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod moves;
 pub mod norm;
 pub mod pad;
+pub mod planar;
 pub mod pool;
 pub mod resize;
 pub mod softmax;

@@ -58,6 +58,7 @@ pub fn optimise_with(
     knobs.enter(|| {
         let typed = crate::ops::split::split_concat_convs(adjust(graph.into_typed()?)?.into_decluttered()?)?;
         let typed = crate::ops::tokens::replace_row_chains(crate::ops::tokens::replace_local_convs(typed)?)?;
+        let typed = crate::ops::planar::replace_strided_depthwise(typed)?;
         let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::mix::replace_plane_mixes(crate::ops::dense::replace_dense(typed)?)?;
