@@ -1,7 +1,8 @@
 //! A 3x3 depthwise convolution with stride 2 or 1 and padding 1 on channel-major planes,
 //! its bias and a GELU after it folded in: TinyViT's patch merges (MobileSAM's encoder, three
-//! of them, the last with stride 1). tract ran them through its generic depthwise path, one output value at a time,
-//! at ~3 GFLOP/s: the last op of the encoder still tract's (docs/performance.md §6m). Here
+//! of them, the last with stride 1). tract ran them through its generic depthwise path, one
+//! output value at a time, at ~3 GFLOP/s: the last op of the encoder still tract's
+//! (docs/performance.md §6m). Here
 //! each input row is regrouped once into the three columns each output reads, so that every
 //! tap is a plain multiply-add along a contiguous output row.
 
@@ -88,7 +89,7 @@ impl StridedDepthwise {
         let mut columns = [vec![0f32; ow], vec![0f32; ow], vec![0f32; ow]];
         let planes = input.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow));
         for (c, (plane, dst)) in planes.enumerate() {
-            let taps: Vec<f32> = self.taps[c * 9..][..9].iter().map(|&t| f32::from_bits(t)).collect();
+            let taps: [f32; 9] = std::array::from_fn(|i| f32::from_bits(self.taps[c * 9 + i]));
             let bias = f32::from_bits(self.bias[c]);
             for (y, row) in dst.chunks_exact_mut(ow).enumerate() {
                 row.fill(bias);
