@@ -178,9 +178,11 @@ impl PlaneConv<'_> {
 /// `x = x / 2 * (1 + erf(x / sqrt 2))` in place (the exact GELU of the ONNX export).
 pub fn gelu(values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu().avx2() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { gelu_avx2(values) };
+    match super::cpu() {
+        // SAFETY (both): the CPU has the features the function is compiled for.
+        super::Cpu::Avx512 => return unsafe { gelu_avx512(values) },
+        super::Cpu::Avx2Fma => return unsafe { gelu_avx2(values) },
+        super::Cpu::Portable => {}
     }
     gelu_portable(values)
 }
@@ -192,9 +194,23 @@ unsafe fn gelu_avx2(values: &mut [f32]) {
     let mut chunks = values.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let x = _mm256_loadu_ps(chunk.as_ptr());
-        _mm256_storeu_ps(chunk.as_mut_ptr(), avx2::gelu8(x));
+        _mm256_storeu_ps(chunk.as_mut_ptr(), vector::gelu8(x));
     }
     gelu_portable(chunks.into_remainder())
+}
+
+/// The same 16 lanes at a time: on Zen 4 (512-bit operations in two halves) it still ran
+/// ~10 % faster than the 8-lane form, one instruction doing the work of two.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(values: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = values.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        let x = _mm512_loadu_ps(chunk.as_ptr());
+        _mm512_storeu_ps(chunk.as_mut_ptr(), vector::gelu16(x));
+    }
+    gelu_avx2(chunks.into_remainder())
 }
 
 #[inline(always)]
@@ -202,14 +218,15 @@ fn gelu_portable(values: &mut [f32]) {
     values.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
 }
 
+/// [`gelu`] on vectors, with the same `erf`, rearranged to spare the multiply-add ports
+/// (the GELU's bottleneck; 8-9 cycles per 8 lanes measured on Zen 4, not latency: four
+/// vectors interleaved ran no faster): the polynomial's coefficients take the 1/sqrt 2 of
+/// erf's argument, and with `a = |x|` the GELU `0.5 x (1 + sign(x) (1 - 1/p))` is
+/// `max(x, 0) - a (0.5 / p)`: one multiply-add, no compare and blend.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod vector {
     use std::arch::x86_64::*;
 
-    /// [`super::gelu`] of 8 lanes, with the same `erf`, rearranged to spare the
-    /// multiply-add ports (the GELU's bottleneck): the polynomial's coefficients take
-    /// the 1/sqrt 2 of erf's argument, and with `h = x / 2p` the GELU is `x - h` for
-    /// x > 0 and `h` otherwise (`0.5 x (1 + erf)`, erf = sign(x) (1 - 1/p)).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gelu8(x: __m256) -> __m256 {
@@ -217,17 +234,29 @@ mod avx2 {
         let a = _mm256_andnot_ps(c(-0.0), x);
         let [b1, b2, b3, b4, b5, b6] = super::ERF_A_OF_X;
         let mut p = _mm256_fmadd_ps(c(b6), a, c(b5));
-        p = _mm256_fmadd_ps(p, a, c(b4));
-        p = _mm256_fmadd_ps(p, a, c(b3));
-        p = _mm256_fmadd_ps(p, a, c(b2));
-        p = _mm256_fmadd_ps(p, a, c(b1));
-        p = _mm256_fmadd_ps(p, a, c(1.0));
+        for b in [b4, b3, b2, b1, 1.0] {
+            p = _mm256_fmadd_ps(p, a, c(b));
+        }
         for _ in 0..4 {
             p = _mm256_mul_ps(p, p);
         }
-        let h = _mm256_mul_ps(x, _mm256_div_ps(c(0.5), p));
-        let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(x, c(0.0));
-        _mm256_blendv_ps(h, _mm256_sub_ps(x, h), positive)
+        _mm256_fnmadd_ps(a, _mm256_div_ps(c(0.5), p), _mm256_max_ps(x, c(0.0)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu16(x: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        let a = _mm512_abs_ps(x);
+        let [b1, b2, b3, b4, b5, b6] = super::ERF_A_OF_X;
+        let mut p = _mm512_fmadd_ps(c(b6), a, c(b5));
+        for b in [b4, b3, b2, b1, 1.0] {
+            p = _mm512_fmadd_ps(p, a, c(b));
+        }
+        for _ in 0..4 {
+            p = _mm512_mul_ps(p, p);
+        }
+        _mm512_fnmadd_ps(a, _mm512_div_ps(c(0.5), p), _mm512_max_ps(x, c(0.0)))
     }
 }
 
@@ -272,19 +301,32 @@ mod tests {
     #[test]
     fn gelu_matches_the_exact_formula() {
         let xs: Vec<f32> = (-400..=400).map(|i| i as f32 / 100.0).collect();
-        // The kernel this CPU runs, and its portable twin.
-        for run in [gelu, gelu_portable] {
+        // Every form this CPU can run (an AVX-512 machine tests the AVX2 one too), and the
+        // portable twin.
+        let mut forms: Vec<fn(&mut [f32])> = vec![gelu, gelu_portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cpu = crate::kernels::cpu();
+            if cpu.avx2() {
+                // SAFETY (both): the CPU has the features.
+                forms.push(|v| unsafe { gelu_avx2(v) });
+            }
+            if cpu == crate::kernels::Cpu::Avx512 {
+                forms.push(|v| unsafe { gelu_avx512(v) });
+            }
+        }
+        for run in forms {
             let mut ys = xs.clone();
             run(&mut ys);
             for (&x, &y) in xs.iter().zip(&ys) {
                 let want = 0.5 * x as f64 * (1.0 + erf64(x as f64 / 2f64.sqrt()));
                 assert!((y as f64 - want).abs() < 1e-6 * want.abs().max(1.0), "gelu({x}) = {y}, want {want}");
             }
-            // Eight lanes: the vector kernel's own, not its remainder's.
-            let mut big = [20.0f32, -20.0, 1e30, -1e30, 6.0, -6.0, 0.0, 1e4];
+            // Sixteen lanes: the vector kernels' own, not a remainder's.
+            let mut big = [20.0f32, -20.0, 1e30, -1e30, 6.0, -6.0, 0.0, 1e4].repeat(2);
             run(&mut big);
             // (gelu(-6) is -5.9e-9: 0 or a few e-9 both pass.)
-            let want = [20.0, -0.0, 1e30, -0.0, 6.0, -5.9e-9, 0.0, 1e4];
+            let want = [20.0, -0.0, 1e30, -0.0, 6.0, -5.9e-9, 0.0, 1e4].repeat(2);
             let close = big.iter().zip(want).all(|(y, w): (&f32, f32)| (y - w).abs() <= 1e-8 + 1e-7 * w.abs());
             assert!(close, "{big:?}");
         }

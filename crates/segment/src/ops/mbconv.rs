@@ -162,29 +162,44 @@ impl Strided {
     fn row(&self, source: &Source<'_>, y: usize, width: usize, cols: &mut Vec<f32>, out: &mut [f32]) {
         let c = self.channels;
         let k = 9 * c;
-        cols.clear();
+        // Every value of `cols` is written below (the padding's zeros too): no clearing pass.
         cols.resize(width * k, 0.0);
         match *source {
             Source::Planar { data, rows, width: in_width } => {
-                for (x, col) in cols.chunks_exact_mut(k).enumerate() {
-                    for (i, v) in col.iter_mut().enumerate() {
-                        let (ch, ky, kx) = (i / 9, i / 3 % 3, i % 3);
-                        let (sy, sx) = ((2 * y + ky).wrapping_sub(1), (2 * x + kx).wrapping_sub(1));
-                        if sy < rows && sx < in_width {
-                            *v = data[(ch * rows + sy) * in_width + sx];
+                // Per (channel, ky), one input row gives each pixel's three taps: input
+                // columns 2x - 1, 2x, 2x + 1 (the input is twice as wide as the output).
+                debug_assert_eq!(in_width, 2 * width);
+                for ch in 0..c {
+                    for ky in 0..3 {
+                        let at = (ch * 3 + ky) * 3;
+                        let sy = (2 * y + ky).wrapping_sub(1);
+                        let src = (sy < rows).then(|| data.get((ch * rows + sy) * in_width..)).flatten();
+                        let Some(src) = src else {
+                            cols.chunks_exact_mut(k).for_each(|col| col[at..at + 3].fill(0.0));
+                            continue;
+                        };
+                        let src = &src[..2 * width];
+                        for (x, col) in cols.chunks_exact_mut(k).enumerate() {
+                            let left = if x == 0 { 0.0 } else { src[2 * x - 1] };
+                            col[at..at + 3].copy_from_slice(&[left, src[2 * x], src[2 * x + 1]]);
                         }
                     }
                 }
             }
             Source::Rows { rows, width: in_width } => {
+                // Per ky, the three taps' channels are one run of the source row: pixels
+                // 2x - 1 .. 2x + 1, channels contiguous.
+                debug_assert_eq!(in_width, 2 * width);
                 for (x, col) in cols.chunks_exact_mut(k).enumerate() {
                     for (ky, row) in rows.iter().enumerate() {
-                        let Some(row) = row else { continue };
-                        for kx in 0..3 {
-                            let sx = (2 * x + kx).wrapping_sub(1);
-                            if sx < in_width {
-                                col[(ky * 3 + kx) * c..][..c].copy_from_slice(&row[sx * c..][..c]);
+                        let dst = &mut col[ky * 3 * c..][..3 * c];
+                        match row {
+                            None => dst.fill(0.0),
+                            Some(row) if x == 0 => {
+                                dst[..c].fill(0.0);
+                                dst[c..].copy_from_slice(&row[..2 * c]);
                             }
+                            Some(row) => dst.copy_from_slice(&row[(2 * x - 1) * c..][..3 * c]),
                         }
                     }
                 }
