@@ -1,12 +1,13 @@
-//! The SAM encoder, with TinyViT's front (patch embedding and first stage) run by our own
-//! fused code ([`crate::ops::mbconv`]) and the rest by tract.
+//! The SAM encoder, with TinyViT's front (patch embedding, first stage, first patch
+//! merging) run by our own fused code ([`crate::ops::mbconv`]) and the rest by tract.
 //!
 //! MobileSAM's front works at 512x512 and 256x256 with up to 256 channels: in tract it set
 //! the encoder's memory peak (a 64 MB activation beside a 64 MB depthwise output or packed
 //! copy, docs/performance.md §2) and a large share of its time through NCHW convolutions
-//! (docs/performance.md §3). The graph is cut after the front's last node (the one before
-//! `layers.0/downsample/`); when the front is exactly what [`Front::recognise`] accepts it
-//! runs fused, row by row, and the tail is one tract plan. Every other encoder runs whole.
+//! (docs/performance.md §3). The graph is cut after the first patch merging
+//! (`layers.0/downsample/`), or before it when the merging is not the one we know; when the
+//! front is exactly what [`Front::recognise`] accepts it runs fused, row by row, and the
+//! tail is one tract plan. Every other encoder runs whole.
 //! The embedding matches onnxruntime's (crates/segment/tests/parity.rs).
 
 use std::collections::HashSet;
@@ -83,6 +84,11 @@ impl Encoder {
         matches!(self, Encoder::Fused(_))
     }
 
+    /// Whether the fused pass includes the patch merging after the first stage.
+    pub fn fuses_merge(&self) -> bool {
+        matches!(self, Encoder::Fused(fused) if fused.front.merges())
+    }
+
     /// Why the deferred planning failed, if it has (does not wait for it).
     pub fn planning_error(&self) -> Option<&NotMade> {
         match self {
@@ -103,14 +109,21 @@ impl FusedEncoder {
     /// The fused front and the tail's graph with its input fact, if the graph has a front
     /// we recognise.
     fn cut(proto: &ModelProto, side: usize) -> Option<(Front, ModelProto, TypedFact)> {
+        let nodes = &proto.graph.as_ref()?.node;
+        let merge = |n: &NodeProto| n.name.contains("layers.0/downsample/");
+        let (first, last) = (nodes.iter().position(merge)?, nodes.iter().rposition(merge)?);
+        // After the patch merging when it is the one we know, else before it.
+        [last + 1, first].into_iter().find_map(|end| Self::cut_at(proto, side, end))
+    }
+
+    /// The same with the graph cut before node `end`.
+    fn cut_at(proto: &ModelProto, side: usize, end: usize) -> Option<(Front, ModelProto, TypedFact)> {
         let graph = proto.graph.as_ref()?;
         let nodes = &graph.node;
-        let end = nodes.iter().position(|n| n.name.contains("layers.0/downsample/"))?;
         let front_output = nodes.get(end.checked_sub(1)?)?.output.first()?;
         let input = graph.input.first()?.name.as_str();
         let front = Front::recognise(graph, &nodes[..end], input, front_output)?;
-        let (channels, outputs) = front.channels();
-        if channels != 3 || !side.is_multiple_of(4) || !closed(graph, &nodes[end..], front_output) {
+        if front.input_channels() != 3 || !side.is_multiple_of(4) || !closed(graph, &nodes[end..], front_output) {
             return None;
         }
         // Everything but the graph (opsets, model-local functions), without copying the weights.
@@ -126,7 +139,8 @@ impl FusedEncoder {
         };
         let output = graph.output.first()?.name.clone();
         let tail = part(&shell, graph, &nodes[end..], Some(front_output), &output);
-        Some((front, tail, f32::fact([1, outputs, side / 4, side / 4])))
+        let fact = f32::fact(front.output_shape(side));
+        Some((front, tail, fact))
     }
 }
 

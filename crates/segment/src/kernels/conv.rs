@@ -2,46 +2,83 @@
 //! convolution row and the exact GELU; and a convolution to a single output plane
 //! (ops/conv.rs); each with its portable twin.
 
+/// Where a depthwise row reads: input rows `width` pixels wide, output pixel `x` centred
+/// on input pixel `x * stride` (stride 1: the same width; 2: half of it, rounded up).
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub width: usize,
+    pub stride: usize,
+}
+
+impl Span {
+    /// Stride 1 over rows `width` pixels wide.
+    pub fn same(width: usize) -> Self {
+        Span { width, stride: 1 }
+    }
+
+    /// Output pixels per row.
+    pub fn outputs(self) -> usize {
+        self.width.div_ceil(self.stride.max(1))
+    }
+
+    /// Output pixel `x`'s centre in the input, and its taps `dx` that lie inside the row
+    /// (`first..last`: the edges have two).
+    #[inline(always)]
+    fn taps(self, x: usize) -> (usize, (usize, usize)) {
+        let centre = x * self.stride;
+        (centre, (usize::from(centre == 0), if centre + 1 < self.width { 3 } else { 2 }))
+    }
+}
+
 /// One output row of a 3x3 depthwise convolution (zero padding: a missing row is `None`);
-/// `taps` are `[tap][channel]`, one `bias` per channel.
-pub fn depthwise_row(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], width: usize, out: &mut [f32]) {
+/// `taps` are `[tap][channel]`, one `bias` per channel; `out` is `[span.outputs()][channel]`.
+pub fn depthwise_row(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], span: Span, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu().avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { depthwise_row_avx2(rows, taps, bias, width, out) };
+        return unsafe { depthwise_row_avx2(rows, taps, bias, span, out) };
     }
-    depthwise_row_portable(rows, taps, bias, width, out)
+    depthwise_row_portable(rows, taps, bias, span, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_row_avx2(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], width: usize, out: &mut [f32]) {
+unsafe fn depthwise_row_avx2(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], span: Span, out: &mut [f32]) {
     let channels = bias.len();
-    let fits = |v: &[f32]| v.len() >= width * channels;
-    if taps.len() < 9 * channels || !fits(out) || !rows.iter().flatten().all(|r| fits(r)) {
-        return depthwise_row_portable(rows, taps, bias, width, out);
+    let fits = |v: &[f32], pixels: usize| v.len() >= pixels * channels;
+    let fitting = fits(out, span.outputs()) && rows.iter().flatten().all(|r| fits(r, span.width));
+    if taps.len() < 9 * channels || span.stride == 0 || !fitting {
+        return depthwise_row_portable(rows, taps, bias, span, out);
     }
     // Pixel by pixel, 32 channels at a time in four independent sums (one sum through all
     // nine taps is a chain of FMA latencies), then 8 at a time: each tap one load of the
     // input, one of its weights (the 9 x channels weights stay in L1) and an FMA.
     let vectors = channels / 8 * 8;
-    for x in 0..width {
-        let taps_x = (usize::from(x == 0), if x + 1 < width { 3 } else { 2 });
+    for x in 0..span.outputs() {
+        let (centre, taps_x) = span.taps(x);
+        let at = Pixel { input: centre * channels, output: x * channels };
         let mut c = 0;
         while c + 32 <= vectors {
-            depthwise_vectors::<4>(rows, taps, bias, x, c, taps_x, out);
+            depthwise_vectors::<4>(rows, taps, bias, at, c, taps_x, out);
             c += 32;
         }
         while c < vectors {
-            depthwise_vectors::<1>(rows, taps, bias, x, c, taps_x, out);
+            depthwise_vectors::<1>(rows, taps, bias, at, c, taps_x, out);
             c += 8;
         }
     }
-    depthwise_channels(rows, taps, bias, width, out, vectors..channels)
+    depthwise_channels(rows, taps, bias, span, out, vectors..channels)
 }
 
-/// Pixel `x`'s channels `c..c + 8 L`, its taps `dx` in `first..last` (the row's edges
-/// have two); the caller checked every length.
+/// Where an output pixel's channels start: in the input rows (its centre) and in `out`.
+#[derive(Clone, Copy)]
+struct Pixel {
+    input: usize,
+    output: usize,
+}
+
+/// One output pixel's channels `c..c + 8 L`, its taps `dx` in `first..last`; the caller
+/// checked every length.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -49,7 +86,7 @@ unsafe fn depthwise_vectors<const L: usize>(
     rows: [Option<&[f32]>; 3],
     taps: &[f32],
     bias: &[f32],
-    x: usize,
+    at: Pixel,
     c: usize,
     (first, last): (usize, usize),
     out: &mut [f32],
@@ -59,7 +96,7 @@ unsafe fn depthwise_vectors<const L: usize>(
     let mut acc: [__m256; L] = std::array::from_fn(|l| _mm256_loadu_ps(bias.as_ptr().add(c + 8 * l)));
     for (dy, row) in rows.iter().enumerate() {
         let Some(row) = row else { continue };
-        let p = row.as_ptr().add(x * channels + c);
+        let p = row.as_ptr().add(at.input + c);
         for dx in first..last {
             let (input, weight) = (p.add(dx * channels).sub(channels), taps.as_ptr().add((dy * 3 + dx) * channels + c));
             for (l, acc) in acc.iter_mut().enumerate() {
@@ -69,13 +106,13 @@ unsafe fn depthwise_vectors<const L: usize>(
         }
     }
     for (l, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(out.as_mut_ptr().add(x * channels + c + 8 * l), *acc);
+        _mm256_storeu_ps(out.as_mut_ptr().add(at.output + c + 8 * l), *acc);
     }
 }
 
 #[inline(always)]
-fn depthwise_row_portable(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], width: usize, out: &mut [f32]) {
-    depthwise_channels(rows, taps, bias, width, out, 0..bias.len())
+fn depthwise_row_portable(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f32], span: Span, out: &mut [f32]) {
+    depthwise_channels(rows, taps, bias, span, out, 0..bias.len())
 }
 
 /// [`depthwise_row`] for the channels `range` only.
@@ -84,19 +121,19 @@ fn depthwise_channels(
     rows: [Option<&[f32]>; 3],
     taps: &[f32],
     bias: &[f32],
-    width: usize,
+    span: Span,
     out: &mut [f32],
     range: std::ops::Range<usize>,
 ) {
     let channels = bias.len();
-    for x in 0..width {
+    for x in 0..span.outputs() {
+        let (centre, (first, last)) = span.taps(x);
         let dst = &mut out[x * channels..][range.clone()];
         dst.copy_from_slice(&bias[range.clone()]);
         for (dy, row) in rows.iter().enumerate() {
             let Some(row) = row else { continue };
-            for dx in 0..3 {
-                let Some(sx) = (x + dx).checked_sub(1).filter(|&sx| sx < width) else { continue };
-                let src = &row[sx * channels..][range.clone()];
+            for dx in first..last {
+                let src = &row[(centre + dx - 1) * channels..][range.clone()];
                 let w = &taps[(dy * 3 + dx) * channels..][range.clone()];
                 dst.iter_mut().zip(src).zip(w).for_each(|((d, s), w)| *d += s * w);
             }
@@ -387,27 +424,30 @@ mod tests {
 
     #[test]
     fn depthwise_rows_match_a_plain_convolution_at_the_edges_too() {
-        // 20 channels: two vectors and a tail; 64: the encoder's kind; a row one pixel wide.
-        for (width, channels) in [(9, 20), (7, 64), (1, 8)] {
-            depthwise_case(width, channels);
+        // 20 channels: two vectors and a tail; 64: the encoder's kind; a row one pixel
+        // wide; stride 2 (the patch merging's) over even and odd widths.
+        for (width, channels, stride) in [(9, 20, 1), (7, 64, 1), (1, 8, 1), (10, 40, 2), (9, 128, 2), (1, 8, 2)] {
+            depthwise_case(Span { width, stride }, channels);
         }
     }
 
-    fn depthwise_case(width: usize, channels: usize) {
+    fn depthwise_case(span: Span, channels: usize) {
         let value = |i: usize| ((i * 2_654_435_761) >> 8 & 0xffff) as f32 / 65536.0 - 0.5;
+        let width = span.width;
         let rows: Vec<Vec<f32>> =
             (0..3).map(|r| (0..width * channels).map(|i| value(i + 1000 * r)).collect()).collect();
         let taps: Vec<f32> = (0..9 * channels).map(|i| value(i + 7)).collect();
         let bias: Vec<f32> = (0..channels).map(|i| value(i + 3)).collect();
         // The top row missing: zero padding above the image.
         let inputs = [None, Some(&rows[1][..]), Some(&rows[2][..])];
-        let mut want = vec![0f32; width * channels];
-        for x in 0..width {
+        let outputs = width.div_ceil(span.stride);
+        let mut want = vec![0f32; outputs * channels];
+        for x in 0..outputs {
             for c in 0..channels {
                 let mut sum = bias[c] as f64;
                 for (dy, row) in inputs.iter().enumerate() {
                     for dx in 0..3 {
-                        let sx = x as isize + dx as isize - 1;
+                        let sx = (x * span.stride) as isize + dx as isize - 1;
                         if let (Some(row), true) = (row, (0..width as isize).contains(&sx)) {
                             sum += row[sx as usize * channels + c] as f64 * taps[(dy * 3 + dx) * channels + c] as f64;
                         }
@@ -416,12 +456,12 @@ mod tests {
                 want[x * channels + c] = sum as f32;
             }
         }
-        let mut fast = vec![f32::NAN; width * channels];
-        depthwise_row(inputs, &taps, &bias, width, &mut fast);
-        let mut portable = vec![f32::NAN; width * channels];
-        depthwise_row_portable(inputs, &taps, &bias, width, &mut portable);
+        let mut fast = vec![f32::NAN; outputs * channels];
+        depthwise_row(inputs, &taps, &bias, span, &mut fast);
+        let mut portable = vec![f32::NAN; outputs * channels];
+        depthwise_row_portable(inputs, &taps, &bias, span, &mut portable);
         for ((f, p), w) in fast.iter().zip(&portable).zip(&want) {
-            assert!((f - w).abs() < 1e-5 && (p - w).abs() < 1e-5, "{f} / {p} vs {w}");
+            assert!((f - w).abs() < 1e-5 && (p - w).abs() < 1e-5, "{span:?}: {f} / {p} vs {w}");
         }
     }
 }

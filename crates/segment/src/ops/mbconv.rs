@@ -1,23 +1,29 @@
-//! TinyViT's front (MobileSAM's patch embedding and first stage) as one fused pass, row by row.
+//! TinyViT's front (MobileSAM's patch embedding, first stage and the patch merging after it)
+//! as one fused pass, row by row.
 //!
 //! The front is two 3x3 stride-2 convolutions with a GELU between them (1024x1024x3 ->
 //! 512x512x32 -> 256x256x64), then a chain of MBConv blocks on that 64-channel map: a 1x1
 //! convolution to 256 channels, GELU, a 3x3 depthwise convolution, GELU, a 1x1 convolution
-//! back to 64 channels, the block's input added, GELU. tract ran it as separate NCHW ops,
+//! back to 64 channels, the block's input added, GELU; then the patch merging: a 1x1
+//! convolution to 128 channels, GELU, a 3x3 depthwise convolution with stride 2, GELU, a
+//! 1x1 convolution, flattened to `[1, 128 x 128, 128]` tokens. tract ran it as separate NCHW ops,
 //! each writing a 16-64 MB tensor (its 1x1 convolutions well below the core's peak, the
 //! patch embedding through lazy im2col several times slower than onnxruntime's): a large
 //! share of the encoder's time (docs/performance.md §3). Here every map is pixel-major
 //! (channels contiguous) and each layer makes its output one image row at a time from a
 //! ring of the three input rows its kernel reaches: nothing of 256 channels is ever whole,
 //! every value is produced while it is still in cache, and all products go through one
-//! register-tiled kernel ([`super::gemm`]).
+//! register-tiled kernel ([`super::gemm`]). The merging's output rows are the tokens the
+//! second stage reads, so no NCHW map is transposed on the way (in tract the merging's
+//! first 1x1 convolution read the front's output channel-major, at ~40 GFLOP/s).
 //!
 //! [`Front::recognise`] accepts exactly that structure (op types, wiring, kernel shapes,
-//! strides, paddings, GELU constants) from the ONNX nodes; anything else is left to tract.
+//! strides, paddings, GELU constants) from the ONNX nodes, the merging only when it is
+//! there as well; anything else is left to tract.
 
 use std::collections::HashMap;
 
-use crate::kernels::conv::{depthwise_row, gelu};
+use crate::kernels::conv::{depthwise_row, gelu, Span};
 use crate::kernels::gemm::{gemm, Packed};
 use tract_onnx::data_resolver::FopenDataResolver;
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
@@ -52,9 +58,19 @@ enum Source<'a> {
     Rows { rows: [Option<&'a [f32]>; 3], width: usize },
 }
 
+/// The patch merging after the blocks: a 1x1 convolution, GELU, a 3x3 depthwise
+/// convolution with stride 2, GELU, a 1x1 convolution, and the map flattened to tokens
+/// (`[1, pixels, channels]`, the layout the next stage reads).
+struct Merge {
+    expand: Packed,
+    depthwise: Depthwise,
+    project: Packed,
+}
+
 pub struct Front {
     embed: [Strided; 2],
     blocks: Vec<Block>,
+    merge: Option<Merge>,
 }
 
 impl Front {
@@ -79,8 +95,7 @@ impl Front {
         }
         let mut blocks = Vec::new();
         let mut at = 7;
-        while at < ops.len() {
-            let (block, out, used) = matcher.block(&ops[at..], &x)?;
+        while let Some((block, out, used)) = ops.get(at..).and_then(|ops| matcher.block(ops, &x)) {
             if block.expand.inputs != second.conv.outputs {
                 return None;
             }
@@ -88,18 +103,45 @@ impl Front {
             at += used;
             x = out;
         }
-        (x == output && !blocks.is_empty()).then_some(Front { embed: [first, second], blocks })
+        let mut merge = None;
+        if at < ops.len() {
+            let (m, out, used) = matcher.merge(&ops[at..], &x)?;
+            if m.expand.inputs != second.conv.outputs {
+                return None;
+            }
+            merge = Some(m);
+            at += used;
+            x = out;
+        }
+        let front = Front { embed: [first, second], blocks, merge };
+        (at == ops.len() && x == output && !front.blocks.is_empty()).then_some(front)
     }
 
-    /// The input channels (3) and the output channels.
-    pub fn channels(&self) -> (usize, usize) {
-        (self.embed[0].channels, self.embed[1].conv.outputs)
+    /// The input channels (3).
+    pub fn input_channels(&self) -> usize {
+        self.embed[0].channels
+    }
+
+    /// Whether the patch merging after the blocks is part of the front.
+    pub fn merges(&self) -> bool {
+        self.merge.is_some()
+    }
+
+    /// The output's shape for a `[1, channels, side, side]` input (`side` a multiple of 4):
+    /// NCHW at a quarter of the side, or with the merging `[1, tokens, channels]` at half
+    /// of that, rounded up.
+    pub fn output_shape(&self, side: usize) -> Vec<usize> {
+        let quarter = side / 4;
+        match &self.merge {
+            Some(merge) => vec![1, quarter.div_ceil(2).pow(2), merge.project.outputs],
+            None => vec![1, self.embed[1].conv.outputs, quarter, quarter],
+        }
     }
 
     /// Runs the front on an NCHW `[1, channels, rows, width]` image whose sides are
-    /// multiples of 4: NCHW out, each side a quarter.
+    /// multiples of 4: NCHW out, each side a quarter, or the merged tokens.
     pub fn run(&self, image: &Tensor) -> TractResult<Tensor> {
-        let (inputs, outputs) = self.channels();
+        let (inputs, outputs) = (self.input_channels(), self.embed[1].conv.outputs);
         let [1, channels, rows, width] = image.shape()[..] else { bail!("front input shape {:?}", image.shape()) };
         if channels != inputs || !rows.is_multiple_of(4) || !width.is_multiple_of(4) {
             bail!("front input {:?}: {inputs} channels and sides that are multiples of 4 expected", image.shape());
@@ -114,6 +156,12 @@ impl Front {
             std::mem::swap(&mut current, &mut next);
         }
         drop(next);
+        if let Some(merge) = &self.merge {
+            let (tokens, values) = merge.run(&current, rows, width);
+            drop(current);
+            let shape = [1, tokens, merge.project.outputs];
+            return Ok(tract_ndarray::Array::from_shape_vec(&shape[..], values)?.into_tensor());
+        }
         // SAFETY: every element is written by the transpose below.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, outputs, rows, width])? };
         {
@@ -244,7 +292,8 @@ impl Block {
                 let r = y as isize + dy;
                 (0..rows as isize).contains(&r).then(|| &ring[(r as usize % 3) * row_len..][..row_len])
             };
-            depthwise_row([row(-1), row(0), row(1)], &self.depthwise.taps, &self.depthwise.bias, width, &mut mid);
+            let (taps, bias) = (&self.depthwise.taps, &self.depthwise.bias);
+            depthwise_row([row(-1), row(0), row(1)], taps, bias, Span::same(width), &mut mid);
             gelu(&mut mid);
             let out = &mut output[y * width * channels..][..width * channels];
             gemm(&mid, &self.project, out);
@@ -252,6 +301,38 @@ impl Block {
             out.iter_mut().zip(shortcut).for_each(|(o, s)| *o += s);
             gelu(out);
         }
+    }
+}
+
+impl Merge {
+    /// The merging of a pixel-major `[rows * width][channels]` map: its tokens (half the
+    /// rows and half the width, rounded up), `[tokens][outputs]`, each output row made from
+    /// a ring of the three expanded rows its stride-2 depthwise convolution reads.
+    fn run(&self, input: &[f32], rows: usize, width: usize) -> (usize, Vec<f32>) {
+        let (channels, hidden, outputs) = (self.expand.inputs, self.expand.outputs, self.project.outputs);
+        let span = Span { width, stride: 2 };
+        let (out_rows, out_width) = (rows.div_ceil(2), span.outputs());
+        let row_len = width * hidden;
+        let mut ring = vec![0f32; 3 * row_len];
+        let mut made = [usize::MAX; 3];
+        let mut mid = vec![0f32; out_width * hidden];
+        let mut out = vec![0f32; out_rows * out_width * outputs];
+        for y in 0..out_rows {
+            for r in (2 * y).saturating_sub(1)..(2 * y + 2).min(rows) {
+                if made[r % 3] != r {
+                    let dst = &mut ring[(r % 3) * row_len..][..row_len];
+                    gemm(&input[r * width * channels..][..width * channels], &self.expand, dst);
+                    gelu(dst);
+                    made[r % 3] = r;
+                }
+            }
+            let row = |r: Option<usize>| r.filter(|&r| r < rows).map(|r| &ring[(r % 3) * row_len..][..row_len]);
+            let taps = [row((2 * y).checked_sub(1)), row(Some(2 * y)), row(Some(2 * y + 1))];
+            depthwise_row(taps, &self.depthwise.taps, &self.depthwise.bias, span, &mut mid);
+            gelu(&mut mid);
+            gemm(&mid, &self.project, &mut out[y * out_width * outputs..][..out_width * outputs]);
+        }
+        (out_rows * out_width, out)
     }
 }
 
@@ -292,6 +373,14 @@ impl Matcher<'_> {
         Some((tensor.shape().to_vec(), values))
     }
 
+    /// A constant's integer values (a shape operand).
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        let t = self.constants.get(name)?;
+        let tensor = tract_onnx::tensor::load_tensor(&FopenDataResolver, t, None).ok()?;
+        let tensor = tensor.cast_to::<i64>().ok()?;
+        Some(tensor.try_as_plain_ram().ok()?.as_slice::<i64>().ok()?.to_vec())
+    }
+
     fn scalar(&self, name: &str) -> Option<f32> {
         match self.floats(name)? {
             (_, v) if v.len() == 1 => Some(v[0]),
@@ -303,7 +392,7 @@ impl Matcher<'_> {
     fn block(&self, ops: &[&NodeProto], x: &str) -> Option<(Block, String, usize)> {
         let (expand, h) = self.pointwise(ops.first()?, x)?;
         let g1 = self.gelu(ops.get(1..6)?, &h)?;
-        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs)?;
+        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs, 1)?;
         let g2 = self.gelu(ops.get(7..12)?, &d)?;
         let (project, c) = self.pointwise(ops.get(12)?, &g2)?;
         let add = ops.get(13)?;
@@ -312,6 +401,46 @@ impl Matcher<'_> {
         let out = self.gelu(ops.get(14..19)?, r)?;
         let shapes_chain = project.inputs == expand.outputs && project.outputs == expand.inputs;
         shapes_chain.then_some((Block { expand, depthwise, project }, out, 19))
+    }
+
+    /// The patch merging from the start of `ops` on input `x`, as PyTorch exports
+    /// `conv3(x).flatten(2).transpose(1, 2)`: the merging, its output, ops used.
+    fn merge(&self, ops: &[&NodeProto], x: &str) -> Option<(Merge, String, usize)> {
+        let (expand, h) = self.pointwise(ops.first()?, x)?;
+        let g1 = self.gelu(ops.get(1..6)?, &h)?;
+        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs, 2)?;
+        let g2 = self.gelu(ops.get(7..12)?, &d)?;
+        let (project, c) = self.pointwise(ops.get(12)?, &g2)?;
+        let out = self.tokens(ops.get(13..18)?, &c)?;
+        (project.inputs == expand.outputs).then_some((Merge { expand, depthwise, project }, out, 18))
+    }
+
+    /// `Transpose(Reshape(x, Concat(Slice(Shape(x), 0, 2), [-1])), [0, 2, 1])`: an NCHW
+    /// map as `[N, HW, C]` tokens. Its output.
+    fn tokens(&self, ops: &[&NodeProto], x: &str) -> Option<String> {
+        let [shape, slice, concat, reshape, transpose] = ops else { return None };
+        let out = |n: &NodeProto| n.output.first().cloned();
+        let attr = |n: &NodeProto, name: &str| n.attribute.iter().find(|a| a.name == name).cloned();
+        let ints_at = |n: &NodeProto, i: usize| n.input.get(i).and_then(|name| self.ints(name));
+        let shape_ok = shape.op_type == "Shape" && shape.input == [x] && shape.attribute.is_empty();
+        let slice_ok = slice.op_type == "Slice"
+            && slice.input.first() == out(shape).as_ref()
+            && ints_at(slice, 1)? == [0]
+            && ints_at(slice, 2)? == [2]
+            && (slice.input.len() < 4 || ints_at(slice, 3)? == [0])
+            && (slice.input.len() < 5 || ints_at(slice, 4)? == [1]);
+        let concat_ok = concat.op_type == "Concat"
+            && attr(concat, "axis").map(|a| a.i) == Some(0)
+            && concat.input.len() == 2
+            && concat.input.first() == out(slice).as_ref()
+            && ints_at(concat, 1)? == [-1];
+        let reshape_ok = reshape.op_type == "Reshape"
+            && reshape.input == [x.to_string(), out(concat)?]
+            && attr(reshape, "allowzero").is_none_or(|a| a.i == 0);
+        let transpose_ok = transpose.op_type == "Transpose"
+            && transpose.input == [out(reshape)?]
+            && attr(transpose, "perm").map(|a| a.ints) == Some(vec![0, 2, 1]);
+        (shape_ok && slice_ok && concat_ok && reshape_ok && transpose_ok).then(|| out(transpose)).flatten()
     }
 
     /// A `Conv` reading `x` with constant weights and bias, no dilation, explicit padding
@@ -359,8 +488,8 @@ impl Matcher<'_> {
         Some((Strided { conv, channels }, c.output))
     }
 
-    fn depthwise(&self, node: &NodeProto, x: &str, channels: usize) -> Option<(Depthwise, String)> {
-        let c = self.conv(node, x, ConvShape { pad: 1, stride: 1, group: channels })?;
+    fn depthwise(&self, node: &NodeProto, x: &str, channels: usize, stride: i64) -> Option<(Depthwise, String)> {
+        let c = self.conv(node, x, ConvShape { pad: 1, stride, group: channels })?;
         if c.dims != [channels, 1, 3, 3] {
             return None;
         }

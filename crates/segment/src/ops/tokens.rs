@@ -33,7 +33,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use super::norm::LayerNorm;
 
 use super::only_reader;
-use crate::kernels::conv::depthwise_row;
+use crate::kernels::conv::{depthwise_row, Span};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenDepthwise {
@@ -69,7 +69,7 @@ impl EvalOp for TokenDepthwise {
             let row = |y: isize| (0..self.height as isize).contains(&y).then(|| &x[y as usize * row_len..][..row_len]);
             for (y, out) in out.chunks_exact_mut(row_len).enumerate() {
                 let y = y as isize;
-                depthwise_row([row(y - 1), row(y), row(y + 1)], &self.taps, &self.bias, self.width, out);
+                depthwise_row([row(y - 1), row(y), row(y + 1)], &self.taps, &self.bias, Span::same(self.width), out);
             }
         })
     }
