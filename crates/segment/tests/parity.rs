@@ -59,6 +59,10 @@ fn encoder_matches_onnxruntime() {
     assert_eq!((dense, mlps, direct), (20 + 11, 10, 1), "dense layers and convolutions replaced in {ops:?}");
     // The 10 local convolutions of stages 2-4 on the token rows (ops/tokens.rs), with no
     // move to channel-major and back around them.
+    // The qkv and output projections of the 10 attentions computed on the real tokens
+    // only, not on the windows' padding (ops/dense.rs skip_unneeded_rows).
+    let narrowed = plan.nodes().iter().map(|n| format!("{:?}", n.op)).filter(|op| op.contains(" rows)")).count();
+    assert_eq!(narrowed, 20, "products narrowed to the rows they need in {ops:?}");
     let local = ops.iter().filter(|op| *op == "TokenDepthwise").count();
     assert_eq!(local, 10, "local convolutions on tokens in {ops:?}");
     // The three patch merges' depthwise convolutions (stride 2, 2 and 1) with their GELUs

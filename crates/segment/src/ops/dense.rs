@@ -28,6 +28,9 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
+use super::norm::LayerNorm;
+use super::only_reader;
+use super::tokens::GatherAdd;
 use crate::kernels::conv::gelu;
 
 use crate::kernels::gemm::{gemm, gemm_taps, Packed, Rows, PANEL};
@@ -41,6 +44,41 @@ pub struct Dense {
     /// and the bias, to compute the transposed output directly (the activation packed as the
     /// constant side) instead of writing each block's product through the transpose kernel.
     by_columns: Option<Arc<ByColumns>>,
+    /// When not every row needs the product (ops/tokens.rs's window padding): the rows that
+    /// do, the rest filled without it.
+    subset: Option<Arc<RowSubset>>,
+}
+
+/// The rows a product computes, in runs, and what the others hold.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RowSubset {
+    runs: Vec<std::ops::Range<usize>>,
+    rest: Rest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    /// Nothing reads them: zeros, so that the output is still a function of the input.
+    Zero,
+    /// Their input rows are all the same as this (computed) row's.
+    CopyOf(usize),
+}
+
+impl RowSubset {
+    /// From whether each row is computed; `None` when all are.
+    fn new(computed: impl Iterator<Item = bool>, rest: Rest) -> Option<Self> {
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut rows = 0;
+        for (r, computed) in computed.enumerate() {
+            rows = r + 1;
+            match runs.last_mut() {
+                Some(run) if computed && run.end == r => run.end = r + 1,
+                _ if computed => runs.push(r..r + 1),
+                _ => {}
+            }
+        }
+        (runs.iter().map(|r| r.len()).sum::<usize>() < rows).then_some(RowSubset { runs, rest })
+    }
 }
 
 struct ByColumns {
@@ -101,6 +139,9 @@ impl std::fmt::Debug for Dense {
         if l.gelu {
             write!(f, ", GELU")?;
         }
+        if let Some(subset) = &self.subset {
+            write!(f, ", {} of {} rows", subset.runs.iter().map(|r| r.len()).sum::<usize>(), l.rows)?;
+        }
         write!(f, ")")
     }
 }
@@ -108,7 +149,7 @@ impl std::fmt::Debug for Dense {
 /// Two ops are the same when they share their weights.
 impl PartialEq for Dense {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weight, &other.weight) && self.layout == other.layout
+        Arc::ptr_eq(&self.weight, &other.weight) && self.layout == other.layout && self.subset == other.subset
     }
 }
 
@@ -178,15 +219,18 @@ impl Dense {
             return;
         }
         if !l.read_transposed && !l.write_transposed {
-            if !l.gelu {
-                return gemm(a, w, out);
+            let n = w.outputs;
+            let Some(subset) = &self.subset else { return self.rows(a, out) };
+            for run in &subset.runs {
+                self.rows(&a[run.start * k..run.end * k], &mut out[run.start * n..run.end * n]);
             }
-            // Block by block, so that each block's GELU finds it in cache.
-            for (a, out) in a.chunks(BLOCK_ROWS * k).zip(out.chunks_mut(BLOCK_ROWS * w.outputs)) {
-                gemm(a, w, out);
-                gelu(out);
+            // The gaps after every run is computed: a copied row may lie after them.
+            let mut done = 0;
+            for run in &subset.runs {
+                self.rest(subset.rest, out, done..run.start);
+                done = run.end;
             }
-            return;
+            return self.rest(subset.rest, out, done..l.rows);
         }
         // A transposed activation is read in place, column by column, by the 12-row AVX-512
         // tile; the AVX2 tile's 6 rows use only 6 values of each line such a read fetches
@@ -222,6 +266,30 @@ impl Dense {
                 }
             }
         })
+    }
+}
+
+impl Dense {
+    /// Rows read and written in place.
+    fn rows(&self, a: &[f32], out: &mut [f32]) {
+        let w = &*self.weight;
+        if !self.layout.gelu {
+            return gemm(a, w, out);
+        }
+        // Block by block, so that each block's GELU finds it in cache.
+        for (a, out) in a.chunks(BLOCK_ROWS * w.inputs).zip(out.chunks_mut(BLOCK_ROWS * w.outputs)) {
+            gemm(a, w, out);
+            gelu(out);
+        }
+    }
+
+    /// Rows `range` of `out` not computed.
+    fn rest(&self, rest: Rest, out: &mut [f32], range: std::ops::Range<usize>) {
+        let n = self.weight.outputs;
+        match rest {
+            Rest::Zero => out[range.start * n..range.end * n].fill(0.0),
+            Rest::CopyOf(from) => range.for_each(|r| out.copy_within(from * n..(from + 1) * n, r * n)),
+        }
     }
 }
 
@@ -329,7 +397,57 @@ fn dense_for(model: &TypedModel, id: usize) -> TractResult<Option<(Dense, Outlet
         write_transposed,
         gelu,
     };
-    Ok(Some((Dense { weight: Arc::new(weight), layout, by_columns }, replaced)))
+    Ok(Some((Dense { weight: Arc::new(weight), layout, by_columns, subset: None }, replaced)))
+}
+
+/// Narrows each row-major product to the rows that need it: TinyViT pads each stage's
+/// token map to whole windows, and its attention's qkv and output projections ran on the
+/// padding too (a fifth of the rows in stages 3 and 4). A product whose input is a layer
+/// normalisation gathering zero rows computes the first of them and copies it to the others
+/// (the same input row gives the same output row); one whose output is read only through a
+/// [`GatherAdd`](super::tokens::GatherAdd) (the window merge, which crops the padding)
+/// computes only the rows it reads.
+pub fn skip_unneeded_rows(mut model: TypedModel) -> TractResult<TypedModel> {
+    let products: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Dense>()).map(|n| n.id).collect();
+    for id in products {
+        let node = model.node(id);
+        let Some(dense) = node.op_as::<Dense>().filter(|d| d.row_major().is_some() && d.subset.is_none()) else {
+            continue;
+        };
+        let rows = dense.layout.rows;
+        let input = node.inputs[0];
+        // The `GatherAdd` that is the product's only reader, reading it as the gathered rows.
+        let output = OutletId::new(id, 0);
+        let gathered_by = match model.outlet_successors(output) {
+            [reader] if reader.slot == 1 && !model.output_outlets()?.contains(&output) => {
+                model.node(reader.node).op_as::<GatherAdd>()
+            }
+            _ => None,
+        };
+        let subset = if let Some(zero_rows) = model
+            .node(input.node)
+            .op_as::<LayerNorm>()
+            .filter(|_| only_reader(&model, input, id).unwrap_or(false))
+            .and_then(|norm| norm.zero_rows())
+            .filter(|z| z.len() == rows)
+        {
+            let first = zero_rows.iter().position(|&z| z);
+            first.and_then(|first| {
+                let computed = zero_rows.iter().enumerate().map(|(r, &z)| !z || r == first);
+                RowSubset::new(computed, Rest::CopyOf(first))
+            })
+        } else if let Some(gather) = gathered_by {
+            let read = gather.rows_read().filter(|read| read.len() == rows);
+            read.and_then(|read| RowSubset::new(read.into_iter(), Rest::Zero))
+        } else {
+            None
+        };
+        if let Some(subset) = subset {
+            let op = Dense { subset: Some(Arc::new(subset)), ..dense.clone() };
+            model.node_mut(id).op = Box::new(op);
+        }
+    }
+    Ok(model)
 }
 
 /// When node `id`'s only reader is an `Add` of an f32 constant of `n` values along the
@@ -403,6 +521,40 @@ mod tests {
             let layout = check(expr, a, b).unwrap_or_else(|| panic!("{expr} not recognised"));
             assert_eq!((layout.read_transposed, layout.write_transposed), (read, write), "{expr}");
         }
+    }
+
+    #[test]
+    fn a_subset_of_rows_is_computed_and_the_rest_copied_or_zeroed() {
+        // 30 rows: runs of several rows, a single row, and gaps at both ends.
+        let (a, b) = ([1, 30, 24], [24, 32]);
+        let ta = Tensor::from_shape(&a, &values(a.iter().product(), 0.3)).unwrap();
+        let mut model = TypedModel::default();
+        let sa = model.add_source("a", f32::fact(a)).unwrap();
+        let sb = model.add_const("b", Tensor::from_shape(&b, &values(b.iter().product(), 1.7)).unwrap()).unwrap();
+        let einsum = EinSum::new("amk,kn->amn".parse().unwrap(), f32::datum_type());
+        let out = model.wire_node("einsum", einsum, &[sa, sb]).unwrap();
+        let (whole, _) = dense_for(&model, out[0].node).unwrap().unwrap();
+        let run = |op: &Dense| {
+            let out = op.eval(&EvalContext::out_of_plan(), tvec!(ta.clone().into_tvalue())).unwrap();
+            out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect::<Vec<f32>>()
+        };
+        let all = run(&whole);
+        let computed = |r: usize| (3..9).contains(&r) || r == 12 || (20..27).contains(&r);
+        for rest in [Rest::Zero, Rest::CopyOf(12)] {
+            let subset = RowSubset::new((0..30).map(computed), rest).unwrap();
+            assert_eq!(subset.runs, [3..9, 12..13, 20..27]);
+            let ours = run(&Dense { subset: Some(Arc::new(subset)), ..whole.clone() });
+            for (r, (row, want)) in ours.chunks(32).zip(all.chunks(32)).enumerate() {
+                let want = match rest {
+                    _ if computed(r) => want,
+                    Rest::Zero => &[0.0; 32][..],
+                    Rest::CopyOf(from) => &all[from * 32..][..32],
+                };
+                assert_eq!(row, want, "row {r}, {rest:?}");
+            }
+        }
+        // Every row computed: no subset.
+        assert!(RowSubset::new((0..30).map(|_| true), Rest::Zero).is_none());
     }
 
     /// `expr` on `a`, plus a bias along the output axis `n` (the constant's axis that is

@@ -109,6 +109,12 @@ impl LayerNorm {
             .then(|| LayerNorm { gather: Some(Gather { input, map }), ..self.clone() })
     }
 
+    /// Per output row, whether it is the normalisation of a gathered row of zeros (all such
+    /// rows are equal); `None` without a gather.
+    pub(crate) fn zero_rows(&self) -> Option<Vec<bool>> {
+        Some(self.gather.as_ref()?.map.iter().map(|&from| from == 0).collect())
+    }
+
     fn run(&self, x: &[f32], out: &mut [f32]) {
         let n = self.shape[self.axis];
         let inner: usize = self.shape[self.axis + 1..].iter().product();

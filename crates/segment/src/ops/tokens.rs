@@ -408,6 +408,21 @@ impl EvalOp for GatherAdd {
     }
 }
 
+impl GatherAdd {
+    /// Per row of the gathered input, whether any output row reads it; `None` if the map
+    /// points outside it.
+    pub(crate) fn rows_read(&self) -> Option<Vec<bool>> {
+        let rows = self.rows.iter().product::<usize>().checked_div(self.row)?;
+        let mut read = vec![false; rows];
+        for &from in self.map.iter() {
+            if let Some(r) = (from as usize).checked_sub(1) {
+                *read.get_mut(r)? = true;
+            }
+        }
+        Some(read)
+    }
+}
+
 impl TypedOp for GatherAdd {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let [a, rows] = inputs else { bail!("GatherAdd: two inputs expected") };

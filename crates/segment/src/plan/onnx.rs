@@ -67,6 +67,7 @@ pub fn optimise_with(
         let typed = crate::ops::batched::replace_batched(typed)?;
         let typed = crate::ops::tokens::fold_row_gathers(crate::ops::norm::replace_layer_norms(typed)?)?;
         let optimised = crate::ops::pad::replace_pads(typed.into_optimized()?)?;
+        let optimised = crate::ops::dense::skip_unneeded_rows(optimised)?;
         let optimised = crate::ops::resize::replace_resizes(crate::ops::softmax::replace_softmaxes(optimised)?)?;
         let optimised = crate::ops::moves::replace_moves(crate::ops::attention::replace_attention(optimised)?)?;
         optimised.into_compact()?.into_runnable()
