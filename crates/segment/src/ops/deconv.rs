@@ -147,12 +147,24 @@ impl PatchDeconv {
                 }
             }
         };
-        SCRATCH.with_borrow_mut(|[product, columns, mixed]| {
+        // As in ops/dense.rs: the AVX2 tile's 6 rows use only 6 values of each line a
+        // channel-major read fetches (lines 16-64 KB apart, aliasing in L1), so there the
+        // block is transposed first; the 12-row AVX-512 tile reads it in place.
+        let in_place = crate::kernels::cpu() != crate::kernels::Cpu::Avx2Fma;
+        let k = self.weight.inputs;
+        SCRATCH.with_borrow_mut(|[product, columns, mixed, rows]| {
             for p0 in (0..pixels).step_by(block) {
                 let count = block.min(pixels - p0);
                 product.resize(count * n, 0.0);
-                // The block's pixels read in place from the channel-major input.
-                gemm_taps(Rows::column_major(input, pixels, p0, count), &self.weight, product);
+                // The block's pixels read from the channel-major input.
+                let pixel_rows = if in_place {
+                    Rows::column_major(input, pixels, p0, count)
+                } else {
+                    rows.resize(count * k, 0.0);
+                    transpose(&input[p0..], pixels, rows, k, [k, count]);
+                    Rows::row_major(rows, k)
+                };
+                gemm_taps(pixel_rows, &self.weight, product);
                 if self.gelu {
                     gelu(product);
                 }
@@ -184,9 +196,10 @@ impl PatchDeconv {
 }
 
 thread_local! {
-    /// A block's product, that product column-major, and one mixed plane of the block.
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> =
-        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// A block's product, that product column-major, one mixed plane of the block, and
+    /// the block's input pixel-major (AVX2).
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 4]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// Replaces each `Deconv` of a decluttered model whose taps never overlap.
