@@ -8,12 +8,16 @@
 //! in place from that band (`gemm_taps`): one pixel's inputs for tap (ky, kx) are the
 //! band's `channels` values at that pixel shifted by the tap, so no im2col copy is made.
 //! The bias, and a following ReLU when the convolution is its only input, are applied on
-//! the way back to channel-major order.
+//! the way back to channel-major order. A convolution of a channel concatenation (U²-Net-p's
+//! decoder stages, 50 of them) reads each part into its channels of the band: the
+//! concatenation is never made (measured: 15 ms of concatenations and, at full size, two
+//! split convolutions and their sum replaced by one, docs/performance.md §6n).
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
@@ -81,6 +85,9 @@ pub struct DirectConv {
     shape: Shape,
     weight: Arc<Weights>,
     relu: bool,
+    /// The channels of each input: one input, or the parts of a channel concatenation read
+    /// where they are (U²-Net-p's decoder stages convolve the concatenation of two maps).
+    parts: TVec<usize>,
 }
 
 impl std::fmt::Debug for DirectConv {
@@ -88,8 +95,9 @@ impl std::fmt::Debug for DirectConv {
         let s = &self.shape;
         write!(
             f,
-            "DirectConv({}->{}, {:?} dilation {:?}, pads {:?}{}{})",
+            "DirectConv({}{}->{}, {:?} dilation {:?}, pads {:?}{}{})",
             s.channels,
+            if self.parts.len() > 1 { format!(" in parts {:?}", self.parts) } else { String::new() },
             s.outputs,
             s.kernel,
             s.dilation,
@@ -103,7 +111,10 @@ impl std::fmt::Debug for DirectConv {
 /// Two ops are the same when they share their weights.
 impl PartialEq for DirectConv {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weight, &other.weight) && self.shape == other.shape && self.relu == other.relu
+        Arc::ptr_eq(&self.weight, &other.weight)
+            && self.shape == other.shape
+            && self.relu == other.relu
+            && self.parts == other.parts
     }
 }
 
@@ -121,32 +132,53 @@ impl EvalOp for DirectConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|i| i.shape()).collect();
+        let out_shape = self.output_shape(&shapes)?;
         let Some(input) = inputs.first() else { bail!("DirectConv: no input") };
-        let out_shape = self.output_shape(input.shape())?;
         let rank = input.rank();
         let size = [input.shape()[rank - 2], input.shape()[rank - 1]];
-        // `run` writes every output element.
-        super::eval_filled(input, &out_shape, |x, out| self.run(x, size, out))
+        if inputs.len() == 1 {
+            // `run` writes every output element.
+            return super::eval_filled(input, &out_shape, |x, out| self.run(&[x], size, out));
+        }
+        let views = inputs.iter().map(|i| i.try_as_plain_ram()).collect::<TractResult<Vec<_>>>()?;
+        let parts = views.iter().map(|v| v.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
+        // SAFETY: `run` writes every output element.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            self.run(&parts, size, out_view.as_slice_mut::<f32>()?);
+        }
+        Ok(tvec!(output.into_tvalue()))
     }
 }
 
 impl TypedOp for DirectConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let Some(input) = inputs.first() else { bail!("DirectConv: no input") };
-        let Some(shape) = input.shape.as_concrete() else { bail!("DirectConv: symbolic input {:?}", input.shape) };
-        Ok(tvec!(f32::fact(self.output_shape(shape)?)))
+        let shapes = inputs
+            .iter()
+            .map(|i| i.shape.as_concrete().with_context(|| format!("DirectConv: symbolic input {:?}", i.shape)))
+            .collect::<TractResult<Vec<_>>>()?;
+        Ok(tvec!(f32::fact(self.output_shape(&shapes)?)))
     }
 
     as_op!();
 }
 
 impl DirectConv {
-    /// `[1,] C, H, W` → `[1,] outputs, H', W'`.
-    fn output_shape(&self, input: &[usize]) -> TractResult<TVec<usize>> {
+    /// `[1,] C, H, W` (each part's C) → `[1,] outputs, H', W'`.
+    fn output_shape(&self, inputs: &[&[usize]]) -> TractResult<TVec<usize>> {
+        let Some(&input) = inputs.first() else { bail!("DirectConv: no input") };
         let rank = input.len();
         let batch_ok = rank == 3 || (rank == 4 && input[0] == 1);
-        if !batch_ok || input[rank - 3] != self.shape.channels {
-            bail!("DirectConv: input {input:?} is not [1,] {}, H, W", self.shape.channels);
+        let part_ok = |(shape, &c): (&&[usize], &usize)| {
+            shape.len() == rank
+                && shape[rank - 3] == c
+                && shape[..rank - 3] == input[..rank - 3]
+                && shape[rank - 2..] == input[rank - 2..]
+        };
+        if !batch_ok || inputs.len() != self.parts.len() || !inputs.iter().zip(&self.parts).all(part_ok) {
+            bail!("DirectConv: inputs {inputs:?} are not [1,] C, H, W with C {:?}", self.parts);
         }
         let Some([h, w]) = self.shape.output([input[rank - 2], input[rank - 1]]) else {
             bail!("DirectConv: input {input:?} is smaller than the kernel's reach")
@@ -163,13 +195,15 @@ impl DirectConv {
         matches!(*self.weight, Weights::Winograd(_))
     }
 
-    /// The convolution of `input` (`[channels][height][width]`) into `out`
-    /// (`[outputs][H'][W']`), a band of output rows at a time (an even number for Winograd,
-    /// which makes them two by two).
-    fn run(&self, input: &[f32], [height, width]: [usize; 2], out: &mut [f32]) {
+    /// The convolution of `inputs` (each `[its channels][height][width]`, together the
+    /// channels in order) into `out` (`[outputs][H'][W']`), a band of output rows at a time
+    /// (an even number for Winograd, which makes them two by two).
+    fn run(&self, inputs: &[&[f32]], [height, width]: [usize; 2], out: &mut [f32]) {
         let s = &self.shape;
         let Some([out_h, out_w]) = s.output([height, width]) else { return };
         if let Weights::Single(weights, bias) = &*self.weight {
+            // Planned with one input only (a single output plane never reads parts).
+            let [input] = inputs else { return };
             let conv = PlaneConv {
                 input,
                 size: [height, width],
@@ -211,8 +245,12 @@ impl DirectConv {
                     };
                     dst[..left * c].fill(0.0);
                     dst[(left + width) * c..].fill(0.0);
-                    let channels = &input[y * width..];
-                    transpose(channels, height * width, &mut dst[left * c..], c, [c, width]);
+                    let mut first = 0;
+                    for (input, &part) in inputs.iter().zip(&self.parts) {
+                        let channels = &input[y * width..];
+                        transpose(channels, height * width, &mut dst[left * c + first..], c, [part, width]);
+                        first += part;
+                    }
                 }
                 for ry in (0..rows).step_by(step) {
                     let made = match &*self.weight {
@@ -252,8 +290,45 @@ thread_local! {
 }
 
 /// Replaces each suitable `Conv` (and the ReLU after it) of a decluttered model.
-pub fn replace_convs(model: TypedModel) -> TractResult<TypedModel> {
-    super::replace_each::<Conv, _>(model, "direct", direct_for)
+pub fn replace_convs(mut model: TypedModel) -> TractResult<TypedModel> {
+    let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
+    for id in candidates {
+        let Some((op, replaced)) = direct_for(&model, id)? else { continue };
+        let node = model.node(id);
+        let name = format!("{}.direct", node.name);
+        // A concatenation read in parts: its inputs, else the convolution's own.
+        let inputs = match concat_parts(&model, node.inputs[0])? {
+            Some((inputs, _)) if op.parts.len() > 1 => inputs,
+            _ => vec![node.inputs[0]],
+        };
+        let mut patch = TypedModelPatch::default();
+        let taps = inputs.iter().map(|&i| patch.tap_model(&model, i)).collect::<TractResult<Vec<_>>>()?;
+        let out = patch.wire_node(name, op, &taps)?;
+        patch.shunt_outside(&model, replaced, out[0])?;
+        patch.apply(&mut model)?;
+    }
+    Ok(model)
+}
+
+/// When `outlet` is a channel concatenation (axis 1 of NCHW, 0 of CHW) of f32 maps read by
+/// one node only: its inputs and their channel counts.
+fn concat_parts(model: &TypedModel, outlet: OutletId) -> TractResult<Option<(Vec<OutletId>, TVec<usize>)>> {
+    let node = model.node(outlet.node);
+    let Some(concat) = node.op_as::<TypedConcat>() else { return Ok(None) };
+    let rank = model.outlet_fact(outlet)?.rank();
+    let alone = model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet);
+    if !alone || rank < 3 || concat.axis != rank - 3 || node.inputs.len() < 2 {
+        return Ok(None);
+    }
+    let mut parts = TVec::new();
+    for input in &node.inputs {
+        let fact = model.outlet_fact(*input)?;
+        match fact.shape.as_concrete() {
+            Some(shape) if fact.datum_type == f32::datum_type() && shape.len() == rank => parts.push(shape[rank - 3]),
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some((node.inputs.to_vec(), parts)))
 }
 
 /// The op for node `id`, and the outlet it stands for (the ReLU's, when folded).
@@ -313,7 +388,13 @@ fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(DirectConv, 
     let Some(weight) = pack(&kernel, bias, &shape)? else { return Ok(None) };
     let relu = relu_after(model, id)?;
     let replaced = OutletId::new(relu.unwrap_or(id), 0);
-    Ok(Some((DirectConv { shape, weight: Arc::new(weight), relu: relu.is_some() }, replaced)))
+    // The parts of a concatenated input are read where they are, never concatenated (a
+    // single output plane reads one contiguous input).
+    let parts = match concat_parts(model, node.inputs[0])? {
+        Some((_, parts)) if !matches!(weight, Weights::Single(..)) => parts,
+        _ => tvec![channels],
+    };
+    Ok(Some((DirectConv { shape, weight: Arc::new(weight), relu: relu.is_some(), parts }, replaced)))
 }
 
 /// Whether `shape` runs as Winograd's F(2x2, 3x3).
@@ -381,9 +462,28 @@ mod tests {
 
     /// A model of one ONNX-style convolution (+ ReLU) as tract declutters it.
     fn model(shape: &Shape, size: [usize; 2], relu: bool) -> TractResult<TypedModel> {
-        use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, shape.channels, size[0], size[1]]))?;
+        let y = wire_conv(&mut model, x, shape, relu)?;
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
+    /// The same convolution of the channel concatenation of inputs of `parts` channels.
+    fn concat_model(parts: &[usize], shape: &Shape, size: [usize; 2], relu: bool) -> TractResult<TypedModel> {
+        let mut model = TypedModel::default();
+        let mut inputs = Vec::new();
+        for (i, &c) in parts.iter().enumerate() {
+            inputs.push(model.add_source(format!("x{i}"), f32::fact([1, c, size[0], size[1]]))?);
+        }
+        let x = model.wire_node("concat", TypedConcat::new(1), &inputs)?[0];
+        let y = wire_conv(&mut model, x, shape, relu)?;
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
+    fn wire_conv(model: &mut TypedModel, x: OutletId, shape: &Shape, relu: bool) -> TractResult<TVec<OutletId>> {
+        use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
         let taps = shape.kernel[0] * shape.kernel[1];
         let k: Vec<f32> = (0..shape.outputs * shape.channels * taps).map(|i| value(i as u32 ^ 5)).collect();
         let kernel = tensor1(&k).into_shape(&[shape.outputs, shape.channels, shape.kernel[0], shape.kernel[1]])?;
@@ -410,13 +510,51 @@ mod tests {
             let zero = model.add_const("zero", tensor0(0f32).broadcast_into_rank(4)?)?;
             y = model.wire_node("relu", tract_onnx::tract_core::ops::math::max(), &[y[0], zero])?;
         }
-        model.select_output_outlets(&y)?;
-        Ok(model)
+        Ok(y)
     }
 
     fn run(model: TypedModel, input: &Tensor) -> TractResult<Tensor> {
+        run_all(model, std::slice::from_ref(input))
+    }
+
+    fn run_all(model: TypedModel, inputs: &[Tensor]) -> TractResult<Tensor> {
         let plan = model.into_runnable()?;
-        Ok(plan.run(tvec!(input.clone().into_tvalue()))?.remove(0).into_tensor())
+        Ok(plan.run(inputs.iter().map(|i| i.clone().into_tvalue()).collect())?.remove(0).into_tensor())
+    }
+
+    #[test]
+    fn a_concatenation_is_read_in_its_parts_and_matches_tracts() -> TractResult<()> {
+        // (parts, outputs, dilation, relu): Winograd (U²-Net-p's 64 + 64 at full size), the
+        // tap path with a dilation and an odd part, three parts; a single output plane
+        // keeps its concatenation (it reads one contiguous input).
+        let cases: [(&[usize], usize, usize, bool); 4] =
+            [(&[64, 64], 64, 1, true), (&[16, 5], 16, 2, false), (&[8, 16, 8], 32, 1, true), (&[32, 32], 1, 1, false)];
+        for (parts, outputs, d, relu) in cases {
+            let channels = parts.iter().sum();
+            let shape = Shape { channels, outputs, kernel: [3, 3], dilation: [d, d], pads: [d; 4] };
+            let size = [9, 14];
+            let tract = concat_model(parts, &shape, size, relu)?;
+            let ours = replace_convs(tract.clone())?.into_decluttered()?;
+            let read_in_parts = ours.nodes().iter().filter_map(|n| n.op_as::<DirectConv>()).map(|op| op.parts.to_vec());
+            let want_parts = if outputs == 1 { vec![channels] } else { parts.to_vec() };
+            assert_eq!(read_in_parts.collect::<Vec<_>>(), [want_parts], "{parts:?}");
+            let concats = ours.nodes().iter().filter(|n| n.op_is::<TypedConcat>()).count();
+            assert_eq!(concats, usize::from(outputs == 1), "{parts:?}: the concatenation is not made");
+            let inputs: Vec<Tensor> = parts
+                .iter()
+                .enumerate()
+                .map(|(p, &c)| {
+                    let x: Vec<f32> = (0..c * size[0] * size[1]).map(|i| value((i * 7 + p) as u32) * 4.0).collect();
+                    tensor1(&x).into_shape(&[1, c, size[0], size[1]])
+                })
+                .collect::<TractResult<_>>()?;
+            let (want, got) = (run_all(tract, &inputs)?, run_all(ours, &inputs)?);
+            let (want, got) = (want.try_as_plain_ram()?, got.try_as_plain_ram()?);
+            let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
+            let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(want.len() == got.len() && worst < 1e-4, "{parts:?}: max |diff| {worst}");
+        }
+        Ok(())
     }
 
     #[test]

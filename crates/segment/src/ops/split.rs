@@ -4,7 +4,9 @@
 //! U²-Net's decoder stages concatenate two 64-channel maps at full resolution and convolve
 //! them with a 3x3 kernel, which tract pads explicitly: the 50 MB concatenation and its
 //! 50 MB padded copy lived side by side, the model's memory peak (docs/performance.md §2).
-//! Split, only one part is padded at a time.
+//! Split, only one part is padded at a time. The stride-1 convolutions our own op takes
+//! (ops/conv.rs, planned first) read a concatenation's parts in place instead, with no sum
+//! to add; this split is left for the others.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::TypedConcat;

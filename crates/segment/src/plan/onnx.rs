@@ -56,10 +56,13 @@ pub fn optimise_with(
 ) -> TractResult<Plan> {
     let knobs = tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     knobs.enter(|| {
-        let typed = crate::ops::split::split_concat_convs(adjust(graph.into_typed()?)?.into_decluttered()?)?;
+        // Our convolutions first: they read a channel concatenation's parts in place, so
+        // only what they do not take is split.
+        let typed = crate::ops::conv::replace_convs(adjust(graph.into_typed()?)?.into_decluttered()?)?;
+        let typed = crate::ops::split::split_concat_convs(typed)?;
         let typed = crate::ops::tokens::replace_row_chains(crate::ops::tokens::replace_local_convs(typed)?)?;
         let typed = crate::ops::planar::replace_strided_depthwise(typed)?;
-        let typed = crate::ops::deconv::replace_deconvs(crate::ops::conv::replace_convs(typed)?)?;
+        let typed = crate::ops::deconv::replace_deconvs(typed)?;
         let typed = crate::ops::pool::replace_max_pools(typed)?;
         let typed = crate::ops::mix::replace_plane_mixes(crate::ops::dense::replace_dense(typed)?)?;
         let typed = crate::ops::mlp::replace_mlps(typed)?;
