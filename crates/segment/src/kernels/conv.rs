@@ -71,6 +71,7 @@ unsafe fn depthwise_row_avx2(rows: [Option<&[f32]>; 3], taps: &[f32], bias: &[f3
 }
 
 /// Where an output pixel's channels start: in the input rows (its centre) and in `out`.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Pixel {
     input: usize,
@@ -335,23 +336,30 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 
+    /// The vector GELUs this CPU can run.
+    fn vector_gelus() -> Vec<fn(&mut [f32])> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cpu = crate::kernels::cpu();
+            // SAFETY (both): only where the CPU has the features.
+            let avx2: fn(&mut [f32]) = |v| unsafe { gelu_avx2(v) };
+            let avx512: fn(&mut [f32]) = |v| unsafe { gelu_avx512(v) };
+            match cpu {
+                crate::kernels::Cpu::Avx512 => vec![avx2, avx512],
+                crate::kernels::Cpu::Avx2Fma => vec![avx2],
+                crate::kernels::Cpu::Portable => vec![],
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![]
+    }
+
     #[test]
     fn gelu_matches_the_exact_formula() {
         let xs: Vec<f32> = (-400..=400).map(|i| i as f32 / 100.0).collect();
         // Every form this CPU can run (an AVX-512 machine tests the AVX2 one too), and the
         // portable twin.
-        let mut forms: Vec<fn(&mut [f32])> = vec![gelu, gelu_portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let cpu = crate::kernels::cpu();
-            if cpu.avx2() {
-                // SAFETY (both): the CPU has the features.
-                forms.push(|v| unsafe { gelu_avx2(v) });
-            }
-            if cpu == crate::kernels::Cpu::Avx512 {
-                forms.push(|v| unsafe { gelu_avx512(v) });
-            }
-        }
+        let forms = [vec![gelu as fn(&mut [f32]), gelu_portable], vector_gelus()].concat();
         for run in forms {
             let mut ys = xs.clone();
             run(&mut ys);

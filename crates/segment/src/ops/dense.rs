@@ -267,9 +267,7 @@ impl Dense {
             }
         })
     }
-}
 
-impl Dense {
     /// Rows read and written in place.
     fn rows(&self, a: &[f32], out: &mut [f32]) {
         let w = &*self.weight;

@@ -58,14 +58,10 @@ enum Source<'a> {
     Rows { rows: [Option<&'a [f32]>; 3], width: usize },
 }
 
-/// The patch merging after the blocks: a 1x1 convolution, GELU, a 3x3 depthwise
-/// convolution with stride 2, GELU, a 1x1 convolution, and the map flattened to tokens
-/// (`[1, pixels, channels]`, the layout the next stage reads).
-struct Merge {
-    expand: Packed,
-    depthwise: Depthwise,
-    project: Packed,
-}
+/// The patch merging after the blocks: a block's three convolutions (the depthwise one with
+/// stride 2), no residual, the map flattened to tokens (`[1, pixels, channels]`, the layout
+/// the next stage reads).
+struct Merge(Block);
 
 pub struct Front {
     embed: [Strided; 2],
@@ -106,7 +102,7 @@ impl Front {
         let mut merge = None;
         if at < ops.len() {
             let (m, out, used) = matcher.merge(&ops[at..], &x)?;
-            if m.expand.inputs != second.conv.outputs {
+            if m.0.expand.inputs != second.conv.outputs {
                 return None;
             }
             merge = Some(m);
@@ -133,7 +129,7 @@ impl Front {
     pub fn output_shape(&self, side: usize) -> Vec<usize> {
         let quarter = side / 4;
         match &self.merge {
-            Some(merge) => vec![1, quarter.div_ceil(2).pow(2), merge.project.outputs],
+            Some(merge) => vec![1, quarter.div_ceil(2).pow(2), merge.0.project.outputs],
             None => vec![1, self.embed[1].conv.outputs, quarter, quarter],
         }
     }
@@ -159,7 +155,7 @@ impl Front {
         if let Some(merge) = &self.merge {
             let (tokens, values) = merge.run(&current, rows, width);
             drop(current);
-            let shape = [1, tokens, merge.project.outputs];
+            let shape = [1, tokens, merge.0.project.outputs];
             return Ok(tract_ndarray::Array::from_shape_vec(&shape[..], values)?.into_tensor());
         }
         // SAFETY: every element is written by the transpose below.
@@ -309,7 +305,8 @@ impl Merge {
     /// rows and half the width, rounded up), `[tokens][outputs]`, each output row made from
     /// a ring of the three expanded rows its stride-2 depthwise convolution reads.
     fn run(&self, input: &[f32], rows: usize, width: usize) -> (usize, Vec<f32>) {
-        let (channels, hidden, outputs) = (self.expand.inputs, self.expand.outputs, self.project.outputs);
+        let Merge(Block { expand, depthwise, project }) = self;
+        let (channels, hidden, outputs) = (expand.inputs, expand.outputs, project.outputs);
         let span = Span { width, stride: 2 };
         let (out_rows, out_width) = (rows.div_ceil(2), span.outputs());
         let row_len = width * hidden;
@@ -321,16 +318,16 @@ impl Merge {
             for r in (2 * y).saturating_sub(1)..(2 * y + 2).min(rows) {
                 if made[r % 3] != r {
                     let dst = &mut ring[(r % 3) * row_len..][..row_len];
-                    gemm(&input[r * width * channels..][..width * channels], &self.expand, dst);
+                    gemm(&input[r * width * channels..][..width * channels], expand, dst);
                     gelu(dst);
                     made[r % 3] = r;
                 }
             }
             let row = |r: Option<usize>| r.filter(|&r| r < rows).map(|r| &ring[(r % 3) * row_len..][..row_len]);
             let taps = [row((2 * y).checked_sub(1)), row(Some(2 * y)), row(Some(2 * y + 1))];
-            depthwise_row(taps, &self.depthwise.taps, &self.depthwise.bias, span, &mut mid);
+            depthwise_row(taps, &depthwise.taps, &depthwise.bias, span, &mut mid);
             gelu(&mut mid);
-            gemm(&mid, &self.project, &mut out[y * out_width * outputs..][..out_width * outputs]);
+            gemm(&mid, project, &mut out[y * out_width * outputs..][..out_width * outputs]);
         }
         (out_rows * out_width, out)
     }
@@ -388,31 +385,33 @@ impl Matcher<'_> {
         }
     }
 
-    /// One block from the start of `ops` on input `x`: the block, its output, ops used.
-    fn block(&self, ops: &[&NodeProto], x: &str) -> Option<(Block, String, usize)> {
+    /// The three convolutions from the start of `ops` on input `x` (1x1, GELU, 3x3
+    /// depthwise with `stride`, GELU, 1x1: the first 13 ops), and the last one's output.
+    fn convs(&self, ops: &[&NodeProto], x: &str, stride: i64) -> Option<(Block, String)> {
         let (expand, h) = self.pointwise(ops.first()?, x)?;
         let g1 = self.gelu(ops.get(1..6)?, &h)?;
-        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs, 1)?;
+        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs, stride)?;
         let g2 = self.gelu(ops.get(7..12)?, &d)?;
         let (project, c) = self.pointwise(ops.get(12)?, &g2)?;
+        (project.inputs == expand.outputs).then_some((Block { expand, depthwise, project }, c))
+    }
+
+    /// One block from the start of `ops` on input `x`: the block, its output, ops used.
+    fn block(&self, ops: &[&NodeProto], x: &str) -> Option<(Block, String, usize)> {
+        let (block, c) = self.convs(ops, x, 1)?;
         let add = ops.get(13)?;
         let summed = add.op_type == "Add" && sorted(&add.input) == sorted(&[c, x.to_string()]);
         let r = add.output.first().filter(|_| summed)?;
         let out = self.gelu(ops.get(14..19)?, r)?;
-        let shapes_chain = project.inputs == expand.outputs && project.outputs == expand.inputs;
-        shapes_chain.then_some((Block { expand, depthwise, project }, out, 19))
+        (block.project.outputs == block.expand.inputs).then_some((block, out, 19))
     }
 
     /// The patch merging from the start of `ops` on input `x`, as PyTorch exports
     /// `conv3(x).flatten(2).transpose(1, 2)`: the merging, its output, ops used.
     fn merge(&self, ops: &[&NodeProto], x: &str) -> Option<(Merge, String, usize)> {
-        let (expand, h) = self.pointwise(ops.first()?, x)?;
-        let g1 = self.gelu(ops.get(1..6)?, &h)?;
-        let (depthwise, d) = self.depthwise(ops.get(6)?, &g1, expand.outputs, 2)?;
-        let g2 = self.gelu(ops.get(7..12)?, &d)?;
-        let (project, c) = self.pointwise(ops.get(12)?, &g2)?;
+        let (convs, c) = self.convs(ops, x, 2)?;
         let out = self.tokens(ops.get(13..18)?, &c)?;
-        (project.inputs == expand.outputs).then_some((Merge { expand, depthwise, project }, out, 18))
+        Some((Merge(convs), out, 18))
     }
 
     /// `Transpose(Reshape(x, Concat(Slice(Shape(x), 0, 2), [-1])), [0, 2, 1])`: an NCHW
