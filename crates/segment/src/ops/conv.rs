@@ -137,10 +137,6 @@ impl EvalOp for DirectConv {
         let Some(input) = inputs.first() else { bail!("DirectConv: no input") };
         let rank = input.rank();
         let size = [input.shape()[rank - 2], input.shape()[rank - 1]];
-        if inputs.len() == 1 {
-            // `run` writes every output element.
-            return super::eval_filled(input, &out_shape, |x, out| self.run(&[x], size, out));
-        }
         let views = inputs.iter().map(|i| i.try_as_plain_ram()).collect::<TractResult<Vec<_>>>()?;
         let parts = views.iter().map(|v| v.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
         // SAFETY: `run` writes every output element.
@@ -293,17 +289,11 @@ thread_local! {
 pub fn replace_convs(mut model: TypedModel) -> TractResult<TypedModel> {
     let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     for id in candidates {
-        let Some((op, replaced)) = direct_for(&model, id)? else { continue };
-        let node = model.node(id);
-        let name = format!("{}.direct", node.name);
-        // A concatenation read in parts: its inputs, else the convolution's own.
-        let inputs = match concat_parts(&model, node.inputs[0])? {
-            Some((inputs, _)) if op.parts.len() > 1 => inputs,
-            _ => vec![node.inputs[0]],
-        };
+        let Some((Planned { conv, inputs }, replaced)) = direct_for(&model, id)? else { continue };
+        let name = format!("{}.direct", model.node(id).name);
         let mut patch = TypedModelPatch::default();
         let taps = inputs.iter().map(|&i| patch.tap_model(&model, i)).collect::<TractResult<Vec<_>>>()?;
-        let out = patch.wire_node(name, op, &taps)?;
+        let out = patch.wire_node(name, conv, &taps)?;
         patch.shunt_outside(&model, replaced, out[0])?;
         patch.apply(&mut model)?;
     }
@@ -331,8 +321,15 @@ fn concat_parts(model: &TypedModel, outlet: OutletId) -> TractResult<Option<(Vec
     Ok(Some((node.inputs.to_vec(), parts)))
 }
 
-/// The op for node `id`, and the outlet it stands for (the ReLU's, when folded).
-fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(DirectConv, OutletId)>> {
+/// A convolution to plan, and what it reads: the node's input, or a concatenation's parts.
+struct Planned {
+    conv: DirectConv,
+    inputs: Vec<OutletId>,
+}
+
+/// The op for node `id` with its inputs, and the outlet it stands for (the ReLU's, when
+/// folded).
+fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(Planned, OutletId)>> {
     let node = model.node(id);
     let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
     let spec = &conv.pool_spec;
@@ -390,11 +387,12 @@ fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(DirectConv, 
     let replaced = OutletId::new(relu.unwrap_or(id), 0);
     // The parts of a concatenated input are read where they are, never concatenated (a
     // single output plane reads one contiguous input).
-    let parts = match concat_parts(model, node.inputs[0])? {
-        Some((_, parts)) if !matches!(weight, Weights::Single(..)) => parts,
-        _ => tvec![channels],
+    let (inputs, parts) = match concat_parts(model, node.inputs[0])? {
+        Some((inputs, parts)) if !matches!(weight, Weights::Single(..)) => (inputs, parts),
+        _ => (vec![node.inputs[0]], tvec![channels]),
     };
-    Ok(Some((DirectConv { shape, weight: Arc::new(weight), relu: relu.is_some(), parts }, replaced)))
+    let conv = DirectConv { shape, weight: Arc::new(weight), relu: relu.is_some(), parts };
+    Ok(Some((Planned { conv, inputs }, replaced)))
 }
 
 /// Whether `shape` runs as Winograd's F(2x2, 3x3).
