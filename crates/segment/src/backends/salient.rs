@@ -35,7 +35,7 @@ impl SalientSegmenter {
     fn saliency(&self, crop: &image::RgbImage) -> TractResult<Vec<f32>> {
         let (height, width) = self.input;
         let input = onnx::normalised_tensor(crop, MEAN, STD, 1.0 / 255.0, (height, width))?;
-        let _reuse = drishya_alloc::reuse_freed_blocks();
+        let _run = crate::ops::run_scope();
         let outputs = self.plan.run(tvec!(input.into()))?;
         let first = outputs.first().ok_or_else(|| format_err!("model returned no output"))?;
         let view = first.to_plain_array_view::<f32>()?;

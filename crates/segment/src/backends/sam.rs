@@ -264,7 +264,7 @@ impl DecoderOutput {
 pub fn run_decoder(decoder: &Plan, embedding: Arc<Tensor>, prompt: &DecoderPrompt) -> TractResult<DecoderOutput> {
     let coords = tract_ndarray::Array3::from_shape_vec((1, 2, 2), prompt.coords.to_vec())?.into_tensor();
     let labels = tract_ndarray::Array2::from_shape_vec((1, 2), prompt.labels.to_vec())?.into_tensor();
-    let _reuse = drishya_alloc::reuse_freed_blocks();
+    let _run = crate::ops::run_scope();
     // No mask prompt: the plan has it as constants (`without_mask_prompt`).
     let outputs = decoder.run(tvec!(TValue::from_const(embedding), coords.into(), labels.into()))?;
     let [iou, masks] = outputs.as_slice() else {

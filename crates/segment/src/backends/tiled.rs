@@ -67,7 +67,7 @@ impl Encoder {
 
     /// Runs the encoder: the embedding.
     pub fn run(&self, input: Tensor) -> TractResult<TValue> {
-        let _reuse = drishya_alloc::reuse_freed_blocks();
+        let _run = crate::ops::run_scope();
         match self {
             Encoder::Whole(plan) => first(plan.run(tvec!(input.into()))?),
             Encoder::Fused(fused) => {

@@ -285,6 +285,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
+/// Frees this thread's buffers (at the end of a run: [`super::RunScope`]); the bytes they held.
+pub(crate) fn release_scratch() -> usize {
+    SCRATCH.take().iter().map(|v| v.capacity() * size_of::<f32>()).sum()
+}
+
 /// Replaces each suitable `Conv` (and the ReLU after it) of a decluttered model.
 pub fn replace_convs(mut model: TypedModel) -> TractResult<TypedModel> {
     let candidates: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
@@ -619,5 +624,29 @@ mod tests {
             assert_eq!(ours.nodes().iter().filter(|n| n.op_is::<DirectConv>()).count(), 0);
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_runs_buffers_are_freed_when_its_scope_ends() -> TractResult<()> {
+        // A thread of its own: its buffers are this test's alone. The Winograd path (64 + 64
+        // channels, U²-Net-p's widest band) keeps buffers in two ops.
+        let worker = std::thread::spawn(|| -> TractResult<()> {
+            let shape = Shape { channels: 128, outputs: 64, kernel: [3, 3], dilation: [1, 1], pads: [1; 4] };
+            let size = [12, 40];
+            let plan = replace_convs(concat_model(&[64, 64], &shape, size, true)?)?.into_runnable()?;
+            let input = || tensor1(&crate::ops::noise(64 * size[0] * size[1], 3)).into_shape(&[1, 64, size[0], size[1]]);
+            let inputs = || -> TractResult<TVec<TValue>> { Ok(tvec![input()?.into_tvalue(), input()?.into_tvalue()]) };
+            {
+                let _run = crate::ops::run_scope();
+                plan.run(inputs()?)?;
+            }
+            assert_eq!(crate::ops::release_scratch(), 0, "buffers still held after the run's scope ended");
+            // Outside a scope they stay (so the figure above is not zero for want of any).
+            plan.run(inputs()?)?;
+            let kept = crate::ops::release_scratch();
+            assert!(kept >= 64 * (size[1] + 2) * 4 * 4, "the run kept only {kept} bytes");
+            Ok(())
+        });
+        worker.join().map_err(|_| format_err!("the worker panicked"))?
     }
 }

@@ -202,6 +202,11 @@ thread_local! {
         const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
+/// Frees this thread's buffers (at the end of a run: [`super::RunScope`]); the bytes they held.
+pub(crate) fn release_scratch() -> usize {
+    SCRATCH.take().iter().map(|v| v.capacity() * size_of::<f32>()).sum()
+}
+
 /// Replaces each `Deconv` of a decluttered model whose taps never overlap.
 pub fn replace_deconvs(model: TypedModel) -> TractResult<TypedModel> {
     super::replace_each::<Deconv, _>(model, "patches", |model, id| {

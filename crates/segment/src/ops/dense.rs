@@ -296,6 +296,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
+/// Frees this thread's buffers (at the end of a run: [`super::RunScope`]); the bytes they held.
+pub(crate) fn release_scratch() -> usize {
+    SCRATCH.take().iter().map(|v| v.capacity() * size_of::<f32>()).sum()
+}
+
 /// Replaces each suitable `EinSum` (and the bias `Add` after it) of a decluttered model.
 pub fn replace_dense(model: TypedModel) -> TractResult<TypedModel> {
     super::replace_each::<EinSum, _>(model, "dense", dense_for)

@@ -24,6 +24,35 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{tvec, Op, TVec, TypedModelPatch, TypedOp};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 
+/// One model run's scope: freed activations are kept for the run's next ones
+/// ([`drishya_alloc::reuse_freed_blocks`]), and when it ends the working buffers our ops
+/// keep per thread between calls are freed. A run is handed to whichever blocking thread
+/// the server has free; buffers kept past the run stayed mapped on every thread that had
+/// ever run a model, so a busy server's peak grew with its thread count and the widest
+/// band any op had made (docs/performance.md §6o).
+pub struct RunScope {
+    _reuse: drishya_alloc::ReuseScope,
+}
+
+/// Wrap each run of a plan in it.
+pub fn run_scope() -> RunScope {
+    RunScope { _reuse: drishya_alloc::reuse_freed_blocks() }
+}
+
+impl Drop for RunScope {
+    // Before the reuse scope ends (fields drop after this), so the buffers are unmapped
+    // with the run's other kept blocks.
+    fn drop(&mut self) {
+        release_scratch();
+    }
+}
+
+/// Frees this thread's op buffers; the bytes they held. Every op with a buffer of its own
+/// per thread is listed here.
+pub(crate) fn release_scratch() -> usize {
+    conv::release_scratch() + deconv::release_scratch() + dense::release_scratch() + winograd::release_scratch()
+}
+
 /// The loop the single-input rewrites share: for each node whose op is a `T`, `make` may
 /// give the op standing for it and the outlet it replaces (the node's own, or that of an op
 /// it folds in, such as a bias `Add` or a ReLU); a node of that op, named after the node

@@ -132,6 +132,12 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
+/// Frees this thread's buffers (at the end of a run: [`super::RunScope`]); the bytes they held.
+pub(crate) fn release_scratch() -> usize {
+    let Scratch { columns, v, m } = SCRATCH.take();
+    [columns, v, m].iter().map(|v| v.capacity() * size_of::<f32>()).sum()
+}
+
 /// `G g Gᵀ` of one 3x3 kernel `g` (row-major), row-major 4x4.
 fn transform_kernel(g: &[f32]) -> [f32; 16] {
     // G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
