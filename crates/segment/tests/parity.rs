@@ -227,7 +227,7 @@ fn u2netp_matches_onnxruntime() {
     let in_parts = plan.model().nodes().iter().filter(|n| format!("{:?}", n.op).contains(" in parts ")).count();
     let concats = ops.iter().filter(|op| op.contains("Concat")).count();
     assert_eq!((in_parts, concats), (50, 0), "convolutions of concatenations: {ops:?}");
-    // The wide ones (at least 32 channels in, dilation 1) as Winograd's F(2x2, 3x3).
+    // The wide ones (at least 32 channels in, dilation 1) as Winograd's F(4x4, 3x3).
     let winograd = plan
         .model()
         .nodes()
