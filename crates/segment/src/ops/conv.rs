@@ -31,9 +31,13 @@ use crate::kernels::transpose::transpose;
 /// kernel tap and output panel, so it should stay in L2.
 const BAND_BYTES: usize = 384 << 10;
 /// 3x3 convolutions (dilation 1) with at least this many input channels go through
-/// Winograd's F(4x4, 3x3) (ops/winograd.rs); narrower ones stay on the tap path, where the
-/// product's depth (9 x channels) keeps the kernel busier than the transforms would.
+/// Winograd (ops/winograd.rs); narrower ones stay on the tap path, where the product's
+/// depth (9 x channels) keeps the kernel busier than the transforms would.
 const WINOGRAD_MIN_CHANNELS: usize = 32;
+/// Planes of at least this many pixels run as F(4x4, 3x3), smaller ones as F(2x2, 3x3):
+/// the larger tile's kernels take 36/16 the memory, and in U²-Net-p the small planes hold
+/// most of the weights and little of the time (docs/performance.md §6o).
+const WINOGRAD_F4_MIN_PIXELS: usize = 160 * 160;
 
 /// The shape of one convolution: stride 1, one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +107,10 @@ impl std::fmt::Debug for DirectConv {
             s.dilation,
             s.pads,
             if self.relu { ", relu" } else { "" },
-            if self.is_winograd() { ", winograd" } else { "" }
+            match &*self.weight {
+                Weights::Winograd(w) => format!(", winograd {:?}", w.form()),
+                _ => String::new(),
+            }
         )
     }
 }
@@ -186,14 +193,14 @@ impl DirectConv {
         Ok(shape)
     }
 
-    /// Whether it runs as Winograd's F(4x4, 3x3).
+    /// Whether it runs as Winograd (either form).
     pub fn is_winograd(&self) -> bool {
         matches!(*self.weight, Weights::Winograd(_))
     }
 
     /// The convolution of `inputs` (each `[its channels][height][width]`, together the
     /// channels in order) into `out` (`[outputs][H'][W']`), a band of output rows at a time
-    /// (a multiple of four for Winograd, which makes them four by four).
+    /// (a multiple of Winograd's tile, which makes them m by m).
     fn run(&self, inputs: &[&[f32]], [height, width]: [usize; 2], out: &mut [f32]) {
         let s = &self.shape;
         let Some([out_h, out_w]) = s.output([height, width]) else { return };
@@ -215,7 +222,10 @@ impl DirectConv {
         let [top, _, left, right] = s.pads;
         let (c, padded_w) = (s.channels, width + left + right);
         let halo = s.dilation[0] * (s.kernel[0] - 1);
-        let step = if self.is_winograd() { winograd::TILE } else { 1 };
+        let step = match &*self.weight {
+            Weights::Winograd(w) => w.form().tile(),
+            _ => 1,
+        };
         let band = (BAND_BYTES / (padded_w * c * 4)).saturating_sub(halo).max(halo).max(4).min(out_h);
         let band = band.next_multiple_of(step);
         let n = self.weight.outputs();
@@ -232,7 +242,7 @@ impl DirectConv {
             product.resize(step * out_w.next_multiple_of(step) * n, 0.0);
             for y0 in (0..out_h).step_by(band) {
                 let rows = band.min(out_h - y0);
-                // Winograd's last rows of a height not a multiple of four read up to three rows past the input's.
+                // Winograd's last tile of a height not a multiple of m reads rows past the input's.
                 let filled = rows.next_multiple_of(step) + halo;
                 for (j, dst) in pixels.chunks_exact_mut(row).take(filled).enumerate() {
                     let Some(y) = (y0 + j).checked_sub(top).filter(|&y| y < height) else {
@@ -385,7 +395,8 @@ fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(Planned, Out
             _ => return Ok(None),
         }
     };
-    let Some(weight) = pack(&kernel, bias, &shape)? else { return Ok(None) };
+    let pixels = in_shape[rank - 2] * in_shape[rank - 1];
+    let Some(weight) = pack(&kernel, bias, &shape, pixels)? else { return Ok(None) };
     let relu = relu_after(model, id)?;
     let replaced = OutletId::new(relu.unwrap_or(id), 0);
     // The parts of a concatenated input are read where they are, never concatenated (a
@@ -398,7 +409,7 @@ fn direct_for(model: &TypedModel, id: usize) -> TractResult<Option<(Planned, Out
     Ok(Some((Planned { conv, inputs }, replaced)))
 }
 
-/// Whether `shape` runs as Winograd's F(4x4, 3x3).
+/// Whether `shape` runs as Winograd.
 fn winograd_suits(shape: &Shape) -> bool {
     shape.kernel == [3, 3]
         && shape.dilation == [1, 1]
@@ -406,9 +417,9 @@ fn winograd_suits(shape: &Shape) -> bool {
         && shape.outputs.is_multiple_of(PANEL)
 }
 
-/// The `OIHW` kernel for Winograd where it suits, else as `[tap][channel]` x outputs,
-/// outputs padded with zeros to whole panels.
-fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape) -> TractResult<Option<Weights>> {
+/// The `OIHW` kernel for Winograd where it suits (in the form for a plane of `pixels`),
+/// else as `[tap][channel]` x outputs, outputs padded with zeros to whole panels.
+fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape, pixels: usize) -> TractResult<Option<Weights>> {
     let view = kernel.try_as_plain_ram()?;
     let k = view.as_slice::<f32>()?;
     if shape.outputs == 1 {
@@ -416,7 +427,8 @@ fn pack(kernel: &Tensor, mut bias: Vec<f32>, shape: &Shape) -> TractResult<Optio
         return Ok(Some(Weights::Single(k.to_vec(), bias.first().copied().unwrap_or(0.0))));
     }
     if winograd_suits(shape) {
-        if let Some(w) = winograd::Weights::new(k, &bias, shape.outputs, shape.channels) {
+        let form = if pixels >= WINOGRAD_F4_MIN_PIXELS { winograd::Form::F4 } else { winograd::Form::F2 };
+        if let Some(w) = winograd::Weights::new(k, &bias, shape.outputs, shape.channels, form) {
             return Ok(Some(Weights::Winograd(w)));
         }
     }
@@ -590,6 +602,9 @@ mod tests {
             (32, 32, [3, 3], [1, 1], [1, 1, 1, 1], [9, 13], true),
             (48, 64, [3, 3], [1, 1], [0, 2, 1, 0], [7, 8], false),
             (128, 64, [3, 3], [1, 1], [1, 1, 1, 1], [33, 321], true),
+            // F(4x4, 3x3) on large planes: a height and width not multiples of 4, uneven pads.
+            (128, 64, [3, 3], [1, 1], [1, 1, 1, 1], [81, 321], true),
+            (48, 64, [3, 3], [1, 1], [0, 2, 1, 0], [163, 158], false),
             (32, 16, [3, 3], [1, 1], [1, 1, 1, 1], [2, 1], false),
         ];
         for (channels, outputs, kernel, dilation, pads, size, relu) in cases {
@@ -599,6 +614,13 @@ mod tests {
             let replaced = ours.nodes().iter().filter(|n| n.op_is::<DirectConv>()).count();
             let winograd = ours.nodes().iter().filter_map(|n| n.op_as::<DirectConv>()).any(DirectConv::is_winograd);
             assert_eq!(winograd, winograd_suits(&shape), "{shape:?}");
+            let form = ours.nodes().iter().filter_map(|n| n.op_as::<DirectConv>()).find_map(|op| match &*op.weight {
+                Weights::Winograd(w) => Some(w.form()),
+                _ => None,
+            });
+            let large = size[0] * size[1] >= WINOGRAD_F4_MIN_PIXELS;
+            let want_form = if large { winograd::Form::F4 } else { winograd::Form::F2 };
+            assert!(form.is_none_or(|f| f == want_form), "{shape:?} on {size:?}: {form:?}");
             let left = ours.nodes().iter().filter(|n| n.op_is::<Conv>() || n.op_is::<TypedBinOp>()).count();
             assert_eq!((replaced, left), (1, 0), "{shape:?}: the conv and its ReLU are replaced");
             let x: Vec<f32> = (0..channels * size[0] * size[1]).map(|i| value(i as u32 * 3 + 1) * 4.0).collect();

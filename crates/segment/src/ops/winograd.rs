@@ -1,38 +1,73 @@
-//! Winograd's F(4x4, 3x3) for the wide 3x3 convolutions (stride 1, dilation 1) of
-//! [`super::conv::DirectConv`]: each 4x4 block of output pixels costs 36 products per
-//! (channel, output) pair instead of 144, so the product kernel does 4x less work.
+//! Winograd's F(m x m, 3x3) for the wide 3x3 convolutions (stride 1, dilation 1) of
+//! [`super::conv::DirectConv`], in two forms: F(4x4, 3x3) makes each 4x4 block of output
+//! pixels with 36 products per (channel, output) pair instead of 144, F(2x2, 3x3) each 2x2
+//! block with 16 instead of 36. The larger tile does 1.8x less work in the product kernel
+//! but its transformed kernels take 36/16 the memory, so the planner gives it to the
+//! convolutions over large planes, where the time goes (ops/conv.rs).
 //!
-//! With `U = G g Gᵀ` (the 3x3 kernel, transformed once at planning), `V = Bᵀ d B` (a 6x6
-//! input patch) and `Y = Aᵀ M A` (the 4x4 outputs), the 36 positions `ξ` of the 6x6
-//! transform are 36 independent products `M[ξ] = V[ξ] · U[ξ]` over the channels: a block
-//! of tiles makes `V[ξ]` (tiles × channels, row-major) and one call of the product kernel
-//! per position makes `M[ξ]` (tiles × outputs).
+//! With `U = G g Gᵀ` (the 3x3 kernel, transformed once at planning), `V = Bᵀ d B` (an
+//! (m+2)x(m+2) input patch) and `Y = Aᵀ M A` (the m x m outputs), the (m+2)² positions `ξ`
+//! of the transform are independent products `M[ξ] = V[ξ] · U[ξ]` over the channels: a
+//! block of tiles makes `V[ξ]` (tiles × channels, row-major) and one call of the product
+//! kernel per position makes `M[ξ]` (tiles × outputs).
 //!
 //! The transforms work on whole channel vectors (the input band is pixel-major, as the
-//! tap path reads it): the column transform once per four output rows over the whole
-//! padded width, the row transform per tile, the output transform per tile into four
-//! pixel-major output rows, which `DirectConv` then turns channel-major as for the tap
-//! path. The bias rides on `U[(1,1)]`: `Aᵀ` has ones in its second column, so it reaches
+//! tap path reads it): the column transform once per m output rows over the whole padded
+//! width, the row transform per tile, the output transform per tile into m pixel-major
+//! output rows, which `DirectConv` then turns channel-major as for the tap path. The bias
+//! rides on `U[(1,1)]`: in both forms `Aᵀ` has ones in its second column, so it reaches
 //! every output of the tile exactly once.
 //!
-//! Numerically F(4x4, 3x3) (points 0, ±1, ±2) is the form other CPU libraries settle on:
-//! F(2x2, 3x3) has only ±1 and 1/2 but 1.8 times the products, F(6x6, 3x3) loses digits. The
-//! unit tests hold it to tract's convolution at < 1e-4, the parity test the whole models.
+//! Numerically F(2x2, 3x3) has only ±1 and 1/2; F(4x4, 3x3) (points 0, ±1, ±2) rounds more,
+//! in proportion to the outputs, and is the form other CPU libraries settle on (F(6x6, 3x3)
+//! loses digits). The unit tests hold both to tract's convolution, the parity test the
+//! whole models to onnxruntime.
 
 use crate::kernels::gemm::{gemm, Packed, PANEL};
 
-/// Output rows (and columns) one tile makes.
-pub const TILE: usize = 4;
-/// Input rows (and columns) one tile reads: the tile and the kernel's reach.
-const SPAN: usize = TILE + 2;
-/// Positions of the 6x6 transform.
-const POSITIONS: usize = SPAN * SPAN;
 /// Bytes of one block's `V` and `M` together: small enough to stay in L2 beside the
 /// weights of the position being multiplied.
 const BLOCK_BYTES: usize = 256 << 10;
 
-/// The 36 transformed kernels, each `[channels][outputs]` packed for the product kernel.
+/// Which of Winograd's forms a convolution runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// F(2x2, 3x3).
+    F2,
+    /// F(4x4, 3x3).
+    F4,
+}
+
+impl Form {
+    /// Output rows (and columns) one tile makes.
+    pub fn tile(self) -> usize {
+        match self {
+            Form::F2 => 2,
+            Form::F4 => 4,
+        }
+    }
+
+    /// Positions of the transform: the input rows (and columns) a tile reads, squared.
+    fn positions(self) -> usize {
+        (self.tile() + 2).pow(2)
+    }
+}
+
+/// G of F(2x2, 3x3).
+const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// G of F(4x4, 3x3).
+const G4: [[f64; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// The transformed kernels, each `[channels][outputs]` packed for the product kernel.
 pub struct Weights {
+    form: Form,
     channels: usize,
     /// Outputs padded to whole panels: the width of the product rows.
     outputs: usize,
@@ -42,30 +77,35 @@ pub struct Weights {
 impl Weights {
     /// From an `OIHW` 3x3 kernel and a bias per output; `None` unless the outputs fill
     /// whole panels.
-    pub fn new(kernel: &[f32], bias: &[f32], outputs: usize, channels: usize) -> Option<Self> {
+    pub fn new(kernel: &[f32], bias: &[f32], outputs: usize, channels: usize, form: Form) -> Option<Self> {
         if !outputs.is_multiple_of(PANEL) || kernel.len() != outputs * channels * 9 || bias.len() != outputs {
             return None;
         }
+        let count = form.positions();
         // `[ξ][channel][output]`.
-        let mut u = vec![0f32; POSITIONS * channels * outputs];
+        let mut u = vec![0f32; count * channels * outputs];
         for o in 0..outputs {
             for c in 0..channels {
                 let g = &kernel[(o * channels + c) * 9..][..9];
-                let t = transform_kernel(g);
+                let t = match form {
+                    Form::F2 => transform_kernel(g, &G2),
+                    Form::F4 => transform_kernel(g, &G4),
+                };
                 for (xi, v) in t.iter().enumerate() {
                     u[(xi * channels + c) * outputs + o] = *v;
                 }
             }
         }
         let plane = channels * outputs;
-        let positions = (0..POSITIONS)
+        let bias_at = form.tile() + 2 + 1;
+        let positions = (0..count)
             .map(|xi| {
                 // The bias at (1, 1) only (see the module's comment).
-                let b = if xi == SPAN + 1 { bias.to_vec() } else { vec![0.0; outputs] };
+                let b = if xi == bias_at { bias.to_vec() } else { vec![0.0; outputs] };
                 Packed::from_inputs_major(&u[xi * plane..][..plane], b, channels, outputs)
             })
             .collect::<Option<Vec<_>>>()?;
-        Some(Weights { channels, outputs, positions })
+        Some(Weights { form, channels, outputs, positions })
     }
 
     /// Outputs per product row (padded to whole panels).
@@ -73,9 +113,14 @@ impl Weights {
         self.outputs
     }
 
-    /// [`TILE`] output rows, pixel-major, one after the other in `out` (each `[x][outputs]`,
-    /// `out.len() / TILE` values, at least `TILE * ceil(out_w / TILE)` pixels), from the
-    /// `TILE + 2` pixel-major input rows at the start of `rows` (each `padded_w` pixels of
+    /// The form it runs as.
+    pub fn form(&self) -> Form {
+        self.form
+    }
+
+    /// `m = form().tile()` output rows, pixel-major, one after the other in `out` (each
+    /// `[x][outputs]`, `out.len() / m` values, at least `m * ceil(out_w / m)` pixels), from
+    /// the `m + 2` pixel-major input rows at the start of `rows` (each `padded_w` pixels of
     /// `channels`, its zero padding included; `out_w = padded_w - 2`).
     pub fn rows(&self, rows: &[f32], padded_w: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -96,38 +141,63 @@ impl Weights {
 
     #[inline(always)]
     fn rows_with(&self, rows: &[f32], padded_w: usize, out: &mut [f32]) {
+        match self.form {
+            Form::F2 => self.rows_in(Transforms { input: input2, output: output2 }, rows, padded_w, out),
+            Form::F4 => self.rows_in(Transforms { input: input4, output: output4 }, rows, padded_w, out),
+        }
+    }
+
+    /// [`Self::rows`] with a form's transforms: `S` = m + 2 points, `T` = m outputs.
+    #[inline(always)]
+    fn rows_in<const S: usize, const T: usize, I, O>(
+        &self,
+        form: Transforms<I, O>,
+        rows: &[f32],
+        padded_w: usize,
+        out: &mut [f32],
+    ) where
+        I: Fn([f32; S]) -> [f32; S] + Copy,
+        O: Fn([f32; S]) -> [f32; T] + Copy,
+    {
         let (c, n) = (self.channels, self.outputs);
         let out_w = padded_w - 2;
-        let tiles = out_w.div_ceil(TILE);
-        // The last tile of a width not a multiple of TILE reads past the padding: zero columns.
-        let cols = TILE * tiles + 2;
-        let block = (BLOCK_BYTES / (4 * POSITIONS * (c + n))).clamp(12, tiles.max(12));
+        let tiles = out_w.div_ceil(T);
+        // The last tile of a width not a multiple of m reads past the padding: zero columns.
+        let cols = T * tiles + 2;
+        let block = (BLOCK_BYTES / (4 * S * S * (c + n))).clamp(12, tiles.max(12));
         // Taken out and put back rather than borrowed in a closure: a closure is a
         // function of its own, compiled without this one's target features.
         let mut scratch = SCRATCH.take();
         let Scratch { columns, v, m, down } = &mut scratch;
-        columns.resize(SPAN * cols * c, 0.0);
-        v.resize(POSITIONS * block * c, 0.0);
-        m.resize(POSITIONS * block * n, 0.0);
-        down.resize(TILE * SPAN * n, 0.0);
-        column_transform(rows, padded_w * c, cols * c, columns);
-        let per_row = out.len() / TILE;
+        columns.resize(S * cols * c, 0.0);
+        v.resize(S * S * block * c, 0.0);
+        m.resize(S * S * block * n, 0.0);
+        down.resize(T * S * n, 0.0);
+        column_transform(form.input, rows, padded_w * c, cols * c, columns);
+        let per_row = out.len() / T;
         for t0 in (0..tiles).step_by(block) {
             let count = block.min(tiles - t0);
-            row_transform(columns, cols * c, c, t0, count, v);
+            row_transform::<S, T>(form.input, columns, cols * c, c, t0, count, v);
             for (xi, w) in self.positions.iter().enumerate() {
                 gemm(&v[xi * block * c..][..count * c], w, &mut m[xi * block * n..][..count * n]);
             }
-            let into = Into { out: &mut *out, per_row, first: TILE * t0 * n };
-            output_transform(m, block * n, n, count, down, into);
+            let into = Into { out: &mut *out, per_row, first: T * t0 * n };
+            output_transform(form.output, m, block * n, n, count, down, into);
         }
         SCRATCH.set(scratch);
     }
 }
 
+/// A form's one-dimensional transforms: `Bᵀ d` and `Aᵀ m`.
+#[derive(Clone, Copy)]
+struct Transforms<I, O> {
+    input: I,
+    output: O,
+}
+
 #[derive(Default)]
 struct Scratch {
-    /// `Bᵀ d` of the six input rows: `[i][column][channel]`.
+    /// `Bᵀ d` of the input rows: `[i][column][channel]`.
     columns: Vec<f32>,
     /// `V[ξ][tile][channel]` of one block of tiles.
     v: Vec<f32>,
@@ -138,7 +208,7 @@ struct Scratch {
 }
 
 thread_local! {
-    /// Kept between calls: fresh buffers would cost page faults on every four rows.
+    /// Kept between calls: fresh buffers would cost page faults on every band of rows.
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
@@ -148,63 +218,70 @@ pub(crate) fn release_scratch() -> usize {
     [columns, v, m, down].iter().map(|v| v.capacity() * size_of::<f32>()).sum()
 }
 
-/// `G g Gᵀ` of one 3x3 kernel `g` (row-major), row-major 6x6, worked in f64.
-fn transform_kernel(g: &[f32]) -> [f32; POSITIONS] {
-    // G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6],
-    //      [1/24, -1/12, 1/6], [0, 0, 1]].
-    let apply = |a: f64, b: f64, c: f64| {
-        [
-            a / 4.0,
-            -(a + b + c) / 6.0,
-            -(a - b + c) / 6.0,
-            a / 24.0 + b / 12.0 + c / 6.0,
-            a / 24.0 - b / 12.0 + c / 6.0,
-            c,
-        ]
-    };
-    let g = |i: usize| f64::from(g[i]);
-    let mut gg = [[0f64; SPAN]; 3]; // (G g)ᵀ: [column of g][row of G g]
-    for (j, col) in gg.iter_mut().enumerate() {
-        *col = apply(g(j), g(3 + j), g(6 + j));
-    }
-    let mut u = [0f32; POSITIONS];
-    for i in 0..SPAN {
-        let row = apply(gg[0][i], gg[1][i], gg[2][i]);
-        for (j, v) in row.iter().enumerate() {
-            u[i * SPAN + j] = *v as f32;
+/// `G g Gᵀ` of one 3x3 kernel `g` (row-major), row-major `S x S`, worked in f64.
+fn transform_kernel<const S: usize>(g: &[f32], gm: &[[f64; 3]; S]) -> Vec<f32> {
+    let mut u = vec![0f32; S * S];
+    for i in 0..S {
+        for j in 0..S {
+            let mut sum = 0f64;
+            for a in 0..3 {
+                for b in 0..3 {
+                    sum += gm[i][a] * f64::from(g[a * 3 + b]) * gm[j][b];
+                }
+            }
+            u[i * S + j] = sum as f32;
         }
     }
     u
 }
 
-/// `Bᵀ d` of six values. Bᵀ = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0],
+/// `Bᵀ d` of F(2x2, 3x3). Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+#[inline(always)]
+fn input2([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// `Aᵀ m` of F(2x2, 3x3). Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].
+#[inline(always)]
+fn output2([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+    [m0 + m1 + m2, m1 - m2 - m3]
+}
+
+/// `Bᵀ d` of F(4x4, 3x3). Bᵀ = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0],
 /// [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
 #[inline(always)]
-fn input_transform([d0, d1, d2, d3, d4, d5]: [f32; SPAN]) -> [f32; SPAN] {
+fn input4([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
     let (a, b) = (d4 - 4.0 * d2, d3 - 4.0 * d1);
     let (e, f) = (d4 - d2, 2.0 * (d3 - d1));
     [4.0 * d0 - 5.0 * d2 + d4, a + b, a - b, e + f, e - f, 4.0 * d1 - 5.0 * d3 + d5]
 }
 
-/// `Aᵀ m` of six values. Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0],
+/// `Aᵀ m` of F(4x4, 3x3). Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0],
 /// [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
 #[inline(always)]
-fn output_transform_of([m0, m1, m2, m3, m4, m5]: [f32; SPAN]) -> [f32; TILE] {
+fn output4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
     let (p1, d1, p3, d3) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
     [m0 + p1 + p3, d1 + 2.0 * d3, p1 + 4.0 * p3, d1 + 8.0 * d3 + m5]
 }
 
-/// `Bᵀ d` down the columns: `out[i]` from input rows `r0..r5` (each `stride` long in
+/// `Bᵀ d` down the columns: `out[i]` from the `S` input rows (each `stride` long in
 /// `rows`), over the first `len` values; past the input's `stride`, zeros.
 #[inline(always)]
-fn column_transform(rows: &[f32], stride: usize, len: usize, out: &mut [f32]) {
+fn column_transform<const S: usize>(
+    input: impl Fn([f32; S]) -> [f32; S],
+    rows: &[f32],
+    stride: usize,
+    len: usize,
+    out: &mut [f32],
+) {
     let width = stride.min(len);
-    let r: [&[f32]; SPAN] = std::array::from_fn(|i| &rows[i * stride..][..width]);
-    let Some(mut o) = runs_mut::<SPAN>(out, len, 0, len) else { return };
-    let [o0, o1, o2, o3, o4, o5] = &mut o;
+    let r: [&[f32]; S] = std::array::from_fn(|i| &rows[i * stride..][..width]);
+    let Some(mut o) = runs_mut::<S>(out, len, 0, len) else { return };
     for x in 0..width {
-        let t = input_transform([r[0][x], r[1][x], r[2][x], r[3][x], r[4][x], r[5][x]]);
-        (o0[x], o1[x], o2[x], o3[x], o4[x], o5[x]) = (t[0], t[1], t[2], t[3], t[4], t[5]);
+        let t = input(std::array::from_fn(|i| r[i][x]));
+        for (o, t) in o.iter_mut().zip(t) {
+            o[x] = t;
+        }
     }
     for o in o {
         o[width..].fill(0.0);
@@ -212,7 +289,7 @@ fn column_transform(rows: &[f32], stride: usize, len: usize, out: &mut [f32]) {
 }
 
 /// `N` disjoint runs of `len` values in `buf`, `stride` apart from `at`; None when `buf`
-/// is too short. (The transforms write six or four rows at once.)
+/// is too short. (The transforms write several rows at once.)
 #[inline(always)]
 fn runs_mut<const N: usize>(buf: &mut [f32], stride: usize, at: usize, len: usize) -> Option<[&mut [f32]; N]> {
     let mut runs = buf.chunks_mut(stride).map(|run| run.get_mut(at..at + len));
@@ -220,59 +297,78 @@ fn runs_mut<const N: usize>(buf: &mut [f32], stride: usize, at: usize, len: usiz
     found.iter().all(Option::is_some).then(|| found.map(Option::unwrap_or_default))
 }
 
-/// `(Bᵀ d) B` across: `v[6i + j][tile]` for the tiles `t0..t0 + count`, from the column
-/// transforms (`columns[i]`, `stride` apart, `c` values a column).
+/// `(Bᵀ d) B` across: `v[S i + j][tile]` for the tiles `t0..t0 + count` (`T` columns
+/// apart), from the column transforms (`columns[i]`, `stride` apart, `c` values a column).
 #[inline(always)]
-fn row_transform(columns: &[f32], stride: usize, c: usize, t0: usize, count: usize, v: &mut [f32]) {
-    let block = v.len() / (POSITIONS * c);
-    for i in 0..SPAN {
+fn row_transform<const S: usize, const T: usize>(
+    input: impl Fn([f32; S]) -> [f32; S],
+    columns: &[f32],
+    stride: usize,
+    c: usize,
+    t0: usize,
+    count: usize,
+    v: &mut [f32],
+) {
+    let block = v.len() / (S * S * c);
+    for i in 0..S {
         let row = &columns[i * stride..][..stride];
         for t in 0..count {
-            let at = TILE * (t0 + t) * c;
-            let d: [&[f32]; SPAN] = std::array::from_fn(|k| &row[at + k * c..][..c]);
-            let Some([v0, v1, v2, v3, v4, v5]) = runs_mut::<SPAN>(&mut v[SPAN * i * block * c..], block * c, t * c, c)
-            else {
-                return;
-            };
+            let at = T * (t0 + t) * c;
+            let d: [&[f32]; S] = std::array::from_fn(|k| &row[at + k * c..][..c]);
+            let Some(mut dst) = runs_mut::<S>(&mut v[S * i * block * c..], block * c, t * c, c) else { return };
             for k in 0..c {
-                let x = input_transform([d[0][k], d[1][k], d[2][k], d[3][k], d[4][k], d[5][k]]);
-                (v0[k], v1[k], v2[k], v3[k], v4[k], v5[k]) = (x[0], x[1], x[2], x[3], x[4], x[5]);
+                let x = input(std::array::from_fn(|j| d[j][k]));
+                for (o, x) in dst.iter_mut().zip(x) {
+                    o[k] = x;
+                }
             }
         }
     }
 }
 
-/// Where the output transform writes: [`TILE`] pixel-major rows of `per_row` values in
-/// `out`, a block's first tile at `first` in each.
+/// Where the output transform writes: m pixel-major rows of `per_row` values in `out`, a
+/// block's first tile at `first` in each.
 struct Into<'a> {
     out: &'a mut [f32],
     per_row: usize,
     first: usize,
 }
 
-/// `Aᵀ M A` of each tile into its four pixels of each of the four output rows; `down`
-/// holds one tile's `Aᵀ M`.
+/// `Aᵀ M A` of each tile into its `T` pixels of each of the `T` output rows; `down` holds
+/// one tile's `Aᵀ M`.
 #[inline(always)]
-fn output_transform(m: &[f32], position: usize, n: usize, count: usize, down: &mut [f32], into: Into<'_>) {
+fn output_transform<const S: usize, const T: usize>(
+    output: impl Fn([f32; S]) -> [f32; T],
+    m: &[f32],
+    position: usize,
+    n: usize,
+    count: usize,
+    down: &mut [f32],
+    into: Into<'_>,
+) {
     for t in 0..count {
         let at = |xi: usize| &m[xi * position + t * n..][..n];
-        // Down: down[a][j] for the four output rows a.
-        for j in 0..SPAN {
-            let ms: [&[f32]; SPAN] = std::array::from_fn(|i| at(SPAN * i + j));
-            let Some([s0, s1, s2, s3]) = runs_mut::<TILE>(down, SPAN * n, j * n, n) else { return };
+        // Down: down[a][j] for the output rows a.
+        for j in 0..S {
+            let ms: [&[f32]; S] = std::array::from_fn(|i| at(S * i + j));
+            let Some(mut rows) = runs_mut::<T>(down, S * n, j * n, n) else { return };
             for k in 0..n {
-                let y = output_transform_of([ms[0][k], ms[1][k], ms[2][k], ms[3][k], ms[4][k], ms[5][k]]);
-                (s0[k], s1[k], s2[k], s3[k]) = (y[0], y[1], y[2], y[3]);
+                let y = output(std::array::from_fn(|i| ms[i][k]));
+                for (r, y) in rows.iter_mut().zip(y) {
+                    r[k] = y;
+                }
             }
         }
-        // Across, into the four pixels of the tile in each row.
-        for (a, sa) in down.chunks_exact(SPAN * n).enumerate() {
-            let s: [&[f32]; SPAN] = std::array::from_fn(|j| &sa[j * n..][..n]);
-            let row = &mut into.out[a * into.per_row + into.first + TILE * t * n..][..TILE * n];
-            let Some([p0, p1, p2, p3]) = runs_mut::<TILE>(row, n, 0, n) else { return };
+        // Across, into the tile's pixels in each row.
+        for (a, sa) in down.chunks_exact(S * n).enumerate() {
+            let s: [&[f32]; S] = std::array::from_fn(|j| &sa[j * n..][..n]);
+            let row = &mut into.out[a * into.per_row + into.first + T * t * n..][..T * n];
+            let Some(mut px) = runs_mut::<T>(row, n, 0, n) else { return };
             for k in 0..n {
-                let y = output_transform_of([s[0][k], s[1][k], s[2][k], s[3][k], s[4][k], s[5][k]]);
-                (p0[k], p1[k], p2[k], p3[k]) = (y[0], y[1], y[2], y[3]);
+                let y = output(std::array::from_fn(|j| s[j][k]));
+                for (p, y) in px.iter_mut().zip(y) {
+                    p[k] = y;
+                }
             }
         }
     }
@@ -282,67 +378,58 @@ fn output_transform(m: &[f32], position: usize, n: usize, count: usize, down: &m
 mod tests {
     use super::*;
 
-    const G: [[f64; 3]; SPAN] = [
-        [0.25, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
-
-    /// The kernel transform against the definition `G g Gᵀ` with explicit matrices.
+    /// The kernel transform against the definition `G g Gᵀ`, summed in another order.
     #[test]
     fn kernel_transform_is_g_g_gt() {
         let g: Vec<f32> = (0..9).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut want = [0f64; POSITIONS];
-        for i in 0..SPAN {
-            for j in 0..SPAN {
-                for a in 0..3 {
-                    for b in 0..3 {
-                        want[i * SPAN + j] += G[i][a] * f64::from(g[a * 3 + b]) * G[j][b];
-                    }
-                }
+        let got = transform_kernel(&g, &G4);
+        // G g, then (G g) Gᵀ.
+        let mut gg = [[0f64; 3]; 6];
+        for (i, row) in gg.iter_mut().enumerate() {
+            for (b, v) in row.iter_mut().enumerate() {
+                *v = (0..3).map(|a| G4[i][a] * f64::from(g[a * 3 + b])).sum();
             }
         }
-        let got = transform_kernel(&g);
-        for (w, g) in want.iter().zip(got) {
-            assert!((*w as f32 - g).abs() < 1e-6, "{want:?} vs {got:?}");
+        for i in 0..6 {
+            for j in 0..6 {
+                let want: f64 = (0..3).map(|b| gg[i][b] * G4[j][b]).sum();
+                assert!((want as f32 - got[i * 6 + j]).abs() < 1e-6, "({i}, {j}): {want} vs {}", got[i * 6 + j]);
+            }
         }
     }
 
-    /// One tile through the three transforms equals the 3x3 correlation of its 6x6 patch.
-    #[test]
-    fn a_tile_through_the_transforms_is_the_correlation() {
-        let d: Vec<f32> = (0..36).map(|i| (i as f32 * 0.71).cos() * 3.0).collect();
+    /// One tile through the three transforms equals the 3x3 correlation of its patch.
+    fn tile_is_the_correlation<const S: usize, const T: usize>(
+        input: impl Fn([f32; S]) -> [f32; S],
+        output: impl Fn([f32; S]) -> [f32; T],
+        gm: &[[f64; 3]; S],
+    ) {
+        let d: Vec<f32> = (0..S * S).map(|i| (i as f32 * 0.71).cos() * 3.0).collect();
         let g: Vec<f32> = (0..9).map(|i| (i as f32 * 0.37).sin()).collect();
-        let u = transform_kernel(&g);
+        let u = transform_kernel(&g, gm);
         // V = Bᵀ d B: down the columns, then across the rows.
-        let mut down = [[0f32; SPAN]; SPAN];
-        for x in 0..SPAN {
-            let t = input_transform(std::array::from_fn(|y| d[y * SPAN + x]));
-            for (i, v) in t.iter().enumerate() {
+        let mut down = [[0f32; S]; S];
+        for x in 0..S {
+            for (i, v) in input(std::array::from_fn(|y| d[y * S + x])).iter().enumerate() {
                 down[i][x] = *v;
             }
         }
-        let v: Vec<[f32; SPAN]> = down.iter().map(|row| input_transform(*row)).collect();
+        let v: Vec<[f32; S]> = down.iter().map(|row| input(*row)).collect();
         // Y = Aᵀ (U ⊙ V) A.
-        let mut m = [[0f32; SPAN]; SPAN];
-        for i in 0..SPAN {
-            for j in 0..SPAN {
-                m[i][j] = u[i * SPAN + j] * v[i][j];
+        let m: Vec<[f32; S]> = (0..S).map(|i| std::array::from_fn(|j| u[i * S + j] * v[i][j])).collect();
+        let col: Vec<[f32; T]> = (0..S).map(|j| output(std::array::from_fn(|i| m[i][j]))).collect();
+        for a in 0..T {
+            let y = output(std::array::from_fn(|j| col[j][a]));
+            for (b, y) in y.iter().enumerate() {
+                let want: f32 = (0..9).map(|k| g[k] * d[(a + k / 3) * S + b + k % 3]).sum();
+                assert!((y - want).abs() < 1e-4, "F({T}x{T}) at ({a}, {b}): {y} vs {want}");
             }
         }
-        let mut col = [[0f32; TILE]; SPAN]; // [j][a]
-        for (j, c) in col.iter_mut().enumerate() {
-            *c = output_transform_of(std::array::from_fn(|i| m[i][j]));
-        }
-        for a in 0..TILE {
-            let y = output_transform_of(std::array::from_fn(|j| col[j][a]));
-            for b in 0..TILE {
-                let want: f32 = (0..9).map(|k| g[k] * d[(a + k / 3) * SPAN + b + k % 3]).sum();
-                assert!((y[b] - want).abs() < 1e-4, "({a}, {b}): {} vs {want}", y[b]);
-            }
-        }
+    }
+
+    #[test]
+    fn a_tile_through_the_transforms_is_the_correlation() {
+        tile_is_the_correlation(input2, output2, &G2);
+        tile_is_the_correlation(input4, output4, &G4);
     }
 }
