@@ -177,12 +177,14 @@ impl Weights {
         let per_row = out.len() / T;
         for t0 in (0..tiles).step_by(block) {
             let count = block.min(tiles - t0);
-            row_transform::<S, T>(form.input, columns, cols * c, c, t0, count, v);
+            let from = Columns { data: columns, stride: cols * c, c };
+            row_transform::<S, T>(form.input, from, t0..t0 + count, v);
             for (xi, w) in self.positions.iter().enumerate() {
                 gemm(&v[xi * block * c..][..count * c], w, &mut m[xi * block * n..][..count * n]);
             }
+            let products = Products { m, position: block * n, n, count };
             let into = Into { out: &mut *out, per_row, first: T * t0 * n };
-            output_transform(form.output, m, block * n, n, count, down, into);
+            output_transform(form.output, products, down, into);
         }
         SCRATCH.set(scratch);
     }
@@ -297,23 +299,26 @@ fn runs_mut<const N: usize>(buf: &mut [f32], stride: usize, at: usize, len: usiz
     found.iter().all(Option::is_some).then(|| found.map(Option::unwrap_or_default))
 }
 
-/// `(Bᵀ d) B` across: `v[S i + j][tile]` for the tiles `t0..t0 + count` (`T` columns
-/// apart), from the column transforms (`columns[i]`, `stride` apart, `c` values a column).
+/// The column transforms of a band: `data[i]` `stride` apart, `c` values a column.
+struct Columns<'a> {
+    data: &'a [f32],
+    stride: usize,
+    c: usize,
+}
+
+/// `(Bᵀ d) B` across: `v[S i + j][tile]` for the block of `tiles` (`T` columns apart).
 #[inline(always)]
 fn row_transform<const S: usize, const T: usize>(
     input: impl Fn([f32; S]) -> [f32; S],
-    columns: &[f32],
-    stride: usize,
-    c: usize,
-    t0: usize,
-    count: usize,
+    Columns { data, stride, c }: Columns<'_>,
+    tiles: std::ops::Range<usize>,
     v: &mut [f32],
 ) {
     let block = v.len() / (S * S * c);
     for i in 0..S {
-        let row = &columns[i * stride..][..stride];
-        for t in 0..count {
-            let at = T * (t0 + t) * c;
+        let row = &data[i * stride..][..stride];
+        for (t, tile) in tiles.clone().enumerate() {
+            let at = T * tile * c;
             let d: [&[f32]; S] = std::array::from_fn(|k| &row[at + k * c..][..c]);
             let Some(mut dst) = runs_mut::<S>(&mut v[S * i * block * c..], block * c, t * c, c) else { return };
             for k in 0..c {
@@ -334,15 +339,20 @@ struct Into<'a> {
     first: usize,
 }
 
+/// A block's products: `M[ξ]` `position` apart, `n` outputs a tile, `count` tiles.
+struct Products<'a> {
+    m: &'a [f32],
+    position: usize,
+    n: usize,
+    count: usize,
+}
+
 /// `Aᵀ M A` of each tile into its `T` pixels of each of the `T` output rows; `down` holds
 /// one tile's `Aᵀ M`.
 #[inline(always)]
 fn output_transform<const S: usize, const T: usize>(
     output: impl Fn([f32; S]) -> [f32; T],
-    m: &[f32],
-    position: usize,
-    n: usize,
-    count: usize,
+    Products { m, position, n, count }: Products<'_>,
     down: &mut [f32],
     into: Into<'_>,
 ) {
