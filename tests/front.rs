@@ -104,6 +104,25 @@ fn four_stalled_upload_bodies_do_not_stop_a_fifth_users_upload() {
 }
 
 #[test]
+fn an_upload_answered_before_its_body_is_read_gets_that_answer_not_a_reset() {
+    let dir = app_dir();
+    let server = server(dir.path(), &[]);
+    // No session: Rocket answers 401 without reading the body. 24 MB is more than the
+    // sockets between client, front and Rocket buffer, so the client is still sending then.
+    let bytes = vec![0u8; 24 << 20];
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "big.png", content_type: "image/png", bytes: &bytes }]);
+    let ct = ct.to_string();
+    let started = Instant::now();
+    let reply = request(server.port, "POST", "/upload_image", &[("Content-Type", &ct)], &body)
+        .expect("the whole body is sent and the answer read (no broken pipe, no reset)");
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert!(started.elapsed() < Duration::from_secs(10), "answered after {:?}", started.elapsed());
+    // The front is still serving.
+    assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
+}
+
+#[test]
 fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away() {
     let dir = app_dir();
     // Behind a proxy (every connection from one address, no share per address).

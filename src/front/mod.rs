@@ -73,6 +73,10 @@ const OVERFLOW_AT_ONCE: usize = 64;
 /// 64-client load test 66).
 const PEER_SHARE_DIVISOR: usize = 4;
 const BUFFER: usize = 16 * 1024;
+/// At most this much of a body Rocket did not read is read and dropped (at no less than
+/// the minimum rate) before the connection is closed anyway: four times the default upload
+/// limit.
+const DISCARD_LIMIT: u64 = 64 << 20;
 
 /// Whether the client reached us over TLS: `PUBLIC_ORIGIN` is https, or the front
 /// believed a trusted proxy's `X-Forwarded-Proto: https`.
@@ -604,17 +608,25 @@ async fn forward_body(
     let started = Instant::now();
     let mut received: u64 = 0;
     let mut chunk = vec![0u8; BUFFER];
+    let mut discard = false;
     loop {
         if !buf.is_empty() {
             let take = match remaining {
                 Some(n) => buf.len().min(usize::try_from(n).unwrap_or(usize::MAX)),
                 None => chunked.feed(buf).map_err(|e| End::Refuse(Refusal::Head(e)))?,
             };
-            if !matches!(timeout(WRITE_STALL, writer.write_all(&buf[..take])).await, Ok(Ok(()))) {
-                return Err(End::Quiet);
+            if !discard && !matches!(timeout(WRITE_STALL, writer.write_all(&buf[..take])).await, Ok(Ok(()))) {
+                // Rocket answered without reading the whole body (a 401, or a 503 for a
+                // full upload queue) and stopped reading. The rest is read and dropped: a
+                // socket closed with unread data resets the connection, and a client still
+                // sending its upload would then never read that answer.
+                discard = true;
             }
             buf.drain(..take);
             received += take as u64;
+            if discard && received > DISCARD_LIMIT {
+                return Err(End::Quiet);
+            }
             if let Some(n) = remaining.as_mut() {
                 *n -= take as u64;
             }
