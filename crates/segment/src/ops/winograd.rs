@@ -183,7 +183,7 @@ impl Weights {
                 gemm(&v[xi * block * c..][..count * c], w, &mut m[xi * block * n..][..count * n]);
             }
             let products = Products { m, position: block * n, n, count };
-            let into = Into { out: &mut *out, per_row, first: T * t0 * n };
+            let into = OutRows { out: &mut *out, per_row, first: T * t0 * n };
             output_transform(form.output, products, down, into);
         }
         SCRATCH.set(scratch);
@@ -333,7 +333,7 @@ fn row_transform<const S: usize, const T: usize>(
 
 /// Where the output transform writes: m pixel-major rows of `per_row` values in `out`, a
 /// block's first tile at `first` in each.
-struct Into<'a> {
+struct OutRows<'a> {
     out: &'a mut [f32],
     per_row: usize,
     first: usize,
@@ -354,7 +354,7 @@ fn output_transform<const S: usize, const T: usize>(
     output: impl Fn([f32; S]) -> [f32; T],
     Products { m, position, n, count }: Products<'_>,
     down: &mut [f32],
-    into: Into<'_>,
+    into: OutRows<'_>,
 ) {
     for t in 0..count {
         let at = |xi: usize| &m[xi * position + t * n..][..n];
