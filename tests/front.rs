@@ -123,6 +123,24 @@ fn an_upload_answered_before_its_body_is_read_gets_that_answer_not_a_reset() {
 }
 
 #[test]
+fn an_upload_turned_away_at_the_door_gets_its_503_not_a_reset() {
+    let dir = app_dir();
+    let server = server(dir.path(), &[("MAX_CONNECTIONS", "32")]);
+    // This address holds its share (a quarter of 32), so the next connection is refused
+    // as it is accepted, while its client still has most of 24 MB to send.
+    let busy = slow_bodies(server.port, 8);
+    let bytes = vec![0u8; 24 << 20];
+    let (ct, body) =
+        multipart(&[Part::File { name: "image", filename: "big.png", content_type: "image/png", bytes: &bytes }]);
+    let ct = ct.to_string();
+    let reply = request(server.port, "POST", "/upload_image", &[("Content-Type", &ct)], &body)
+        .expect("the whole body is sent and the refusal read (no broken pipe, no reset)");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.head.contains("Retry-After: 5"), "{}", reply.head);
+    drop(busy);
+}
+
+#[test]
 fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away() {
     let dir = app_dir();
     // Behind a proxy (every connection from one address, no share per address).

@@ -77,6 +77,9 @@ const BUFFER: usize = 16 * 1024;
 /// the minimum rate) before the connection is closed anyway: four times the default upload
 /// limit.
 const DISCARD_LIMIT: u64 = 64 << 20;
+/// How long the front keeps reading (and dropping) what a client still sends after the
+/// front's own refusal, so that the client reads that refusal instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Whether the client reached us over TLS: `PUBLIC_ORIGIN` is https, or the front
 /// believed a trusted proxy's `X-Forwarded-Proto: https`.
@@ -217,11 +220,35 @@ impl Drop for WaitTicket<'_> {
 fn refuse_at_once(socket: TcpStream, overflow: &Arc<Semaphore>) {
     let Ok(busy) = overflow.clone().try_acquire_owned() else { return };
     rocket::tokio::spawn(async move {
-        let (_, mut writer) = socket.into_split();
-        let _ = timeout(Duration::from_secs(1), writer.write_all(&answer(Refusal::Full))).await;
-        let _ = writer.shutdown().await;
+        refuse_full(socket).await;
         drop(busy);
     });
+}
+
+/// The 503 of a full server, on a connection that never got a place.
+async fn refuse_full(socket: TcpStream) {
+    let (reader, mut writer) = socket.into_split();
+    let _ = timeout(Duration::from_secs(1), writer.write_all(&answer(Refusal::Full))).await;
+    let _ = writer.shutdown().await;
+    linger(reader).await;
+}
+
+/// Reads and drops what the client still sends after the front's answer and its FIN, until
+/// the client closes, for `LINGER` and `DISCARD_LIMIT` bytes at most: a socket closed with
+/// unread data resets the connection, and a client in the middle of sending its upload
+/// would then see "connection reset" or "broken pipe" instead of the answer.
+async fn linger(mut reader: OwnedReadHalf) {
+    let mut chunk = vec![0u8; BUFFER];
+    let mut left = DISCARD_LIMIT;
+    let _ = timeout(LINGER, async {
+        while let Ok(n @ 1..) = reader.read(&mut chunk).await {
+            left = left.saturating_sub(n as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Connections of one address, when clients reach us directly (no `PROXY_IP_HEADER`):
@@ -295,16 +322,17 @@ async fn accept(listener: TcpListener, ctx: Arc<Ctx>, max_connections: usize) {
                 true => timeout(Duration::from_secs(1), open.acquire_owned()).await.ok().and_then(Result::ok),
                 false => None,
             };
-            drop(busy);
             match place {
                 Some(permit) => {
+                    drop(busy);
                     serve(socket, peer.ip(), ctx.clone()).await;
                     drop((permit, share));
                 }
+                // The overflow place is held while the refusal lingers: a flood of
+                // connections cannot pile up lingering tasks.
                 None => {
-                    let (_, mut writer) = socket.into_split();
-                    let _ = timeout(Duration::from_secs(1), writer.write_all(&answer(Refusal::Full))).await;
-                    let _ = writer.shutdown().await;
+                    refuse_full(socket).await;
+                    drop(busy);
                 }
             }
         });
@@ -456,6 +484,7 @@ async fn serve(socket: TcpStream, peer: IpAddr, ctx: Arc<Ctx>) {
                 drop(up.writer);
             }
             link.refuse(refusal).await;
+            linger(reader).await;
         }
         End::Quiet => {
             if let Some(mut up) = upstream.take() {
