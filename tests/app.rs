@@ -15,8 +15,6 @@ fn coffee() -> Vec<u8> {
     read(&shared("images/coffee.png"))
 }
 
-/// A product: a green bottle-like shape on transparency.
-
 fn replace<'c>(
     client: &'c rocket::local::blocking::Client,
     extra: &[Part<'_>],

@@ -25,8 +25,6 @@ fn big_coffee_jpeg(width: u32, height: u32) -> Vec<u8> {
     jpeg
 }
 
-/// A product: a green bottle-like shape on transparency.
-
 fn replace(client: &Client) {
     let product = product_png();
     let (ct, body) = multipart(&[
