@@ -148,10 +148,20 @@ fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away
     // Sixteen connections that say nothing hold every place ...
     let mut silent: Vec<TcpStream> = (0..16).map(|_| connect(server.port)).collect();
     std::thread::sleep(Duration::from_millis(300));
-    // ... and a new client is served at once: the one that waited longest gives way.
-    let started = Instant::now();
-    assert_eq!(get(server.port, "/health", None).map(|r| r.status), Some(200));
-    assert!(started.elapsed() < Duration::from_secs(3), "served after {:?}", started.elapsed());
+    // ... and a new client is served at once: the one that waited longest gives way. (A
+    // newcomer that comes before the front has counted them as waiting is told to come
+    // back: on two loaded cores that can take a while, so it asks again.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let started = Instant::now();
+        let status = get(server.port, "/health", None).map(|r| r.status);
+        assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+        if status == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a newcomer is served while only idle connections hold the places ({status:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // One of them (the first to start waiting) was closed without a word.
     let closed = silent
         .iter_mut()
