@@ -159,7 +159,10 @@ fn at_max_connections_idle_ones_make_room_and_only_busy_ones_turn_a_new_one_away
         if status == Some(200) {
             break;
         }
-        assert!(Instant::now() < deadline, "a newcomer is served while only idle connections hold the places ({status:?})");
+        assert!(
+            Instant::now() < deadline,
+            "a newcomer is served while only idle connections hold the places ({status:?})"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // One of them (the first to start waiting) was closed without a word.
