@@ -91,6 +91,8 @@ import threading
 import time
 import uuid
 
+from free_port import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CG_V1 = "/sys/fs/cgroup/memory"
@@ -930,14 +932,6 @@ def proc_status(pid):
     except OSError:
         pass
     return out
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_health(port, proc, timeout):

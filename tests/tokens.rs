@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use rocket::http::{ContentType, Header, Status};
 use rocket::local::blocking::{Client, LocalRequest, LocalResponse};
@@ -276,13 +274,13 @@ fn the_token_never_reaches_the_log() {
     assert_eq!(refused.json()["error"], "invalid API token");
     let reply = request(port, "POST", "/upload_image", &bad, b"").unwrap();
     assert_eq!(reply.status, 401);
-    std::thread::sleep(Duration::from_millis(300));
+    let expected = ["GET /get_image 404", "GET /get_image 401", "POST /upload_image 401"];
+    let text = log_holding(&log_path, &expected);
     drop(server);
 
-    let text = std::fs::read_to_string(&log_path).unwrap();
     assert!(!text.contains("token-never"), "a token reached the log:\n{text}");
     assert!(text.contains("GET /get_image: API token refused (not one of API_TOKENS)"), "{text}");
-    for line in ["GET /get_image 404", "GET /get_image 401", "POST /upload_image 401"] {
+    for line in expected {
         assert!(text.lines().any(|l| l.starts_with(line)), "no `{line} ...` line:\n{text}");
     }
 }

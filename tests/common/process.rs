@@ -18,8 +18,36 @@ pub fn binary() -> PathBuf {
     std::env::var_os("DRISHYA_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_drishya").into())
 }
 
+/// A port below the kernel's ephemeral range, free on every address. A port from bind(0) lies
+/// inside that range, where every outgoing connection of a parallel test also takes its local
+/// port, and one taken between this check and the server's bind fails its start with "Address
+/// already in use"; below it only another test picking the same random port could collide.
+/// (scripts/free_port.py does the same for the scripts.)
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 20000;
+    let bindable = |port: u16| {
+        std::net::TcpListener::bind(("::", port)).or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port))).is_ok()
+    };
+    if high.saturating_sub(LOWEST) >= 1000 {
+        for _ in 0..200 {
+            let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+            let port = LOWEST + (random % u64::from(high - LOWEST)) as u16;
+            if bindable(port) {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("[::]:0")
+        .or_else(|_| std::net::TcpListener::bind("0.0.0.0:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A working directory laid out like the image's /app: templates, static, Rocket.toml,
@@ -70,6 +98,20 @@ pub fn start_logged(dir: &Path, env: &[(&str, String)], port: u16, stdout: File,
     let mut server = Server { child, port };
     health_within(&mut server, Duration::from_secs(10)).expect("/health answers");
     server
+}
+
+/// The log at `path` once it holds every one of `needles` (polled every 20 ms, 10 s at most):
+/// a request's line may be written just after its answer left, and a server killed before
+/// then loses it.
+pub fn log_holding(path: &Path, needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if needles.iter().all(|needle| text.contains(needle)) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// How long until `/health` answers 200 (polled every 10 ms), if within `limit`.
