@@ -30,11 +30,15 @@ pub fn free_port() -> u16 {
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     const LOWEST: u16 = 20000;
-    let bindable = |port: u16| {
-        std::net::TcpListener::bind(("::", port)).or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port))).is_ok()
+    // Free on IPv6 (dual stack, so IPv4 too); IPv4 alone only where the kernel has no IPv6.
+    let bindable = |port: u16| match std::net::TcpListener::bind(("::", port)) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => false,
+        Err(_) => std::net::TcpListener::bind(("0.0.0.0", port)).is_ok(),
     };
     if high.saturating_sub(LOWEST) >= 1000 {
         for _ in 0..200 {
+            // std's randomly keyed hasher: a random number without a crate for it.
             let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
             let port = LOWEST + (random % u64::from(high - LOWEST)) as u16;
             if bindable(port) {
